@@ -1,0 +1,3 @@
+from attnsae.cli import main
+
+main()

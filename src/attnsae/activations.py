@@ -1,0 +1,207 @@
+"""Where activations come from: hook_z of the pinned model, heads concatenated.
+
+- ``capture_z``: one forward pass, hook_z of every requested layer, reshaped [batch*pos, heads*d_head].
+- The `activations` stage (``cache_activations``): a bounded disk cache, bf16 shards per layer.
+- ``DiskActivations``: reads a layer's cache back as an endless stream of rows (epochs).
+- ``ShuffledBuffer``: the recipe's mixing buffer over any row stream: fill, shuffle, serve half,
+  refill that half, reshuffle.
+
+Training only sees the ``RowSource`` interface, so a streaming source (the model run on the fly)
+can stand where the disk cache stands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from attnsae.config import ActivationsConfig, ModelConfig
+from attnsae.errors import UserError
+from attnsae.files import atomic_dir
+from attnsae.models import autocast_dtype, hook_z_name, load_bridge, resolve_device
+from attnsae.tokenization import load_rows, read_tokens_meta
+
+STORE_DTYPE = torch.bfloat16
+META_FILE = "meta.json"
+
+
+def layer_dir(activations_dir: str | Path, layer: int) -> Path:
+    return Path(activations_dir) / f"L{layer}"
+
+
+def flatten_heads(z: torch.Tensor) -> torch.Tensor:
+    """[batch, pos, heads, d_head] -> [batch*pos, heads*d_head] (heads concatenated, as the paper does)."""
+    b, p, h, d = z.shape
+    return z.reshape(b * p, h * d)
+
+
+def unflatten_heads(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return x.reshape(like.shape)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def capture_z(bridge, tokens: torch.Tensor, layers: list[int], amp: torch.dtype | None = None) -> dict[int, torch.Tensor]:
+    """hook_z of ``layers`` from one forward pass that stops after the last of them."""
+    names = {hook_z_name(layer): layer for layer in layers}
+    device = tokens.device
+    with autocast(device, amp):
+        _, cache = bridge.run_with_cache(
+            tokens, names_filter=lambda name: name in names, stop_at_layer=max(layers) + 1, return_type=None
+        )
+    return {layer: flatten_heads(cache[name].float()) for name, layer in names.items()}
+
+
+def cache_activations(
+    cfg: ActivationsConfig,
+    model_cfg: ModelConfig,
+    model_dir: str | Path,
+    tokens_dir: str | Path,
+    layers: list[int],
+    out_dir: str | Path,
+) -> dict:
+    device = resolve_device(model_cfg.device)
+    bridge, info = load_bridge(model_dir, device)
+    for layer in layers:
+        info.check_layer(layer)
+    rows = load_rows(tokens_dir, "train")
+    context = rows.shape[1]
+    n_rows = min(len(rows), max(1, cfg.tokens // context))
+    if cfg.tokens > len(rows) * context:
+        print(f"activations: token budget {cfg.tokens} exceeds the train split; caching all {len(rows) * context}")
+    amp = autocast_dtype(model_cfg.precision, device)
+    shard_rows = max(1, cfg.shard_tokens // context)
+    pending: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    counts = {layer: 0 for layer in layers}
+    shard_index = 0
+    with atomic_dir(out_dir) as tmp:
+        for layer in layers:
+            layer_dir(tmp, layer).mkdir()
+
+        def flush() -> None:
+            nonlocal shard_index
+            for layer in layers:
+                shard = torch.cat(pending[layer]).to(STORE_DTYPE).contiguous()
+                save_file({"z": shard}, str(layer_dir(tmp, layer) / f"shard_{shard_index:05d}.safetensors"))
+                counts[layer] += len(shard)
+                pending[layer].clear()
+            shard_index += 1
+
+        rows_in_shard = 0
+        for start in tqdm(range(0, n_rows, cfg.batch_rows), desc="activations", unit="batch"):
+            batch = rows_as_tensor(rows[start : min(start + cfg.batch_rows, n_rows)], device)
+            for layer, z in capture_z(bridge, batch, layers, amp).items():
+                pending[layer].append(z.cpu())
+            rows_in_shard += len(batch)
+            if rows_in_shard >= shard_rows:
+                flush()
+                rows_in_shard = 0
+        if rows_in_shard:
+            flush()
+        for layer in layers:
+            meta = {
+                "layer": layer,
+                "hook_name": hook_z_name(layer),
+                "d_in": info.d_in,
+                "rows": counts[layer],
+                "tokens_rows": n_rows,
+                "context_size": context,
+                "dtype": "bfloat16",
+                "model": info.name,
+                "model_source": info.source,
+                "dataset": read_tokens_meta(tokens_dir).get("corpus", ""),
+            }
+            (layer_dir(tmp, layer) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return {"layers": layers, "rows": n_rows, "tokens": n_rows * context, "d_in": info.d_in}
+
+
+class RowSource(Protocol):
+    """An endless supply of activation rows [n, d_in] for one layer."""
+
+    d_in: int
+
+    def take(self, n: int) -> torch.Tensor: ...
+
+
+class DiskActivations:
+    """A layer's cached activations, served in stored order and cycled (each cycle is one epoch)."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        meta_path = folder / META_FILE
+        if not meta_path.is_file():
+            raise UserError(f"{folder}: no cached activations for this layer (missing {META_FILE}); run `attnsae activations`")
+        self.meta = json.loads(meta_path.read_text())
+        shards = sorted(folder.glob("shard_*.safetensors"))
+        self.rows = torch.cat([load_file(str(s))["z"] for s in shards])
+        if len(self.rows) != self.meta["rows"]:
+            raise UserError(f"{folder}: {len(self.rows)} rows on disk, meta.json says {self.meta['rows']}")
+        self.d_in = int(self.meta["d_in"])
+        self.position = 0
+        self.epochs = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, n: int) -> torch.Tensor:
+        parts, need = [], n
+        while need:
+            chunk = self.rows[self.position : self.position + need]
+            parts.append(chunk)
+            need -= len(chunk)
+            self.position += len(chunk)
+            if self.position == len(self.rows):
+                self.position = 0
+                self.epochs += 1
+        return torch.cat(parts)
+
+
+class ShuffledBuffer:
+    """The recipe's mixing buffer: serve shuffled batches from half the buffer, then refill that half.
+
+    Rows stay in the source's dtype (bf16) in the buffer and become fp32 on the way out.
+    """
+
+    def __init__(self, source: RowSource, capacity: int, batch_size: int, generator: torch.Generator, device: torch.device):
+        if capacity // 2 < batch_size:
+            raise UserError(f"sae.buffer_rows ({capacity}) must be at least twice sae.batch_size ({batch_size})")
+        self.source, self.batch_size, self.generator, self.device = source, batch_size, generator, device
+        self.half = capacity // 2
+        self.buffer = source.take(2 * self.half).to(device)
+        self._stream = self._refill_and_shuffle()
+
+    def _refill_and_shuffle(self) -> Iterator[torch.Tensor]:
+        while True:
+            perm = torch.randperm(len(self.buffer), generator=self.generator).to(self.device)
+            self.buffer = self.buffer[perm]
+            for start in range(0, self.half - self.batch_size + 1, self.batch_size):
+                yield self.buffer[start : start + self.batch_size].float()
+            self.buffer[: self.half] = self.source.take(self.half).to(self.device)
+
+    def next_batch(self) -> torch.Tensor:
+        return next(self._stream)
+
+    def sample(self, n: int) -> torch.Tensor:
+        """``n`` fresh rows for resampling, drawn through the buffer like training batches."""
+        parts, have = [], 0
+        while have < n:
+            batch = self.next_batch()
+            parts.append(batch)
+            have += len(batch)
+        return torch.cat(parts)[:n]
+
+
+def rows_as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(array).long().to(device)

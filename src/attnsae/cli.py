@@ -1,0 +1,217 @@
+"""The `attnsae` command: one subcommand per pipeline stage, each a thin call into its stage module.
+
+dvc.yaml runs these; each reads only the params.yaml sections that its dvc.yaml stage declares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from attnsae import config
+from attnsae.errors import UserError
+
+MODEL_DIR = "models/base"
+CORPUS_DIR = "data/corpus"
+TOKENS_DIR = "data/tokens"
+ACTIVATIONS_DIR = "data/activations"
+SAE_DIR = "models/sae"
+METRICS_DIR = "reports/metrics"
+DENSITY_DIR = "reports/density"
+CURVES_DIR = "reports/curves"
+REPORT_DIR = "reports"
+
+
+def one_line_errors(fn):
+    """Bad input ends the command with one line on stderr and exit status 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+params_option = click.option(
+    "--params", "params_path", default=config.PARAMS_FILE, show_default=True, type=click.Path(dir_okay=False),
+    help="The params file to read.",
+)
+layer_option = click.option("--layer", required=True, help="Layer number, e.g. 3 or L3.")
+
+
+def tracked(params: dict, layer: int, stage: str, disabled: bool):
+    """The layer's MLflow child run, or nothing when tracking is switched off."""
+    if disabled:
+        return contextlib.nullcontext(None)
+    from attnsae.tracking import layer_run
+
+    return layer_run(layer, stage, str(params.get("profile", "custom")))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """attnsae: sparse autoencoders on attention outputs (hook_z), trained, evaluated and reproduced.
+
+    The stages run in this order (dvc repro runs them for you):
+    model -> corpus -> tokenize -> activations -> train@L -> evaluate@L -> report
+    """
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--root", default=".", type=click.Path(file_okay=False), help="Repository root.")
+@one_line_errors
+def profile(name: str | None, root: str) -> None:
+    """Make profiles/NAME.yaml the active params.yaml (no NAME: list the profiles)."""
+    root_path = Path(root)
+    names = config.list_profiles(root_path)
+    if name is None:
+        for n in names:
+            click.echo(n)
+        return
+    if name not in names:
+        raise UserError(f"unknown profile {name!r} (allowed: {', '.join(names)})")
+    source = root_path / config.PROFILES_DIR / f"{name}.yaml"
+    config.validate(config.read_params(source))  # before replacing anything
+    from attnsae.files import write_text_atomic
+
+    write_text_atomic(root_path / config.PARAMS_FILE, source.read_text())
+    click.echo(f"params.yaml is now profile {name!r}; run `dvc repro` to build it")
+
+
+@main.command()
+@params_option
+@click.option("--out", default=MODEL_DIR, show_default=True)
+@one_line_errors
+def model(params_path: str, out: str) -> None:
+    """Obtain, check and pin the base model (params: model)."""
+    from attnsae.models import prepare_model
+
+    cfg = config.model_config(config.read_params(params_path))
+    info = prepare_model(cfg, out)
+    click.echo(f"model: {info.name}: {info.n_layers} layers, hook_z {info.n_heads}x{info.d_head} -> {out}")
+
+
+@main.command()
+@params_option
+@click.option("--out", default=CORPUS_DIR, show_default=True)
+@one_line_errors
+def corpus(params_path: str, out: str) -> None:
+    """Fetch and write the text documents (params: corpus)."""
+    from attnsae.corpus import build_corpus
+
+    cfg = config.corpus_config(config.read_params(params_path))
+    manifest = build_corpus(cfg, out)
+    click.echo(f"corpus: {manifest['documents']} documents, {manifest['characters']:,} characters -> {out}")
+
+
+@main.command()
+@params_option
+@click.option("--corpus", "corpus_dir", default=CORPUS_DIR, show_default=True)
+@click.option("--model", "model_dir", default=MODEL_DIR, show_default=True)
+@click.option("--out", default=TOKENS_DIR, show_default=True)
+@one_line_errors
+def tokenize(params_path: str, corpus_dir: str, model_dir: str, out: str) -> None:
+    """Documents -> rows of context_size tokens with BOS, train/eval split (params: tokenize)."""
+    from attnsae.corpus import describe_corpus, read_documents
+    from attnsae.models import load_tokenizer, read_model_info
+    from attnsae.tokenization import tokenize_corpus
+
+    cfg = config.tokenize_config(config.read_params(params_path))
+    info = read_model_info(model_dir)
+    documents = list(read_documents(corpus_dir))
+    meta = tokenize_corpus(cfg, documents, load_tokenizer(model_dir), info.bos_token_id, out, describe_corpus(corpus_dir))
+    click.echo(f"tokenize: train {meta['tokens']['train']:,} tokens, eval {meta['tokens']['eval']:,} tokens -> {out}")
+
+
+@main.command()
+@params_option
+@click.option("--model", "model_dir", default=MODEL_DIR, show_default=True)
+@click.option("--tokens", "tokens_dir", default=TOKENS_DIR, show_default=True)
+@click.option("--out", default=ACTIVATIONS_DIR, show_default=True)
+@one_line_errors
+def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> None:
+    """Cache hook_z of every selected layer from one forward pass per batch (params: activations, model, layers)."""
+    from attnsae.activations import cache_activations
+
+    params = config.read_params(params_path)
+    summary = cache_activations(
+        config.activations_config(params), config.model_config(params), model_dir, tokens_dir, config.layers(params), out
+    )
+    click.echo(f"activations: {summary['tokens']:,} tokens x {len(summary['layers'])} layers, d_in {summary['d_in']} -> {out}")
+
+
+@main.command()
+@params_option
+@layer_option
+@click.option("--activations", "activations_dir", default=ACTIVATIONS_DIR, show_default=True)
+@click.option("--out", default=None, help=f"SAE folder [default: {SAE_DIR}/L<layer>]")
+@click.option("--curves", default=None, help=f"Training curves CSV [default: {CURVES_DIR}/L<layer>.csv]")
+@click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+@one_line_errors
+def train(params_path: str, layer: str, activations_dir: str, out: str | None, curves: str | None, no_mlflow: bool) -> None:
+    """Train the SAE of one layer (params: sae, per_layer.L<layer>)."""
+    from attnsae.train import train_layer
+
+    params = config.read_params(params_path)
+    n = config.parse_layer(layer)
+    cfg = config.sae_config(params, n)
+    with tracked(params, n, "train", no_mlflow) as run:
+        train_layer(cfg, n, activations_dir, out or f"{SAE_DIR}/L{n}", curves or f"{CURVES_DIR}/L{n}.csv", run)
+
+
+@main.command()
+@params_option
+@layer_option
+@click.option("--model", "model_dir", default=MODEL_DIR, show_default=True)
+@click.option("--tokens", "tokens_dir", default=TOKENS_DIR, show_default=True)
+@click.option("--sae", "sae_dir", default=None, help=f"SAE folder [default: {SAE_DIR}/L<layer>]")
+@click.option("--out", default=None, help=f"Metrics JSON [default: {METRICS_DIR}/L<layer>.json]")
+@click.option("--density", default=None, help=f"Density histogram CSV [default: {DENSITY_DIR}/L<layer>.csv]")
+@click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+@one_line_errors
+def evaluate(
+    params_path: str, layer: str, model_dir: str, tokens_dir: str, sae_dir: str | None, out: str | None,
+    density: str | None, no_mlflow: bool,
+) -> None:
+    """Evaluate one layer's SAE on the held-out split (params: evaluate)."""
+    from attnsae.evaluate import evaluate_layer, format_metrics
+
+    params = config.read_params(params_path)
+    n = config.parse_layer(layer)
+    cfg = config.evaluate_config(params)
+    sae_dir = sae_dir or f"{SAE_DIR}/L{n}"
+    out = out or f"{METRICS_DIR}/L{n}.json"
+    with tracked(params, n, "evaluate", no_mlflow) as run:
+        metrics = evaluate_layer(cfg, model_dir, tokens_dir, sae_dir, n, out, density or f"{DENSITY_DIR}/L{n}.csv")
+        if run is not None:
+            run.log_params({f"evaluate.{k}": v for k, v in cfg.model_dump().items()})
+            run.log_metrics({k: v for k, v in metrics.items() if k != "layer"})
+            run.log_artifact(out)
+    click.echo(f"evaluate L{n}: {metrics['model']}")
+    for line in format_metrics(metrics):
+        click.echo(line)
+
+
+@main.command()
+@params_option
+@click.option("--out", default=REPORT_DIR, show_default=True)
+@one_line_errors
+def report(params_path: str, out: str) -> None:
+    """Write reports/report.md and reports/index.html (params: layers)."""
+    from attnsae.report import build_report
+
+    layers = config.layers(config.read_params(params_path))
+    markdown = build_report(layers, METRICS_DIR, DENSITY_DIR, MODEL_DIR, TOKENS_DIR, out)
+    click.echo(markdown)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

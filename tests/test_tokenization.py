@@ -1,0 +1,165 @@
+"""The tokenize stage: packing rows with BOS, the document split, and no eval text in train rows."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from attnsae.config import TokenizeConfig
+from attnsae.errors import UserError
+from attnsae.models import DOCUMENT_SEPARATOR, byte_level_tokenizer
+from attnsae.tokenization import load_rows, pack_rows, read_tokens_meta, split_documents, tokenize_corpus
+
+BOS = 0
+DOCS = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]  # stream: 1 2 3 0 4 5 0 6 7 8 9 (11 tokens, BOS between documents)
+
+
+def test_pack_rows_exact_division():
+    rows = pack_rows(DOCS, BOS, context_size=4)  # BOS + 3 stream tokens per row
+    assert rows.dtype == np.int32
+    assert rows.tolist() == [[0, 1, 2, 3], [0, 0, 4, 5], [0, 0, 6, 7]]  # tail [8, 9] dropped
+
+
+def test_pack_rows_drops_ragged_tail():
+    rows = pack_rows(DOCS, BOS, context_size=6)  # 5 stream tokens per row: 2 rows, tail [9] dropped
+    assert rows.tolist() == [[0, 1, 2, 3, 0, 4], [0, 5, 0, 6, 7, 8]]
+    rows = pack_rows(DOCS, BOS, context_size=8)  # 7 per row: 1 row, tail of 4 dropped
+    assert rows.tolist() == [[0, 1, 2, 3, 0, 4, 5, 0]]
+
+
+def test_pack_rows_every_row_starts_with_bos_and_keeps_stream_order():
+    rng = np.random.default_rng(0)
+    docs = [list(rng.integers(1, 50, size=rng.integers(1, 30))) for _ in range(40)]
+    bos = 99
+    rows = pack_rows(docs, bos, context_size=16)
+    assert rows.shape[1] == 16 and len(rows) > 0
+    assert np.all(rows[:, 0] == bos)
+    stream = [t for i, d in enumerate(docs) for t in ([bos] if i else []) + d]
+    assert len(rows) == len(stream) // 15
+    assert rows[:, 1:].reshape(-1).tolist() == stream[: len(rows) * 15]
+
+
+def test_pack_rows_accepts_a_generator_and_handles_too_little_text():
+    rows = pack_rows((d for d in DOCS), BOS, context_size=4)
+    assert rows.shape == (3, 4)
+    empty = pack_rows([[1, 2]], BOS, context_size=10)
+    assert empty.shape == (0, 10) and empty.dtype == np.int32
+
+
+def test_pack_rows_rejects_tiny_context():
+    with pytest.raises(UserError, match="context_size"):
+        pack_rows(DOCS, BOS, context_size=1)
+
+
+def test_split_documents_deterministic():
+    a = split_documents(500, 0.1, seed=49)
+    b = split_documents(500, 0.1, seed=49)
+    c = split_documents(500, 0.1, seed=50)
+    assert a.dtype == bool and a.shape == (500,)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert 0.05 < a.mean() < 0.15
+
+
+@pytest.mark.parametrize("n_docs", [2, 3, 5, 20])
+@pytest.mark.parametrize("fraction", [1e-6, 0.5, 1 - 1e-6])
+def test_split_documents_both_splits_non_empty(n_docs, fraction):
+    for seed in range(10):
+        is_eval = split_documents(n_docs, fraction, seed)
+        assert is_eval.any() and not is_eval.all()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_split_documents_bad_fraction(fraction):
+    with pytest.raises(UserError, match="eval_fraction"):
+        split_documents(10, fraction, 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenize_corpus with the byte-level tokenizer
+
+N_DOCS = 30
+MARKER = re.compile(r"\[(\d{4})\]")
+
+
+def marked_documents() -> list[str]:
+    """Document i is its own marker '[000i]' repeated: any piece of it names where it came from."""
+    return [f"[{i:04d}]" * 8 for i in range(N_DOCS)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_level_tokenizer()
+
+
+def markers_in(rows: np.ndarray, tokenizer) -> set[int]:
+    found = set()
+    for row in rows:
+        found |= {int(m) for m in MARKER.findall(tokenizer.decode(row.tolist(), skip_special_tokens=True))}
+    return found
+
+
+def test_tokenize_corpus_writes_split_files(tmp_path, tokenizer):
+    cfg = TokenizeConfig(context_size=32, eval_fraction=0.2, seed=7)
+    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    out = tmp_path / "tokens"
+    meta = tokenize_corpus(cfg, marked_documents(), tokenizer, bos, out, corpus="synthetic (30 docs)")
+
+    assert sorted(p.name for p in out.iterdir()) == ["eval.npy", "meta.json", "train.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens"]  # no temporary folder left
+    assert read_tokens_meta(out) == meta == json.loads((out / "meta.json").read_text())
+    train, evaluation = load_rows(out, "train"), load_rows(out, "eval")
+
+    is_eval = split_documents(N_DOCS, 0.2, 7)
+    assert meta["documents"] == {"train": int((~is_eval).sum()), "eval": int(is_eval.sum())}
+    assert meta["rows"] == {"train": len(train), "eval": len(evaluation)}
+    assert meta["tokens"] == {"train": train.size, "eval": evaluation.size}
+    assert meta["context_size"] == 32 and meta["bos_token_id"] == bos and meta["corpus"] == "synthetic (30 docs)"
+    # each document is 48 one-byte tokens plus its BOS; rows carry 31 stream tokens after the row BOS
+    assert len(train) == (49 * meta["documents"]["train"]) // 31
+    assert len(evaluation) == (49 * meta["documents"]["eval"]) // 31
+    for rows in (train, evaluation):
+        assert rows.shape[1] == 32
+        assert np.all(rows[:, 0] == bos)
+
+    # no evaluation text in training rows, and every document lands in its own split
+    train_docs = {i for i in range(N_DOCS) if not is_eval[i]}
+    eval_docs = {i for i in range(N_DOCS) if is_eval[i]}
+    assert markers_in(train, tokenizer) == train_docs
+    assert markers_in(evaluation, tokenizer) == eval_docs
+
+
+def test_tokenize_corpus_is_deterministic_and_caps_rows(tmp_path, tokenizer):
+    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    cfg = TokenizeConfig(context_size=16, eval_fraction=0.3, seed=3, max_train_rows=10, max_eval_rows=4)
+    tokenize_corpus(cfg, marked_documents(), tokenizer, bos, tmp_path / "a")
+    tokenize_corpus(cfg, marked_documents(), tokenizer, bos, tmp_path / "b")
+    for split, cap in (("train", 10), ("eval", 4)):
+        a, b = load_rows(tmp_path / "a", split), load_rows(tmp_path / "b", split)
+        assert a.shape == (cap, 16)
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 2.0])
+def test_tokenize_corpus_bad_eval_fraction(tmp_path, tokenizer, fraction):
+    cfg = TokenizeConfig(context_size=16, eval_fraction=fraction)
+    with pytest.raises(UserError, match="eval_fraction"):
+        tokenize_corpus(cfg, marked_documents(), tokenizer, 256, tmp_path / "tokens")
+    assert not (tmp_path / "tokens").exists()
+
+
+def test_tokenize_corpus_too_small_for_context(tmp_path, tokenizer):
+    cfg = TokenizeConfig(context_size=128, eval_fraction=0.5, seed=0)
+    with pytest.raises(UserError, match="split is empty"):
+        tokenize_corpus(cfg, ["ab", "cd", "ef"], tokenizer, 256, tmp_path / "tokens")
+    assert not (tmp_path / "tokens").exists()
+
+
+def test_load_rows_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown split"):
+        load_rows(tmp_path, "test")
+    with pytest.raises(UserError, match="missing"):
+        load_rows(tmp_path, "train")
