@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import subprocess
 import time
@@ -59,15 +58,6 @@ def pipeline_key(root: Path, commit: str) -> str:
         path = root / name
         digest.update(path.read_bytes() if path.is_file() else b"")
     return digest.hexdigest()[:16]
-
-
-def flatten(prefix: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
-        return out
-    return {prefix: value}
 
 
 class LayerRun:
@@ -163,7 +153,7 @@ def layer_run(layer: int, stage: str, profile: str) -> Iterator[LayerRun]:
     client.update_run(run_id, status="RUNNING")
     client.update_run(parent_id, status="RUNNING")
     run = LayerRun(client, run_id)
-    run.set_tags({f"attnsae.stage.{stage}": "done-pending"})
+    run.set_tags({f"attnsae.stage.{stage}": "running"})
     try:
         yield run
     except BaseException:
@@ -174,10 +164,3 @@ def layer_run(layer: int, stage: str, profile: str) -> Iterator[LayerRun]:
     client.set_terminated(run_id, status="FINISHED")
     client.set_terminated(parent_id, status="FINISHED")
 
-
-def read_profile(params: dict[str, Any]) -> str:
-    return str(params.get("profile", "custom"))
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,84 @@
+"""Where data and models enter: corpus sources, pinned hashes, the hub check, layer bounds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from attnsae.config import ActivationsConfig, CorpusConfig, ModelConfig
+from attnsae.corpus import brown_detag, build_corpus, read_documents, synthetic_documents
+from attnsae.errors import UserError
+from attnsae.files import check_sha256, sha256_file
+from attnsae.models import prepare_model
+
+
+def test_check_sha256_names_both_hashes(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"hello")
+    check_sha256(path, sha256_file(path))
+    with pytest.raises(UserError, match=r"x\.bin: sha256 2cf24dba.* does not match the pinned 0000"):
+        check_sha256(path, "0" * 64)
+
+
+def test_unknown_corpus_source_lists_the_allowed_ones(tmp_path):
+    with pytest.raises(UserError, match=r"unknown corpus source 'npm:nope' \(allowed: npm:sotu, npm:moby-dick"):
+        build_corpus(CorpusConfig(sources=["npm:nope"]), tmp_path / "corpus")
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_local_files_become_documents(tmp_path):
+    (tmp_path / "a.txt").write_text("First document.\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "Second."}) + "\n\n" + json.dumps({"text": "Third."}) + "\n")
+    manifest = build_corpus(CorpusConfig(sources=[f"file:{tmp_path}/*"]), tmp_path / "corpus")
+    assert manifest["documents"] == 3
+    assert list(read_documents(tmp_path / "corpus")) == ["First document.", "Second.", "Third."]
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: expected a JSON object with a 'text' field"):
+        build_corpus(CorpusConfig(sources=[f"file:{tmp_path / 'bad.jsonl'}"]), tmp_path / "corpus")
+
+
+def test_failed_corpus_keeps_the_previous_one(tmp_path):
+    out = tmp_path / "corpus"
+    build_corpus(CorpusConfig(sources=["synthetic"], synthetic_documents=3), out)
+    before = (out / "documents.jsonl").read_bytes()
+    with pytest.raises(UserError):
+        build_corpus(CorpusConfig(sources=["file:/nonexistent/*.txt"]), out)
+    assert (out / "documents.jsonl").read_bytes() == before
+
+
+def test_brown_detag():
+    tagged = "\n\n\tThe/at jury/nn said/vbd ``/`` no/at ''/'' ,/, (/( ok/jj )/) ./.\n\n\n\tNext/ap ./.\n"
+    assert brown_detag(tagged) == 'The jury said " no ", (ok).\n\nNext.'
+
+
+def test_synthetic_text_is_deterministic():
+    assert list(synthetic_documents(5, 1)) == list(synthetic_documents(5, 1))
+    assert list(synthetic_documents(5, 1)) != list(synthetic_documents(5, 2))
+
+
+def test_gpt2_without_hub_fails_in_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"^model source 'gpt2' needs the Hugging Face hub, which is not reachable"):
+        prepare_model(ModelConfig(source="gpt2"), tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_layer_outside_the_model_is_rejected(tmp_path):
+    from attnsae.activations import cache_activations
+    from attnsae.config import TokenizeConfig
+    from attnsae.models import load_tokenizer, read_model_info
+    from attnsae.tokenization import tokenize_corpus
+
+    model_dir = tmp_path / "model"
+    prepare_model(ModelConfig(source="tiny-gpt2"), model_dir)
+    info = read_model_info(model_dir)
+    docs = list(synthetic_documents(20, 0))
+    tokenize_corpus(TokenizeConfig(context_size=32, eval_fraction=0.2), docs, load_tokenizer(model_dir), info.bos_token_id, tmp_path / "tokens")
+    with pytest.raises(UserError, match=r"layer 7 is outside the model .* \(allowed: 0 to 3\)"):
+        cache_activations(ActivationsConfig(tokens=256), ModelConfig(source="tiny-gpt2"), model_dir, tmp_path / "tokens", [1, 7], tmp_path / "acts")
+    assert not (tmp_path / "acts").exists()
