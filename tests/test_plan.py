@@ -1,0 +1,40 @@
+"""`attnsae plan`: the cost model on the published recipe, and the printed estimate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from attnsae import config
+from attnsae.cli import main
+from attnsae.plan import lm_forward_flop, plan_layer
+
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+def test_paper_layer_costs_match_design_numbers():
+    params = config.read_params(PROFILES / "gpt2-small.yaml")
+    lp = plan_layer(0, config.sae_config(params, 0), d_in=768)
+    assert lp.steps == 488_281  # 2e9 tokens / 4096
+    assert lp.tokens == 488_281 * 4096
+    # ~226 MFLOP per token (design.md 7): 12 * 768 * 24576
+    assert lp.sae_flop / lp.tokens == 12 * 768 * 24576
+    assert lp.buffer_bytes == 1_572_864 * 768 * 2
+    assert lp.sae_bytes == (2 * 768 * 24576 + 24576 + 768) * 16
+    wide = plan_layer(5, config.sae_config(params, 5), d_in=768)
+    assert wide.d_sae == 49152 and wide.sae_flop == 2 * lp.sae_flop
+
+
+def test_one_forward_for_all_layers_costs_a_twelfth():
+    assert lm_forward_flop(124_439_808, 1000, 12) == 12 * lm_forward_flop(124_439_808, 1000, 1)
+
+
+def test_plan_prints_every_layer_and_an_estimate():
+    result = CliRunner().invoke(main, ["plan", "--params", str(PROFILES / "gpt2-small.yaml"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.strip().split(" ")[0].isdigit()]
+    assert len(rows) == 12
+    assert "488,281" in rows[0] and "49152" in rows[5]
+    assert "time at the fp32 matmul roofline (a lower bound):" in result.output
+    assert "with one pass for all layers" in result.output
