@@ -168,6 +168,68 @@ class DiskActivations:
         return torch.cat(parts)
 
 
+class ModelStream:
+    """Activations made on the fly: one model forward per batch of token rows feeds every layer.
+
+    ``view(layer)`` is that layer's ``RowSource``. Rows produced for other layers wait in their
+    queues until those layers ask; layers that draw the same amounts in turn (as SAEs trained in
+    lockstep do) keep the queues short. Rows are rounded to bf16 like the disk cache, so both sources
+    give the same numbers.
+    """
+
+    def __init__(self, bridge, token_rows: Iterator[torch.Tensor], layers: list[int], d_in: int,
+                 amp: torch.dtype | None = None):
+        self.bridge, self.token_rows, self.layers, self.amp = bridge, token_rows, layers, amp
+        self.d_in = d_in
+        self.queues: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        self.queued: dict[int, int] = {layer: 0 for layer in layers}
+        self.taken: dict[int, int] = {layer: 0 for layer in layers}
+        self.forward_passes = 0
+        self.tokens = 0
+
+    def _forward(self) -> None:
+        try:
+            tokens = next(self.token_rows)
+        except StopIteration:
+            raise UserError("the token stream ran out before training finished; lower sae.train_tokens") from None
+        for layer, z in capture_z(self.bridge, tokens, self.layers, self.amp).items():
+            self.queues[layer].append(z.to(STORE_DTYPE).cpu())
+            self.queued[layer] += len(z)
+        self.forward_passes += 1
+        self.tokens += tokens.numel()
+
+    def take(self, layer: int, n: int) -> torch.Tensor:
+        while self.queued[layer] < n:
+            self._forward()
+        rows = torch.cat(self.queues[layer])
+        self.queues[layer] = [rows[n:]] if len(rows) > n else []
+        self.queued[layer] -= n
+        self.taken[layer] += n
+        return rows[:n]
+
+    def view(self, layer: int) -> "LayerView":
+        return LayerView(self, layer)
+
+
+class LayerView:
+    """One layer's ``RowSource`` over a shared ``ModelStream``."""
+
+    def __init__(self, stream: ModelStream, layer: int):
+        self.stream, self.layer, self.d_in = stream, layer, stream.d_in
+
+    def take(self, n: int) -> torch.Tensor:
+        return self.stream.take(self.layer, n)
+
+
+def token_batches(rows: np.ndarray, batch_rows: int, device: torch.device, cycle: bool = True) -> Iterator[torch.Tensor]:
+    """Batches of token rows in stored order; with ``cycle`` the rows repeat (epochs)."""
+    while True:
+        for start in range(0, len(rows), batch_rows):
+            yield rows_as_tensor(rows[start : start + batch_rows], device)
+        if not cycle:
+            return
+
+
 class ShuffledBuffer:
     """The recipe's mixing buffer: serve shuffled batches from half the buffer, then refill that half.
 

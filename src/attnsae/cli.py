@@ -150,21 +150,44 @@ def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> 
 
 @main.command()
 @params_option
-@layer_option
+@click.option("--layer", "layer_args", required=True, multiple=True,
+              help="Layer number, e.g. 3 or L3; repeat to train several layers from one model pass (--stream).")
+@click.option("--stream", is_flag=True,
+              help="Run the model on the fly instead of reading the activation cache; all --layer SAEs share one pass.")
 @click.option("--activations", "activations_dir", default=ACTIVATIONS_DIR, show_default=True)
-@click.option("--out", default=None, help=f"SAE folder [default: {SAE_DIR}/L<layer>]")
-@click.option("--curves", default=None, help=f"Training curves CSV [default: {CURVES_DIR}/L<layer>.csv]")
+@click.option("--model", "model_dir", default=MODEL_DIR, show_default=True)
+@click.option("--tokens", "tokens_dir", default=TOKENS_DIR, show_default=True)
+@click.option("--out", default=None, help=f"SAE folder, one layer only [default: {SAE_DIR}/L<layer>]")
+@click.option("--curves", default=None, help=f"Training curves CSV, one layer only [default: {CURVES_DIR}/L<layer>.csv]")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @one_line_errors
-def train(params_path: str, layer: str, activations_dir: str, out: str | None, curves: str | None, no_mlflow: bool) -> None:
-    """Train the SAE of one layer (params: sae, per_layer.L<layer>)."""
-    from attnsae.train import train_layer
+def train(
+    params_path: str, layer_args: tuple[str, ...], stream: bool, activations_dir: str, model_dir: str, tokens_dir: str,
+    out: str | None, curves: str | None, no_mlflow: bool,
+) -> None:
+    """Train SAEs (params: sae, per_layer.L<layer>; with --stream also model, activations)."""
+    from attnsae.train import train_layer, train_layers_streaming
 
     params = config.read_params(params_path)
-    n = config.parse_layer(layer)
-    cfg = config.sae_config(params, n)
-    with tracked(params, n, "train", no_mlflow) as run:
-        train_layer(cfg, n, activations_dir, out or f"{SAE_DIR}/L{n}", curves or f"{CURVES_DIR}/L{n}.csv", run)
+    layers = [config.parse_layer(a) for a in layer_args]
+    if len(set(layers)) != len(layers):
+        raise UserError(f"--layer lists a layer twice: {', '.join(layer_args)}")
+    if len(layers) > 1 and (out or curves):
+        raise UserError("--out and --curves name one layer's files; leave them out when training several layers")
+    if len(layers) > 1 and not stream:
+        raise UserError("several --layer values share one model pass only with --stream")
+    cfgs = {n: config.sae_config(params, n) for n in layers}
+    out_dirs = {n: Path(out or f"{SAE_DIR}/L{n}") for n in layers}
+    curves_paths = {n: Path(curves or f"{CURVES_DIR}/L{n}.csv") for n in layers}
+    with contextlib.ExitStack() as stack:
+        runs = {n: stack.enter_context(tracked(params, n, "train", no_mlflow)) for n in layers}
+        if stream:
+            act = config.activations_config(params)
+            train_layers_streaming(cfgs, config.model_config(params), act.batch_rows, model_dir, tokens_dir,
+                                   out_dirs, curves_paths, runs)
+        else:
+            n = layers[0]
+            train_layer(cfgs[n], n, activations_dir, out_dirs[n], curves_paths[n], runs[n])
 
 
 @main.command()

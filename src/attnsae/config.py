@@ -53,6 +53,8 @@ class TokenizeConfig(Section):
 
 
 class ActivationsConfig(Section):
+    # disk: the `activations` stage caches hook_z. Streaming is `attnsae train --stream` for now;
+    # the pipeline's streaming mode (no cache stage) is not wired into dvc.yaml yet.
     source: Literal["disk"] = "disk"
     tokens: int  # token budget of the cache, per layer
     batch_rows: int = 16

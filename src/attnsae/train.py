@@ -95,85 +95,141 @@ def window_starts_at(step: int, cfg: SAEConfig) -> bool:
     return (step + cfg.dead_window) % cfg.resample_every == 0
 
 
+class LayerTrainer:
+    """The recipe's state for one SAE: weights, Adam, the dead-feature window, warm-up restarts.
+
+    ``step`` does one training step on a batch drawn from ``buffer``; several trainers can share
+    one activation stream (one per layer) and advance in lockstep.
+    """
+
+    def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.sae = SAE(d_in, cfg.d_sae, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+        self.optimizer = make_optimizer(self.sae, cfg)
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed + 2)
+        self.window_counts = torch.zeros(cfg.d_sae, device=device)
+        self.window_tokens = 0
+        self.density_from = max(0, cfg.steps - cfg.dead_window)
+        self.density_counts = torch.zeros(cfg.d_sae, device=device)
+        self.fired_in_window = torch.zeros(cfg.d_sae, dtype=torch.bool, device=device)
+        self.last_warmup_start = 0
+        self.curves: list[dict[str, float]] = []
+        self.resampled: list[tuple[int, int]] = []
+
+    def step(self, step: int, buffer: ShuffledBuffer) -> dict[str, float] | None:
+        """One step; returns the logged row on logging steps."""
+        cfg = self.cfg
+        if is_check_step(step, cfg):
+            dead = dead_features(self.window_counts, self.window_tokens, cfg.dead_cutoff)
+            n = resample_dead(self.sae, self.optimizer, dead, buffer.sample(cfg.resample_inputs), self.sample_gen) if dead.any() else 0
+            self.resampled.append((step, n))
+            if n:
+                self.last_warmup_start = step
+        if window_starts_at(step, cfg):
+            self.window_counts.zero_()
+            self.window_tokens = 0
+            self.fired_in_window.zero_()
+        lr = cosine_warmup_lr(step - self.last_warmup_start, cfg.lr, cfg.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        x = buffer.next_batch()
+        out = self.sae(x, cfg.l1_coeff)
+        out.loss.backward()
+        self.sae.make_decoder_unit_norm_and_project_grad()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        with torch.no_grad():
+            fired = out.features > 0
+            fires = fired.sum(0).float()
+            self.window_counts += fires
+            self.window_tokens += len(x)
+            self.fired_in_window |= fires > 0
+            if step >= self.density_from:
+                self.density_counts += fires
+            if step % cfg.log_every and step != cfg.steps - 1:
+                return None
+            row = {
+                "step": step,
+                "tokens": (step + 1) * cfg.batch_size,
+                "loss": out.loss.item(),
+                "mse": out.mse.item(),
+                "l1": out.l1.item(),
+                "l0": fired.sum(-1).float().mean().item(),
+                "explained_variance": explained_variance(x, out.x_hat),
+                "dead_fraction": (~self.fired_in_window).float().mean().item(),
+                "lr": lr,
+            }
+        self.curves.append(row)
+        return row
+
+    def result(self) -> TrainResult:
+        cfg = self.cfg
+        density_tokens = (cfg.steps - self.density_from) * cfg.batch_size
+        log10_density = torch.log10(self.density_counts.cpu() / density_tokens + 1e-10)
+        return TrainResult(
+            sae=self.sae.cpu(),
+            log10_density=log10_density,
+            curves=self.curves,
+            resampled=self.resampled,
+            tokens=cfg.steps * cfg.batch_size,
+        )
+
+
+def _check_steps(cfg: SAEConfig) -> int:
+    if cfg.steps <= 0:
+        raise UserError(f"sae.train_tokens ({cfg.train_tokens}) is smaller than one batch ({cfg.batch_size})")
+    return cfg.steps
+
+
 def train_sae(
     cfg: SAEConfig,
     source: RowSource,
     on_log: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    steps = cfg.steps
-    if steps <= 0:
-        raise UserError(f"sae.train_tokens ({cfg.train_tokens}) is smaller than one batch ({cfg.batch_size})")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    init_gen = torch.Generator().manual_seed(cfg.seed)
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    sample_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    """Train one SAE on one row source."""
+    return train_saes({0: cfg}, {0: source}, progress=progress, on_log=on_log)[0]
 
-    sae = SAE(source.d_in, cfg.d_sae, generator=init_gen).to(device)
-    optimizer = make_optimizer(sae, cfg)
-    buffer = ShuffledBuffer(source, cfg.buffer_rows, cfg.batch_size, shuffle_gen, device)
 
-    window_counts = torch.zeros(cfg.d_sae, device=device)
-    window_tokens = 0
-    density_from = max(0, steps - cfg.dead_window)
-    density_counts = torch.zeros(cfg.d_sae, device=device)
-    ever_fired_in_window = torch.zeros(cfg.d_sae, dtype=torch.bool, device=device)
-    last_warmup_start = 0
-    curves: list[dict[str, float]] = []
-    resampled: list[tuple[int, int]] = []
+def train_saes(
+    cfgs: dict[int, SAEConfig],
+    sources: dict[int, RowSource],
+    progress: bool = True,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> dict[int, TrainResult]:
+    """Train one SAE per key in lockstep, each with its own buffer over its own source.
 
-    bar = tqdm(range(steps), desc=f"train d_sae={cfg.d_sae}", unit="step", disable=not progress)
+    When the sources are views of one shared stream, one model forward feeds every SAE. Each SAE's
+    arithmetic and random draws are the same as when trained alone (its generators are its own).
+    """
+    first = next(iter(cfgs.values()))
+    steps = _check_steps(first)
+    for key, cfg in cfgs.items():
+        if (cfg.steps, cfg.batch_size, cfg.buffer_rows, cfg.device) != (steps, first.batch_size, first.buffer_rows, first.device):
+            raise UserError(
+                f"layers trained together must share sae.train_tokens, batch_size, buffer_rows and device "
+                f"(layer {key} differs)"
+            )
+    device = resolve_device(first.device)
+    torch.manual_seed(first.seed)
+    trainers, buffers = {}, {}
+    for key, cfg in cfgs.items():
+        trainers[key] = LayerTrainer(cfg, sources[key].d_in, device)
+        buffers[key] = ShuffledBuffer(
+            sources[key], cfg.buffer_rows, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), device
+        )
+    label = f"train {len(cfgs)} SAEs" if len(cfgs) > 1 else f"train d_sae={first.d_sae}"
+    bar = tqdm(range(steps), desc=label, unit="step", disable=not progress)
     for step in bar:
-        if is_check_step(step, cfg):
-            dead = dead_features(window_counts, window_tokens, cfg.dead_cutoff)
-            n = resample_dead(sae, optimizer, dead, buffer.sample(cfg.resample_inputs), sample_gen) if dead.any() else 0
-            resampled.append((step, n))
-            if n:
-                last_warmup_start = step
-        if window_starts_at(step, cfg):
-            window_counts.zero_()
-            window_tokens = 0
-            ever_fired_in_window.zero_()
-        lr = cosine_warmup_lr(step - last_warmup_start, cfg.lr, cfg.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        x = buffer.next_batch()
-        out = sae(x, cfg.l1_coeff)
-        out.loss.backward()
-        sae.make_decoder_unit_norm_and_project_grad()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        with torch.no_grad():
-            fired = out.features > 0
-            fires = fired.sum(0).float()
-            window_counts += fires
-            window_tokens += len(x)
-            ever_fired_in_window |= fires > 0
-            if step >= density_from:
-                density_counts += fires
-            if step % cfg.log_every == 0 or step == steps - 1:
-                row = {
-                    "step": step,
-                    "tokens": (step + 1) * cfg.batch_size,
-                    "loss": out.loss.item(),
-                    "mse": out.mse.item(),
-                    "l1": out.l1.item(),
-                    "l0": fired.sum(-1).float().mean().item(),
-                    "explained_variance": explained_variance(x, out.x_hat),
-                    "dead_fraction": (~ever_fired_in_window).float().mean().item(),
-                    "lr": lr,
-                }
-                curves.append(row)
+        for key, trainer in trainers.items():
+            row = trainer.step(step, buffers[key])
+            if row is not None and len(trainers) == 1:
                 bar.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}")
                 if on_log:
                     on_log(row)
-
-    density_tokens = (steps - density_from) * cfg.batch_size
-    log10_density = torch.log10(density_counts.cpu() / density_tokens + 1e-10)
-    return TrainResult(sae=sae.cpu(), log10_density=log10_density, curves=curves, resampled=resampled, tokens=steps * cfg.batch_size)
+    return {key: trainer.result() for key, trainer in trainers.items()}
 
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -191,25 +247,11 @@ def write_curves(path: str | Path, curves: list[dict[str, float]]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def train_layer(
-    cfg: SAEConfig,
-    layer: int,
-    activations_dir: str | Path,
-    out_dir: str | Path,
-    curves_path: str | Path,
-    run=None,
-) -> TrainResult:
-    """The stage: read the layer's activation cache, train, write the SAE folder and curves, log to ``run``."""
-    from attnsae.activations import DiskActivations, layer_dir
-    from attnsae.sae import save_sae, sae_cfg
+def _save_layer(result: TrainResult, cfg: SAEConfig, layer: int, meta: dict, out_dir, curves_path, run) -> None:
+    from attnsae.sae import sae_cfg, save_sae
 
-    source = DiskActivations(layer_dir(activations_dir, layer))
-    meta = source.meta
-    if run is not None:
-        run.log_params({"layer": layer, "hook_name": meta["hook_name"], "model": meta["model"], **cfg.model_dump()})
-    result = train_sae(cfg, source)
     cfg_json = sae_cfg(
-        d_in=source.d_in,
+        d_in=result.sae.d_in,
         d_sae=cfg.d_sae,
         hook_name=meta["hook_name"],
         layer=layer,
@@ -226,7 +268,77 @@ def train_layer(
         run.log_artifact(curves_path)
     final = result.curves[-1]
     print(
-        f"train L{layer}: {result.tokens:,} tokens ({result.tokens / len(source):.1f} passes over the cache), "
-        f"final loss {final['loss']:.4g}, L0 {final['l0']:.1f}, resampled {sum(n for _, n in result.resampled)}"
+        f"train L{layer}: {result.tokens:,} tokens, final loss {final['loss']:.4g}, L0 {final['l0']:.1f}, "
+        f"resampled {sum(n for _, n in result.resampled)}"
     )
+
+
+def _log_params(run, cfg: SAEConfig, layer: int, meta: dict) -> None:
+    if run is not None:
+        run.log_params({"layer": layer, "hook_name": meta["hook_name"], "model": meta["model"], **cfg.model_dump()})
+
+
+def train_layer(
+    cfg: SAEConfig,
+    layer: int,
+    activations_dir: str | Path,
+    out_dir: str | Path,
+    curves_path: str | Path,
+    run=None,
+) -> TrainResult:
+    """The stage, from the disk cache: read the layer's activations, train, write the SAE folder and curves."""
+    from attnsae.activations import DiskActivations, layer_dir
+
+    source = DiskActivations(layer_dir(activations_dir, layer))
+    _log_params(run, cfg, layer, source.meta)
+    result = train_sae(cfg, source)
+    _save_layer(result, cfg, layer, source.meta, out_dir, curves_path, run)
+    print(f"train L{layer}: {result.tokens / len(source):.1f} passes over the {len(source):,}-row cache")
     return result
+
+
+def train_layers_streaming(
+    cfgs: dict[int, SAEConfig],
+    model_cfg,
+    batch_rows: int,
+    model_dir: str | Path,
+    tokens_dir: str | Path,
+    out_dirs: dict[int, Path],
+    curves_paths: dict[int, Path],
+    runs: dict[int, object] | None = None,
+) -> dict[int, TrainResult]:
+    """Train every layer in ``cfgs`` from one model forward per batch of token rows (no disk cache).
+
+    The token rows are the train split in stored order, repeated if the budget exceeds it.
+    """
+    from attnsae.activations import ModelStream, token_batches
+    from attnsae.models import autocast_dtype, hook_z_name, load_bridge
+    from attnsae.tokenization import load_rows, read_tokens_meta
+
+    runs = runs or {}
+    device = resolve_device(model_cfg.device)
+    bridge, info = load_bridge(model_dir, device)
+    for layer in cfgs:
+        info.check_layer(layer)
+    rows = load_rows(tokens_dir, "train")
+    tokens_meta = read_tokens_meta(tokens_dir)
+    stream = ModelStream(
+        bridge, token_batches(rows, batch_rows, device), sorted(cfgs), info.d_in, autocast_dtype(model_cfg.precision, device)
+    )
+    metas = {
+        layer: {
+            "hook_name": hook_z_name(layer),
+            "model": info.name,
+            "model_source": info.source,
+            "context_size": rows.shape[1],
+            "dataset": tokens_meta.get("corpus", ""),
+        }
+        for layer in cfgs
+    }
+    for layer, cfg in cfgs.items():
+        _log_params(runs.get(layer), cfg, layer, metas[layer])
+    results = train_saes(cfgs, {layer: stream.view(layer) for layer in cfgs})
+    for layer, result in results.items():
+        _save_layer(result, cfgs[layer], layer, metas[layer], out_dirs[layer], curves_paths[layer], runs.get(layer))
+    print(f"train: {stream.forward_passes} model forward passes ({stream.tokens:,} tokens) fed {len(cfgs)} SAEs")
+    return results

@@ -1,0 +1,126 @@
+"""Several SAEs from one model pass: the streaming source against the disk cache, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnsae.activations import (
+    DiskActivations,
+    ModelStream,
+    cache_activations,
+    layer_dir,
+    token_batches,
+)
+from attnsae.config import ActivationsConfig, ModelConfig, SAEConfig, TokenizeConfig
+from attnsae.corpus import synthetic_documents
+from attnsae.errors import UserError
+from attnsae.models import load_bridge, load_tokenizer, prepare_model, read_model_info
+from attnsae.tokenization import load_rows, tokenize_corpus
+from attnsae.train import train_sae, train_saes
+
+LAYERS = [1, 2]
+BATCH_ROWS = 8
+CACHE_TOKENS = 64 * 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    prepare_model(ModelConfig(source="tiny-gpt2"), root / "model")
+    info = read_model_info(root / "model")
+    docs = list(synthetic_documents(60, 3))
+    tokenize_corpus(TokenizeConfig(context_size=32, eval_fraction=0.1), docs, load_tokenizer(root / "model"),
+                    info.bos_token_id, root / "tokens")
+    cache_activations(ActivationsConfig(tokens=CACHE_TOKENS, batch_rows=BATCH_ROWS, shard_tokens=512),
+                      ModelConfig(source="tiny-gpt2"), root / "model", root / "tokens", LAYERS, root / "acts")
+    return root, info
+
+
+def sae_cfg(l1: float) -> SAEConfig:
+    return SAEConfig(d_sae=96, l1_coeff=l1, batch_size=256, train_tokens=256 * 40, warmup_steps=5,
+                     resample_every=20, dead_window=10, max_resamples=1, resample_inputs=512, buffer_rows=1024,
+                     log_every=5, device="cpu")
+
+
+def test_one_pass_for_all_layers_equals_training_each_layer_from_the_cache(setup):
+    root, info = setup
+    cfgs = {1: sae_cfg(0.01), 2: sae_cfg(0.02)}
+    alone = {n: train_sae(cfgs[n], DiskActivations(layer_dir(root / "acts", n)), progress=False) for n in LAYERS}
+
+    bridge, _ = load_bridge(root / "model", torch.device("cpu"))
+    rows = load_rows(root / "tokens", "train")[: CACHE_TOKENS // 32]
+    stream = ModelStream(bridge, token_batches(rows, BATCH_ROWS, torch.device("cpu")), LAYERS, info.d_in)
+    together = train_saes(cfgs, {n: stream.view(n) for n in LAYERS}, progress=False)
+
+    for n in LAYERS:
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            assert torch.equal(getattr(alone[n].sae, name), getattr(together[n].sae, name)), (n, name)
+        assert alone[n].resampled == together[n].resampled
+    # One forward served both layers: the stream made only as many rows as one layer used.
+    assert stream.taken[1] == stream.taken[2] > 0
+    assert stream.tokens == stream.taken[1] + stream.queued[1]
+    assert any(n for _, n in together[1].resampled), "the comparison should cover a resample"
+
+
+def test_layers_trained_together_must_share_the_schedule(setup):
+    root, info = setup
+    a, b = sae_cfg(0.01), sae_cfg(0.01).model_copy(update={"train_tokens": 256 * 50})
+    sources = {n: DiskActivations(layer_dir(root / "acts", n)) for n in LAYERS}
+    with pytest.raises(UserError, match="layer 2 differs"):
+        train_saes({1: a, 2: b}, sources, progress=False)
+
+
+def test_stream_that_runs_out_says_so(setup):
+    root, info = setup
+    bridge, _ = load_bridge(root / "model", torch.device("cpu"))
+    rows = load_rows(root / "tokens", "train")[:4]
+    stream = ModelStream(bridge, token_batches(rows, 4, torch.device("cpu"), cycle=False), [1], info.d_in)
+    stream.take(1, 4 * 32)
+    with pytest.raises(UserError, match="token stream ran out"):
+        stream.take(1, 1)
+
+
+def test_cli_trains_several_layers_from_one_pass(setup, tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from attnsae.cli import main
+    from attnsae.sae import load_sae
+
+    root, _ = setup
+    shutil.copy(Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--layer", "1", "--layer", "L2", "--stream", "--no-mlflow", "--model", str(root / "model"),
+            "--tokens", str(root / "tokens")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "fed 2 SAEs" in result.output
+    for n in LAYERS:
+        sae, cfg = load_sae(tmp_path / "models" / "sae" / f"L{n}")
+        assert cfg["hook_name"] == f"blocks.{n}.attn.hook_z" and sae.d_sae == 256
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layer", "1", "--layer", "2"], "several --layer values share one model pass only with --stream"),
+        (["--layer", "1", "--layer", "L1", "--stream"], "--layer lists a layer twice"),
+        (["--layer", "1", "--layer", "2", "--stream", "--out", "x"], "--out and --curves name one layer's files"),
+    ],
+)
+def test_cli_rejects_bad_layer_combinations(tmp_path, monkeypatch, args, message):
+    import shutil
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from attnsae.cli import main
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", *args, "--no-mlflow"])
+    assert result.exit_code != 0
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
