@@ -155,6 +155,12 @@ class DiskActivations:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def state_dict(self) -> dict:
+        return {"position": self.position, "epochs": self.epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.epochs = int(state["position"]), int(state["epochs"])
+
     def take(self, n: int) -> torch.Tensor:
         parts, need = [], n
         while need:
@@ -242,18 +248,27 @@ class ShuffledBuffer:
         self.source, self.batch_size, self.generator, self.device = source, batch_size, generator, device
         self.half = capacity // 2
         self.buffer = source.take(2 * self.half).to(device)
-        self._stream = self._refill_and_shuffle()
-
-    def _refill_and_shuffle(self) -> Iterator[torch.Tensor]:
-        while True:
-            perm = torch.randperm(len(self.buffer), generator=self.generator).to(self.device)
-            self.buffer = self.buffer[perm]
-            for start in range(0, self.half - self.batch_size + 1, self.batch_size):
-                yield self.buffer[start : start + self.batch_size].float()
-            self.buffer[: self.half] = self.source.take(self.half).to(self.device)
+        self.cursor: int | None = None  # next row to serve in the shuffled first half; None: not shuffled yet
 
     def next_batch(self) -> torch.Tensor:
-        return next(self._stream)
+        if self.cursor is None or self.cursor + self.batch_size > self.half:
+            if self.cursor is not None:  # the served half is used up: refill it, then reshuffle everything
+                self.buffer[: self.half] = self.source.take(self.half).to(self.device)
+            perm = torch.randperm(len(self.buffer), generator=self.generator).to(self.device)
+            self.buffer = self.buffer[perm]
+            self.cursor = 0
+        batch = self.buffer[self.cursor : self.cursor + self.batch_size].float()
+        self.cursor += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer.cpu(), "cursor": -1 if self.cursor is None else self.cursor,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer = state["buffer"].to(self.device)
+        self.cursor = None if state["cursor"] < 0 else int(state["cursor"])
+        self.generator.set_state(state["generator"])
 
     def sample(self, n: int) -> torch.Tensor:
         """``n`` fresh rows for resampling, drawn through the buffer like training batches."""

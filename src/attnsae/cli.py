@@ -24,6 +24,7 @@ METRICS_DIR = "reports/metrics"
 DENSITY_DIR = "reports/density"
 CURVES_DIR = "reports/curves"
 REPORT_DIR = "reports"
+CHECKPOINT_DIR = "checkpoints"  # outside every DVC output: DVC deletes outputs before it re-runs a stage
 
 
 def one_line_errors(fn):
@@ -159,11 +160,15 @@ def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> 
 @click.option("--tokens", "tokens_dir", default=TOKENS_DIR, show_default=True)
 @click.option("--out", default=None, help=f"SAE folder, one layer only [default: {SAE_DIR}/L<layer>]")
 @click.option("--curves", default=None, help=f"Training curves CSV, one layer only [default: {CURVES_DIR}/L<layer>.csv]")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Save a checkpoint every N steps (0: never); a restarted run resumes from it.")
+@click.option("--checkpoint", "checkpoint_path", default=None,
+              help=f"Checkpoint file [default: {CHECKPOINT_DIR}/train-L<layer>.pt]")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @one_line_errors
 def train(
     params_path: str, layer_args: tuple[str, ...], stream: bool, activations_dir: str, model_dir: str, tokens_dir: str,
-    out: str | None, curves: str | None, no_mlflow: bool,
+    out: str | None, curves: str | None, checkpoint_every: int, checkpoint_path: str | None, no_mlflow: bool,
 ) -> None:
     """Train SAEs (params: sae, per_layer.L<layer>; with --stream also model, activations)."""
     from attnsae.train import train_layer, train_layers_streaming
@@ -179,15 +184,16 @@ def train(
     cfgs = {n: config.sae_config(params, n) for n in layers}
     out_dirs = {n: Path(out or f"{SAE_DIR}/L{n}") for n in layers}
     curves_paths = {n: Path(curves or f"{CURVES_DIR}/L{n}.csv") for n in layers}
+    checkpoint = Path(checkpoint_path or f"{CHECKPOINT_DIR}/train-{'-'.join(f'L{n}' for n in layers)}.pt")
     with contextlib.ExitStack() as stack:
         runs = {n: stack.enter_context(tracked(params, n, "train", no_mlflow)) for n in layers}
         if stream:
             act = config.activations_config(params)
             train_layers_streaming(cfgs, config.model_config(params), act.batch_rows, model_dir, tokens_dir,
-                                   out_dirs, curves_paths, runs)
+                                   out_dirs, curves_paths, runs, checkpoint, checkpoint_every)
         else:
             n = layers[0]
-            train_layer(cfgs[n], n, activations_dir, out_dirs[n], curves_paths[n], runs[n])
+            train_layer(cfgs[n], n, activations_dir, out_dirs[n], curves_paths[n], runs[n], checkpoint, checkpoint_every)
 
 
 @main.command()

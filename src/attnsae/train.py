@@ -9,8 +9,11 @@ the last ``dead_window`` steps is <= ``dead_cutoff`` are resampled from badly re
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -164,6 +167,32 @@ class LayerTrainer:
         self.curves.append(row)
         return row
 
+    def state_dict(self) -> dict:
+        return {
+            "sae": {k: v.cpu() for k, v in self.sae.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "sample_gen": self.sample_gen.get_state(),
+            "window_counts": self.window_counts.cpu(),
+            "window_tokens": self.window_tokens,
+            "density_counts": self.density_counts.cpu(),
+            "fired_in_window": self.fired_in_window.cpu(),
+            "last_warmup_start": self.last_warmup_start,
+            "curves": self.curves,
+            "resampled": self.resampled,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sample_gen.set_state(state["sample_gen"])
+        self.window_counts = state["window_counts"].to(self.device)
+        self.window_tokens = int(state["window_tokens"])
+        self.density_counts = state["density_counts"].to(self.device)
+        self.fired_in_window = state["fired_in_window"].to(self.device)
+        self.last_warmup_start = int(state["last_warmup_start"])
+        self.curves = list(state["curves"])
+        self.resampled = [tuple(r) for r in state["resampled"]]
+
     def result(self) -> TrainResult:
         cfg = self.cfg
         density_tokens = (cfg.steps - self.density_from) * cfg.batch_size
@@ -193,11 +222,47 @@ def train_sae(
     return train_saes({0: cfg}, {0: source}, progress=progress, on_log=on_log)[0]
 
 
+def checkpoint_key(cfgs: dict[int, SAEConfig]) -> str:
+    """Identifies the run a checkpoint belongs to: a changed config never resumes a stale checkpoint."""
+    text = json.dumps({str(k): c.model_dump() for k, c in sorted(cfgs.items())}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, step: int, key: str, trainers: dict, buffers: dict, sources: dict) -> None:
+    state = {
+        "key": key,
+        "step": step,
+        "torch_rng": torch.get_rng_state(),
+        "layers": {
+            str(n): {
+                "trainer": trainers[n].state_dict(),
+                "buffer": buffers[n].state_dict(),
+                "source": sources[n].state_dict() if hasattr(sources[n], "state_dict") else {},
+            }
+            for n in trainers
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill during the save leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: Path, key: str) -> dict | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True)
+    return state if state.get("key") == key else None
+
+
 def train_saes(
     cfgs: dict[int, SAEConfig],
     sources: dict[int, RowSource],
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[int, TrainResult]:
     """Train one SAE per key in lockstep, each with its own buffer over its own source.
 
@@ -220,8 +285,21 @@ def train_saes(
         buffers[key] = ShuffledBuffer(
             sources[key], cfg.buffer_rows, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), device
         )
+    start = 0
+    run_key = checkpoint_key(cfgs)
+    saved = load_checkpoint(checkpoint, run_key) if checkpoint else None
+    if saved is not None:
+        start = int(saved["step"])
+        torch.set_rng_state(saved["torch_rng"])
+        for n in trainers:
+            layer_state = saved["layers"][str(n)]
+            trainers[n].load_state_dict(layer_state["trainer"])
+            buffers[n].load_state_dict(layer_state["buffer"])
+            if layer_state["source"]:
+                sources[n].load_state_dict(layer_state["source"])
+        print(f"resuming from {checkpoint} at step {start}")
     label = f"train {len(cfgs)} SAEs" if len(cfgs) > 1 else f"train d_sae={first.d_sae}"
-    bar = tqdm(range(steps), desc=label, unit="step", disable=not progress)
+    bar = tqdm(range(start, steps), desc=label, unit="step", disable=not progress, initial=start, total=steps)
     for step in bar:
         for key, trainer in trainers.items():
             row = trainer.step(step, buffers[key])
@@ -229,6 +307,10 @@ def train_saes(
                 bar.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}")
                 if on_log:
                     on_log(row)
+        if checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save_checkpoint(checkpoint, step + 1, run_key, trainers, buffers, sources)
+        if on_step:
+            on_step(step)
     return {key: trainer.result() for key, trainer in trainers.items()}
 
 
@@ -273,6 +355,12 @@ def _save_layer(result: TrainResult, cfg: SAEConfig, layer: int, meta: dict, out
     )
 
 
+def _drop_checkpoint(checkpoint: Path | None) -> None:
+    """A finished run's checkpoint is spent: the SAE folder holds the result."""
+    if checkpoint is not None and checkpoint.is_file():
+        checkpoint.unlink()
+
+
 def _log_params(run, cfg: SAEConfig, layer: int, meta: dict) -> None:
     if run is not None:
         run.log_params({"layer": layer, "hook_name": meta["hook_name"], "model": meta["model"], **cfg.model_dump()})
@@ -285,14 +373,17 @@ def train_layer(
     out_dir: str | Path,
     curves_path: str | Path,
     run=None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
 ) -> TrainResult:
     """The stage, from the disk cache: read the layer's activations, train, write the SAE folder and curves."""
     from attnsae.activations import DiskActivations, layer_dir
 
     source = DiskActivations(layer_dir(activations_dir, layer))
     _log_params(run, cfg, layer, source.meta)
-    result = train_sae(cfg, source)
+    result = train_saes({layer: cfg}, {layer: source}, checkpoint=checkpoint, checkpoint_every=checkpoint_every)[layer]
     _save_layer(result, cfg, layer, source.meta, out_dir, curves_path, run)
+    _drop_checkpoint(checkpoint)
     print(f"train L{layer}: {result.tokens / len(source):.1f} passes over the {len(source):,}-row cache")
     return result
 
@@ -306,6 +397,8 @@ def train_layers_streaming(
     out_dirs: dict[int, Path],
     curves_paths: dict[int, Path],
     runs: dict[int, object] | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
 ) -> dict[int, TrainResult]:
     """Train every layer in ``cfgs`` from one model forward per batch of token rows (no disk cache).
 
@@ -315,6 +408,9 @@ def train_layers_streaming(
     from attnsae.models import autocast_dtype, hook_z_name, load_bridge
     from attnsae.tokenization import load_rows, read_tokens_meta
 
+    if checkpoint_every:
+        # Resuming a stream would need the stream position and queued rows in the checkpoint too.
+        raise UserError("checkpoints are supported with the activation cache only so far (drop --stream)")
     runs = runs or {}
     device = resolve_device(model_cfg.device)
     bridge, info = load_bridge(model_dir, device)
