@@ -36,5 +36,5 @@ def test_plan_prints_every_layer_and_an_estimate():
     rows = [line for line in result.output.splitlines() if line.strip().split(" ")[0].isdigit()]
     assert len(rows) == 12
     assert "488,281" in rows[0] and "49152" in rows[5]
-    assert "time at the fp32 matmul roofline (a lower bound):" in result.output
+    assert "time at the fp32 matmul roofline (optimistic" in result.output
     assert "with one pass for all layers" in result.output

@@ -236,54 +236,11 @@ def evaluate(
 @one_line_errors
 def plan(params_path: str, device: str) -> None:
     """Print what the active profile costs before running it: tokens, FLOPs, memory, time."""
-    from attnsae import plan as planning
     from attnsae.models import resolve_device
+    from attnsae.plan import describe_plan
 
-    params = config.read_params(params_path)
-    config.validate(params)
-    source = config.model_config(params).source
-    shape = planning.MODEL_SHAPES[source]
-    d_in = shape["d_in"]
-    layer_plans = [planning.plan_layer(n, config.sae_config(params, n), d_in) for n in config.layers(params)]
-    for lp in layer_plans:
-        if lp.layer >= shape["n_layers"]:
-            raise UserError(f"layer {lp.layer} is outside {source} (allowed: 0 to {shape['n_layers'] - 1})")
-    dev = resolve_device(device)
-    widest = max(lp.d_sae for lp in layer_plans)
-    batch = config.sae_config(params, layer_plans[0].layer).batch_size
-    fp32 = planning.measure_matmul_flops(dev, d_in, widest, batch, torch_dtype("fp32"))
-    fast_name, fast = "fp32", fp32
-    if dev.type == "cuda":
-        fast_name, fast = "bf16", planning.measure_matmul_flops(dev, d_in, widest, batch, torch_dtype("bf16"))
-
-    click.echo(f"profile {params.get('profile', 'custom')}: model {source} (hook_z width {d_in}), device {dev}")
-    click.echo(f"{'layer':>5} {'d_sae':>7} {'tokens':>15} {'steps':>10} {'SAE PFLOP':>10} {'SAE+Adam':>11} {'buffer':>11}")
-    for lp in layer_plans:
-        click.echo(f"{lp.layer:>5} {lp.d_sae:>7} {lp.tokens:>15,} {lp.steps:>10,} {lp.sae_flop / 1e15:>10.2f} "
-                   f"{planning.human_bytes(lp.sae_bytes):>11} {planning.human_bytes(lp.buffer_bytes):>11}")
-    sae_flop = sum(lp.sae_flop for lp in layer_plans)
-    tokens = max(lp.tokens for lp in layer_plans)
-    n_params = shape["n_params"]
-    shared = planning.lm_forward_flop(n_params, tokens, 1)
-    separate = planning.lm_forward_flop(n_params, tokens, len(layer_plans))
-    memory = sum(lp.sae_bytes + lp.buffer_bytes for lp in layer_plans)
-    click.echo(f"total: SAE training {sae_flop / 1e15:.2f} PFLOP; LM forward {shared / 1e15:.2f} PFLOP with one pass for "
-               f"all layers ({separate / 1e15:.2f} PFLOP with a pass per layer)")
-    click.echo(f"memory for all SAEs with Adam state and all buffers at once: {planning.human_bytes(memory)}")
-    click.echo(f"measured matmul [{batch},{d_in}]x[{d_in},{widest}] on {dev}: fp32 {fp32 / 1e12:.2f} TFLOP/s"
-               + (f", {fast_name} {fast / 1e12:.2f} TFLOP/s" if fast_name != "fp32" else ""))
-    for name, rate in (("fp32", fp32), (fast_name, fast))[: 1 if fast_name == "fp32" else 2]:
-        seconds = (sae_flop + shared) / rate
-        click.echo(f"time at the {name} matmul roofline (a lower bound): {planning.human_duration(seconds)}")
-    if config.activations_config(params).source == "disk":
-        disk = tokens * d_in * 2 * len(layer_plans)
-        click.echo(f"disk for the activation cache (bf16): {planning.human_bytes(disk)}")
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    for line in describe_plan(config.read_params(params_path), resolve_device(device)):
+        click.echo(line)
 
 
 @main.command()

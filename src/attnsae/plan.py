@@ -2,19 +2,22 @@
 
 Cost model (design.md 7): an SAE training step costs 12 * d_in * d_sae FLOP per token (forward 4,
 backward 8); the LM forward costs 2 FLOP per parameter per token, once per token for all selected
-layers when they share one pass. The time estimate divides FLOPs by matmul throughput measured on
-this device at the SAE's shape, so it is a lower bound: real steps reach a fraction of it (the
-fraction measured on a machine is in BENCHMARKS.md).
+layers when they share one pass (the activation cache's tokens for a disk cache). The time estimate
+divides FLOPs by matmul throughput measured on this device at the SAE's shape: real steps reach a
+fraction of that (82% for the CPU SAE step in BENCHMARKS.md), so read it as optimistic.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from attnsae import config
 from attnsae.config import SAEConfig
+from attnsae.errors import UserError
 
 # Shapes of the models the profiles name, so a plan needs no download.
 MODEL_SHAPES = {
@@ -83,3 +86,50 @@ def human_duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def describe_plan(params: dict[str, Any], device: torch.device) -> list[str]:
+    """The lines `attnsae plan` prints for a params file; measures this device's matmul throughput."""
+    config.validate(params)
+    source = config.model_config(params).source
+    shape = MODEL_SHAPES[source]
+    d_in = shape["d_in"]
+    layer_plans = [plan_layer(n, config.sae_config(params, n), d_in) for n in config.layers(params)]
+    for lp in layer_plans:
+        if lp.layer >= shape["n_layers"]:
+            raise UserError(f"layer {lp.layer} is outside {source} (allowed: 0 to {shape['n_layers'] - 1})")
+    widest = max(lp.d_sae for lp in layer_plans)
+    batch = config.sae_config(params, layer_plans[0].layer).batch_size
+    rates = {"fp32": measure_matmul_flops(device, d_in, widest, batch, torch.float32)}
+    if device.type == "cuda":
+        rates["bf16"] = measure_matmul_flops(device, d_in, widest, batch, torch.bfloat16)
+
+    lines = [
+        f"profile {params.get('profile', 'custom')}: model {source} (hook_z width {d_in}), device {device}",
+        f"{'layer':>5} {'d_sae':>7} {'tokens':>15} {'steps':>10} {'SAE PFLOP':>10} {'SAE+Adam':>11} {'buffer':>11}",
+    ]
+    for lp in layer_plans:
+        lines.append(
+            f"{lp.layer:>5} {lp.d_sae:>7} {lp.tokens:>15,} {lp.steps:>10,} {lp.sae_flop / 1e15:>10.2f} "
+            f"{human_bytes(lp.sae_bytes):>11} {human_bytes(lp.buffer_bytes):>11}"
+        )
+    sae_flop = sum(lp.sae_flop for lp in layer_plans)
+    tokens = max(lp.tokens for lp in layer_plans)
+    cache = config.activations_config(params)
+    if cache.source == "disk":  # the model runs once over the cache; training passes over it repeatedly
+        tokens = min(tokens, cache.tokens)
+    shared = lm_forward_flop(shape["n_params"], tokens, 1)
+    separate = lm_forward_flop(shape["n_params"], tokens, len(layer_plans))
+    memory = sum(lp.sae_bytes + lp.buffer_bytes for lp in layer_plans)
+    lines.append(
+        f"total: SAE training {sae_flop / 1e15:.2f} PFLOP; LM forward over {tokens:,} tokens {shared / 1e15:.2f} PFLOP with one pass for "
+        f"all layers ({separate / 1e15:.2f} PFLOP with a pass per layer)"
+    )
+    lines.append(f"memory for all SAEs with Adam state and all buffers at once: {human_bytes(memory)}")
+    measured = ", ".join(f"{name} {rate / 1e12:.2f} TFLOP/s" for name, rate in rates.items())
+    lines.append(f"measured matmul [{batch},{d_in}]x[{d_in},{widest}] on {device}: {measured}")
+    for name, rate in rates.items():
+        lines.append(f"time at the {name} matmul roofline (optimistic; see BENCHMARKS.md for achieved fractions): {human_duration((sae_flop + shared) / rate)}")
+    if cache.source == "disk":
+        lines.append(f"disk for the activation cache (bf16): {human_bytes(tokens * d_in * 2 * len(layer_plans))}")
+    return lines
