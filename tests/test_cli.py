@@ -61,6 +61,7 @@ def root_copy(tmp_path) -> Path:
     """A repository root with the profiles and an existing params.yaml."""
     root = tmp_path / "repo"
     shutil.copytree(ROOT / "profiles", root / "profiles")
+    shutil.copytree(ROOT / "pipelines", root / "pipelines")
     (root / "params.yaml").write_text("# the params.yaml in place before the switch\nprofile: old\n")
     return root
 
@@ -90,7 +91,8 @@ def test_profile_rewrites_params_atomically(root_copy):
     assert params.read_bytes() == (root_copy / "profiles" / "tiny.yaml").read_bytes()
     # replaced by rename of a complete new file, not rewritten in place; no temporary file left behind
     assert params.stat().st_ino != old_inode
-    assert sorted(p.name for p in root_copy.iterdir()) == ["params.yaml", "profiles"]
+    assert sorted(p.name for p in root_copy.iterdir()) == ["dvc.yaml", "params.yaml", "pipelines", "profiles"]
+    assert (root_copy / "dvc.yaml").read_bytes() == (root_copy / "pipelines" / "cache.yaml").read_bytes()
 
 
 def test_profile_interrupted_write_leaves_old_params(root_copy, monkeypatch):
@@ -104,7 +106,7 @@ def test_profile_interrupted_write_leaves_old_params(root_copy, monkeypatch):
     result = invoke("profile", "tiny", "--root", root_copy)
     assert result.exit_code != 0
     assert params.read_bytes() == before
-    assert sorted(p.name for p in root_copy.iterdir()) == ["params.yaml", "profiles"]
+    assert sorted(p.name for p in root_copy.iterdir()) == ["params.yaml", "pipelines", "profiles"]
 
 
 def test_profile_failing_validation_leaves_old_params(root_copy):

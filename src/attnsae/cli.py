@@ -80,11 +80,17 @@ def profile(name: str | None, root: str) -> None:
     if name not in names:
         raise UserError(f"unknown profile {name!r} (allowed: {', '.join(names)})")
     source = root_path / config.PROFILES_DIR / f"{name}.yaml"
-    config.validate(config.read_params(source))  # before replacing anything
+    params = config.read_params(source)
+    config.validate(params)  # before replacing anything
     from attnsae.files import write_text_atomic
 
+    mode = "stream" if config.activations_config(params).source == "stream" else "cache"
+    pipeline = root_path / config.PIPELINES_DIR / f"{mode}.yaml"
+    if not pipeline.is_file():
+        raise UserError(f"{pipeline}: missing; profiles need the pipeline files in {config.PIPELINES_DIR}/")
     write_text_atomic(root_path / config.PARAMS_FILE, source.read_text())
-    click.echo(f"params.yaml is now profile {name!r}; run `dvc repro` to build it")
+    write_text_atomic(root_path / "dvc.yaml", pipeline.read_text())
+    click.echo(f"params.yaml is now profile {name!r} and dvc.yaml the {mode} pipeline; run `dvc repro` to build it")
 
 
 @main.command()
@@ -151,8 +157,9 @@ def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> 
 
 @main.command()
 @params_option
-@click.option("--layer", "layer_args", required=True, multiple=True,
+@click.option("--layer", "layer_args", multiple=True,
               help="Layer number, e.g. 3 or L3; repeat to train several layers from one model pass (--stream).")
+@click.option("--all-layers", is_flag=True, help="Every layer in params.yaml's `layers` (with --stream).")
 @click.option("--stream", is_flag=True,
               help="Run the model on the fly instead of reading the activation cache; all --layer SAEs share one pass.")
 @click.option("--activations", "activations_dir", default=ACTIVATIONS_DIR, show_default=True)
@@ -167,14 +174,17 @@ def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> 
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @one_line_errors
 def train(
-    params_path: str, layer_args: tuple[str, ...], stream: bool, activations_dir: str, model_dir: str, tokens_dir: str,
-    out: str | None, curves: str | None, checkpoint_every: int, checkpoint_path: str | None, no_mlflow: bool,
+    params_path: str, layer_args: tuple[str, ...], all_layers: bool, stream: bool, activations_dir: str,
+    model_dir: str, tokens_dir: str, out: str | None, curves: str | None, checkpoint_every: int,
+    checkpoint_path: str | None, no_mlflow: bool,
 ) -> None:
     """Train SAEs (params: sae, per_layer.L<layer>; with --stream also model, activations)."""
     from attnsae.train import train_layer, train_layers_streaming
 
     params = config.read_params(params_path)
-    layers = [config.parse_layer(a) for a in layer_args]
+    if bool(layer_args) == all_layers:
+        raise UserError("name the layers to train: either --layer (repeatable) or --all-layers")
+    layers = config.layers(params) if all_layers else [config.parse_layer(a) for a in layer_args]
     if len(set(layers)) != len(layers):
         raise UserError(f"--layer lists a layer twice: {', '.join(layer_args)}")
     if len(layers) > 1 and (out or curves):

@@ -18,6 +18,7 @@ from attnsae.errors import UserError
 
 PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
+PIPELINES_DIR = "pipelines"
 
 ModelSource = Literal["smollm2-135m", "gpt2", "tiny-gpt2"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -53,9 +54,9 @@ class TokenizeConfig(Section):
 
 
 class ActivationsConfig(Section):
-    # disk: the `activations` stage caches hook_z. Streaming is `attnsae train --stream` for now;
-    # the pipeline's streaming mode (no cache stage) is not wired into dvc.yaml yet.
-    source: Literal["disk"] = "disk"
+    # disk: the `activations` stage caches hook_z and each layer trains from it (pipelines/cache.yaml);
+    # stream: one `train` stage runs the model on the fly for all layers at once (pipelines/stream.yaml).
+    source: Literal["disk", "stream"] = "disk"
     tokens: int  # token budget of the cache, per layer
     batch_rows: int = 16
     shard_tokens: int = 65536

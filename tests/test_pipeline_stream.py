@@ -1,0 +1,59 @@
+"""The streaming pipeline end to end: the gpt2-small profile, shrunk to tiny-gpt2 and a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from attnsae.sae import load_sae
+from test_pipeline import REPO, run, stages_run
+
+pytestmark = pytest.mark.integration
+
+
+def test_gpt2_small_profile_streams_end_to_end_on_tiny_gpt2(tmp_path):
+    import os
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ("pipelines", "profiles"):
+        shutil.copytree(REPO / name, root / name)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    run(["git", "init", "-q"], root, env)
+    run(["dvc", "init", "-q"], root, env)
+    run(["attnsae", "profile", "gpt2-small"], root, env)
+    assert "attnsae train --stream --all-layers" in (root / "dvc.yaml").read_text()
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"]["source"] = "tiny-gpt2"
+    params["corpus"] = {"sources": ["synthetic"], "max_documents": 0, "synthetic_documents": 80}
+    params["tokenize"].update(context_size=64, eval_fraction=0.1, max_eval_rows=8)
+    params["activations"]["batch_rows"] = 16
+    params["layers"] = [1, 3]
+    params["per_layer"] = {"L1": {"l1_coeff": 0.01}, "L3": {"l1_coeff": 0.02, "d_sae": 192}}
+    params["sae"].update(d_sae=128, batch_size=256, train_tokens=256 * 24, warmup_steps=4, resample_every=10,
+                         dead_window=5, max_resamples=1, resample_inputs=512, buffer_rows=2048, log_every=4)
+    params["evaluate"].update(batch_rows=8, max_rows=8)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    output = run(["dvc", "repro"], root, env)
+    assert stages_run(output) == {"model", "corpus", "tokenize", "train", "evaluate@1", "evaluate@3", "report"}
+    assert "fed 2 SAEs" in output
+    assert not (root / "data" / "activations").exists()
+    for layer, d_sae in ((1, 128), (3, 192)):
+        sae, cfg = load_sae(root / "models" / "sae" / f"L{layer}")
+        assert sae.d_sae == d_sae and cfg["hook_name"] == f"blocks.{layer}.attn.hook_z"
+        metrics = json.loads((root / "reports" / "metrics" / f"L{layer}.json").read_text())
+        assert metrics["dead_fraction_tokens"] == 8 * 64
+    assert stages_run(run(["dvc", "repro"], root, env)) == set()
+
+
+def test_committed_dvc_yaml_is_the_pipeline_of_the_active_profile():
+    from attnsae import config
+
+    params = config.read_params(REPO / "params.yaml")
+    mode = "stream" if config.activations_config(params).source == "stream" else "cache"
+    assert (REPO / "dvc.yaml").read_text() == (REPO / "pipelines" / f"{mode}.yaml").read_text()
