@@ -247,3 +247,20 @@ def test_dead_features_are_resampled_at_the_first_check_and_revived():
     norms = result.sae.W_dec.detach().norm(dim=-1)
     # rows are normalised before each Adam step, so the final rows are off by at most one step
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-2, rtol=0.0), (norms - 1).abs().max()
+
+
+def test_deterministic_switch_is_applied_and_recorded():
+    """sae.deterministic turns on torch's deterministic kernels for the run; its value is in the config
+    that is logged to MLflow (cfg.model_dump()) and written into cfg.json."""
+    from attnsae.train import use_deterministic_kernels
+
+    source = PlantedDictionary(seed=3)
+    cfg = SAEConfig(d_sae=16, l1_coeff=0.1, batch_size=64, train_tokens=64 * 3, buffer_rows=512,
+                    resample_every=10, dead_window=5, warmup_steps=2, deterministic=True, device="cpu")
+    try:
+        train_sae(cfg, source, progress=False)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert cfg.model_dump()["deterministic"] is True
+    finally:
+        use_deterministic_kernels(False)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -82,6 +82,9 @@ class SAEConfig(Section):
     log_every: int = 10
     seed: int = 49
     device: Device = "auto"
+    # Deterministic GPU kernels (torch.use_deterministic_algorithms): slower, repeatable on the same GPU.
+    # CPU training is deterministic either way.
+    deterministic: bool = False
 
     @model_validator(mode="after")
     def _positive(self) -> "SAEConfig":

@@ -222,6 +222,13 @@ def train_sae(
     return train_saes({0: cfg}, {0: source}, progress=progress, on_log=on_log)[0]
 
 
+def use_deterministic_kernels(on: bool) -> None:
+    """Switch torch to deterministic kernels (cuBLAS needs its workspace setting before the first call)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+
+
 def checkpoint_key(cfgs: dict[int, SAEConfig]) -> str:
     """Identifies the run a checkpoint belongs to: a changed config never resumes a stale checkpoint."""
     text = json.dumps({str(k): c.model_dump() for k, c in sorted(cfgs.items())}, sort_keys=True)
@@ -278,6 +285,7 @@ def train_saes(
                 f"(layer {key} differs)"
             )
     device = resolve_device(first.device)
+    use_deterministic_kernels(any(cfg.deterministic for cfg in cfgs.values()))
     torch.manual_seed(first.seed)
     trainers, buffers = {}, {}
     for key, cfg in cfgs.items():
