@@ -108,13 +108,7 @@ def _value_biases(hf_model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return b_v.reshape(n_heads, -1), b_v_eff.reshape(n_heads, -1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These matrices are tiny: one intra-op thread is faster, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Case:

@@ -29,12 +29,7 @@ COS_THRESHOLD = 0.9
 MIN_RECOVERED = 0.9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PlantedDictionary:
