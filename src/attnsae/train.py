@@ -1,4 +1,7 @@
-"""The `train@L` stage: one SAE on one layer's hook_z, following the recipe of design.md 3 exactly.
+"""The `train` stages: SAEs on hook_z, following the recipe of design.md 3 exactly.
+
+`train@L` trains one layer from the activation cache; the streaming `train` stage trains several
+layers in lockstep from one model pass. Both go through ``train_saes`` and one ``LayerTrainer`` per SAE.
 
 Per step: LR from the cosine warm-up (restarted after each resample); loss = summed MSE + L1;
 backward; project out the gradient along each decoder row and renormalise the rows; Adam step.
