@@ -61,7 +61,9 @@ def main() -> None:
     """attnsae: sparse autoencoders on attention outputs (hook_z), trained, evaluated and reproduced.
 
     The stages run in this order (dvc repro runs them for you):
-    model -> corpus -> tokenize -> activations -> train@L -> evaluate@L -> report
+    model -> corpus -> tokenize -> activations -> train@L -> evaluate@L -> report;
+    streaming profiles (gpt2-small) train every layer in one stage from one model pass, without
+    the activations stage.
     """
 
 
@@ -70,7 +72,7 @@ def main() -> None:
 @click.option("--root", default=".", type=click.Path(file_okay=False), help="Repository root.")
 @one_line_errors
 def profile(name: str | None, root: str) -> None:
-    """Make profiles/NAME.yaml the active params.yaml (no NAME: list the profiles)."""
+    """Make profiles/NAME.yaml the active params.yaml and write its pipeline to dvc.yaml (no NAME: list them)."""
     root_path = Path(root)
     names = config.list_profiles(root_path)
     if name is None:
