@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from click.testing import CliRunner
+
+from attnsae.cli import main
 
 from attnsae.activations import (
     DiskActivations,
@@ -16,6 +22,7 @@ from attnsae.config import ActivationsConfig, ModelConfig, SAEConfig, TokenizeCo
 from attnsae.corpus import synthetic_documents
 from attnsae.errors import UserError
 from attnsae.models import load_bridge, load_tokenizer, prepare_model, read_model_info
+from attnsae.sae import load_sae
 from attnsae.tokenization import load_rows, tokenize_corpus
 from attnsae.train import train_sae, train_saes
 
@@ -81,18 +88,17 @@ def test_stream_that_runs_out_says_so(setup):
         stream.take(1, 1)
 
 
-def test_cli_trains_several_layers_from_one_pass(setup, tmp_path, monkeypatch):
-    import shutil
-    from pathlib import Path
-
-    from click.testing import CliRunner
-
-    from attnsae.cli import main
-    from attnsae.sae import load_sae
-
-    root, _ = setup
+@pytest.fixture()
+def tiny_params_here(tmp_path, monkeypatch):
+    """The working folder is a fresh one holding the tiny profile as params.yaml."""
     shutil.copy(Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_cli_trains_several_layers_from_one_pass(setup, tiny_params_here):
+    root, _ = setup
+    tmp_path = tiny_params_here
     args = ["train", "--layer", "1", "--layer", "L2", "--stream", "--no-mlflow", "--model", str(root / "model"),
             "--tokens", str(root / "tokens")]
     result = CliRunner().invoke(main, args)
@@ -111,16 +117,7 @@ def test_cli_trains_several_layers_from_one_pass(setup, tmp_path, monkeypatch):
         (["--layer", "1", "--layer", "2", "--stream", "--out", "x"], "--out and --curves name one layer's files"),
     ],
 )
-def test_cli_rejects_bad_layer_combinations(tmp_path, monkeypatch, args, message):
-    import shutil
-    from pathlib import Path
-
-    from click.testing import CliRunner
-
-    from attnsae.cli import main
-
-    shutil.copy(Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
-    monkeypatch.chdir(tmp_path)
+def test_cli_rejects_bad_layer_combinations(tiny_params_here, args, message):
     result = CliRunner().invoke(main, ["train", *args, "--no-mlflow"])
     assert result.exit_code != 0
     assert message in result.output and len(result.output.strip().splitlines()) == 1

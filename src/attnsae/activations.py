@@ -100,8 +100,9 @@ def cache_activations(
             shard_index += 1
 
         rows_in_shard = 0
-        for start in tqdm(range(0, n_rows, cfg.batch_rows), desc="activations", unit="batch"):
-            batch = rows_as_tensor(rows[start : min(start + cfg.batch_rows, n_rows)], device)
+        # The same batching as the streaming source, so both give the same activations.
+        batches = token_batches(rows[:n_rows], cfg.batch_rows, device, cycle=False)
+        for batch in tqdm(batches, total=-(-n_rows // cfg.batch_rows), desc="activations", unit="batch"):
             for layer, z in capture_z(bridge, batch, layers, amp).items():
                 pending[layer].append(z.cpu())
             rows_in_shard += len(batch)
