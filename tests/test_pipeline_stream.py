@@ -43,6 +43,10 @@ def test_gpt2_small_profile_streams_end_to_end_on_tiny_gpt2(tmp_path):
     assert stages_run(output) == {"model", "corpus", "tokenize", "train", "evaluate@1", "evaluate@3", "report"}
     assert "fed 2 SAEs" in output
     assert not (root / "data" / "activations").exists()
+    # the text is never stored: the corpus is a manifest, the tokens are the eval rows
+    assert [p.name for p in (root / "data" / "corpus").iterdir()] == ["manifest.json"]
+    assert sorted(p.name for p in (root / "data" / "tokens").iterdir()) == ["eval.npy", "meta.json"]
+    assert list((root / "checkpoints").glob("*.pt")) == []  # a finished run leaves no checkpoint
     for layer, d_sae in ((1, 128), (3, 192)):
         sae, cfg = load_sae(root / "models" / "sae" / f"L{layer}")
         assert sae.d_sae == d_sae and cfg["hook_name"] == f"blocks.{layer}.attn.hook_z"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from attnsae.config import ActivationsConfig, CorpusConfig, ModelConfig
-from attnsae.corpus import brown_detag, build_corpus, read_documents, synthetic_documents
+from attnsae.corpus import brown_detag, build_corpus, open_documents, read_documents, synthetic_documents
 from attnsae.errors import UserError
 from attnsae.files import check_sha256, sha256_file
 from attnsae.models import prepare_model
@@ -48,6 +48,35 @@ def test_failed_corpus_keeps_the_previous_one(tmp_path):
     with pytest.raises(UserError):
         build_corpus(CorpusConfig(sources=["file:/nonexistent/*.txt"]), out)
     assert (out / "documents.jsonl").read_bytes() == before
+
+
+def test_streamed_corpus_stores_only_its_manifest_and_reads_the_same_documents(tmp_path):
+    cfg = CorpusConfig(sources=["synthetic"], synthetic_documents=5, max_documents=4)
+    stored = build_corpus(cfg, tmp_path / "stored")
+    streamed = build_corpus(cfg, tmp_path / "streamed", stream=True)
+    assert [p.name for p in (tmp_path / "streamed").iterdir()] == ["manifest.json"]
+    assert streamed["streamed"] is True and stored["streamed"] is False
+    documents = list(open_documents(tmp_path / "streamed")())
+    assert documents == list(read_documents(tmp_path / "stored")) == list(open_documents(tmp_path / "stored")())
+    assert len(documents) == 4
+
+
+def test_hf_source_streams_a_local_dataset_folder_through_datasets(tmp_path):
+    data = tmp_path / "owt"
+    data.mkdir()
+    rows = [{"text": f"  web page {i}  "} for i in range(7)] + [{"text": "   "}]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = build_corpus(CorpusConfig(sources=[f"hf:{data}"]), tmp_path / "corpus", stream=True)
+    assert manifest["config"]["sources"] == [f"hf:{data}"]  # a local folder has no revision to pin
+    assert list(open_documents(tmp_path / "corpus")()) == [f"web page {i}" for i in range(7)]
+
+
+def test_streamed_hub_source_without_the_hub_fails_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"^corpus source hf:Skylion007/openwebtext needs the Hugging Face hub, which is "
+                                        r"not reachable \(HF_HUB_OFFLINE is set\)$"):
+        build_corpus(CorpusConfig(sources=["hf:Skylion007/openwebtext"]), tmp_path / "corpus", stream=True)
+    assert not (tmp_path / "corpus").exists()
 
 
 def test_brown_detag():

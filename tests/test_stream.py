@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,17 +14,24 @@ from attnsae.cli import main
 
 from attnsae.activations import (
     DiskActivations,
+    ArrayRows,
     ModelStream,
     cache_activations,
     layer_dir,
-    token_batches,
 )
-from attnsae.config import ActivationsConfig, ModelConfig, SAEConfig, TokenizeConfig
-from attnsae.corpus import synthetic_documents
+from attnsae.config import ActivationsConfig, CorpusConfig, ModelConfig, SAEConfig, TokenizeConfig
+from attnsae.corpus import build_corpus, open_documents, synthetic_documents
 from attnsae.errors import UserError
 from attnsae.models import load_bridge, load_tokenizer, prepare_model, read_model_info
 from attnsae.sae import load_sae
-from attnsae.tokenization import load_rows, tokenize_corpus
+from attnsae.tokenization import (
+    is_eval_document,
+    load_rows,
+    pack_rows,
+    read_tokens_meta,
+    tokenize_corpus,
+    train_row_stream,
+)
 from attnsae.train import train_sae, train_saes
 
 LAYERS = [1, 2]
@@ -41,6 +49,10 @@ def setup(tmp_path_factory):
                     info.bos_token_id, root / "tokens")
     cache_activations(ActivationsConfig(tokens=CACHE_TOKENS, batch_rows=BATCH_ROWS, shard_tokens=512),
                       ModelConfig(source="tiny-gpt2"), root / "model", root / "tokens", LAYERS, root / "acts")
+    # A streamed corpus: only its manifest is stored; tokenize keeps the eval rows, training reads the rest.
+    build_corpus(CorpusConfig(sources=["synthetic"], synthetic_documents=400), root / "corpus", seed=3, stream=True)
+    tokenize_corpus(TokenizeConfig(context_size=32, eval_fraction=0.1, max_eval_rows=4), open_documents(root / "corpus"),
+                    load_tokenizer(root / "model"), info.bos_token_id, root / "stream-tokens", streamed=True)
     return root, info
 
 
@@ -57,7 +69,7 @@ def test_one_pass_for_all_layers_equals_training_each_layer_from_the_cache(setup
 
     bridge, _ = load_bridge(root / "model", torch.device("cpu"))
     rows = load_rows(root / "tokens", "train")[: CACHE_TOKENS // 32]
-    stream = ModelStream(bridge, token_batches(rows, BATCH_ROWS, torch.device("cpu")), LAYERS, info.d_in)
+    stream = ModelStream(bridge, ArrayRows(rows), BATCH_ROWS, LAYERS, info.d_in, torch.device("cpu"))
     together = train_saes(cfgs, {n: stream.view(n) for n in LAYERS}, progress=False)
 
     for n in LAYERS:
@@ -82,10 +94,64 @@ def test_stream_that_runs_out_says_so(setup):
     root, info = setup
     bridge, _ = load_bridge(root / "model", torch.device("cpu"))
     rows = load_rows(root / "tokens", "train")[:4]
-    stream = ModelStream(bridge, token_batches(rows, 4, torch.device("cpu"), cycle=False), [1], info.d_in)
+    stream = ModelStream(bridge, ArrayRows(rows, cycle=False), 4, [1], info.d_in, torch.device("cpu"))
     stream.take(1, 4 * 32)
     with pytest.raises(UserError, match="token stream ran out"):
         stream.take(1, 1)
+
+
+class Killed(Exception):
+    pass
+
+
+def streamed_sources(root, info, bridge):
+    rows = train_row_stream(open_documents(root / "corpus"), read_tokens_meta(root / "stream-tokens"),
+                            load_tokenizer(root / "model"))
+    stream = ModelStream(bridge, rows, BATCH_ROWS, LAYERS, info.d_in, torch.device("cpu"))
+    return stream, {n: stream.view(n) for n in LAYERS}
+
+
+def test_streamed_run_killed_and_resumed_is_bit_identical(setup, tmp_path):
+    root, info = setup
+    bridge, _ = load_bridge(root / "model", torch.device("cpu"))
+    cfgs = {1: sae_cfg(0.01), 2: sae_cfg(0.02)}
+    stream, views = streamed_sources(root, info, bridge)
+    straight = train_saes(cfgs, views, progress=False, shared=stream)
+    assert stream.tokens > 0 and any(n for _, n in straight[1].resampled)
+
+    def kill_at_27(step: int) -> None:  # after the resample at step 20, mid-way through a refill
+        if step == 27:
+            raise Killed
+
+    ckpt = tmp_path / "train.pt"
+    stream, views = streamed_sources(root, info, bridge)
+    with pytest.raises(Killed):
+        train_saes(cfgs, views, progress=False, shared=stream, checkpoint=ckpt, checkpoint_every=6, on_step=kill_at_27)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["step"] == 24 and saved["shared"]["token_rows"]["documents_read"] > 0
+
+    stream, views = streamed_sources(root, info, bridge)  # a new process: the documents are read from the start
+    steps_run = []
+    resumed = train_saes(cfgs, views, progress=False, shared=stream, checkpoint=ckpt, checkpoint_every=6,
+                         on_step=steps_run.append)
+    assert steps_run[0] == 24
+    for n in LAYERS:
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            assert torch.equal(getattr(straight[n].sae, name), getattr(resumed[n].sae, name)), (n, name)
+        assert straight[n].curves == resumed[n].curves and straight[n].resampled == resumed[n].resampled
+
+
+def test_streamed_training_reads_exactly_the_train_documents(setup):
+    root, info = setup
+    tokenizer = load_tokenizer(root / "model")
+    meta = read_tokens_meta(root / "stream-tokens")
+    docs = list(synthetic_documents(400, 3))
+    train_docs = [d for d in docs if not is_eval_document(d, meta["eval_fraction"], meta["split_seed"])]
+    assert 0 < len(train_docs) < len(docs)
+    expected = pack_rows((tokenizer(d, add_special_tokens=False)["input_ids"] for d in train_docs),
+                         info.bos_token_id, meta["context_size"])
+    rows = train_row_stream(open_documents(root / "corpus"), meta, tokenizer).all_rows()
+    assert np.array_equal(rows, expected)
 
 
 @pytest.fixture()
@@ -100,7 +166,7 @@ def test_cli_trains_several_layers_from_one_pass(setup, tiny_params_here):
     root, _ = setup
     tmp_path = tiny_params_here
     args = ["train", "--layer", "1", "--layer", "L2", "--stream", "--no-mlflow", "--model", str(root / "model"),
-            "--tokens", str(root / "tokens")]
+            "--corpus", str(root / "corpus"), "--tokens", str(root / "stream-tokens")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "fed 2 SAEs" in result.output

@@ -11,7 +11,14 @@ import pytest
 from attnsae.config import TokenizeConfig
 from attnsae.errors import UserError
 from attnsae.models import DOCUMENT_SEPARATOR, byte_level_tokenizer
-from attnsae.tokenization import load_rows, pack_rows, read_tokens_meta, split_documents, tokenize_corpus
+from attnsae.tokenization import (
+    TokenRowStream,
+    is_eval_document,
+    load_rows,
+    pack_rows,
+    read_tokens_meta,
+    tokenize_corpus,
+)
 
 BOS = 0
 DOCS = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]  # stream: 1 2 3 0 4 5 0 6 7 8 9 (11 tokens, BOS between documents)
@@ -54,28 +61,18 @@ def test_pack_rows_rejects_tiny_context():
         pack_rows(DOCS, BOS, context_size=1)
 
 
-def test_split_documents_deterministic():
-    a = split_documents(500, 0.1, seed=49)
-    b = split_documents(500, 0.1, seed=49)
-    c = split_documents(500, 0.1, seed=50)
-    assert a.dtype == bool and a.shape == (500,)
-    assert np.array_equal(a, b)
-    assert not np.array_equal(a, c)
-    assert 0.05 < a.mean() < 0.15
-
-
-@pytest.mark.parametrize("n_docs", [2, 3, 5, 20])
-@pytest.mark.parametrize("fraction", [1e-6, 0.5, 1 - 1e-6])
-def test_split_documents_both_splits_non_empty(n_docs, fraction):
-    for seed in range(10):
-        is_eval = split_documents(n_docs, fraction, seed)
-        assert is_eval.any() and not is_eval.all()
-
-
-@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
-def test_split_documents_bad_fraction(fraction):
-    with pytest.raises(UserError, match="eval_fraction"):
-        split_documents(10, fraction, 0)
+def test_eval_split_is_a_seeded_hash_of_the_document():
+    docs = [f"document number {i}" for i in range(2000)]
+    a = [is_eval_document(d, 0.1, seed=49) for d in docs]
+    assert a == [is_eval_document(d, 0.1, seed=49) for d in docs]
+    assert a != [is_eval_document(d, 0.1, seed=50) for d in docs]
+    assert 0.08 < np.mean(a) < 0.12
+    # the decision is the document's own: order, neighbours and duplicates do not move it
+    assert [is_eval_document(d, 0.1, 49) for d in reversed(docs)] == a[::-1]
+    assert is_eval_document(docs[7], 0.1, 49) == is_eval_document(str(docs[7]), 0.1, 49)
+    # a larger fraction only adds documents to the eval split
+    wider = [is_eval_document(d, 0.3, 49) for d in docs]
+    assert all(w for e, w in zip(a, wider) if e) and sum(wider) > sum(a)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,11 +110,13 @@ def test_tokenize_corpus_writes_split_files(tmp_path, tokenizer):
     assert read_tokens_meta(out) == meta == json.loads((out / "meta.json").read_text())
     train, evaluation = load_rows(out, "train"), load_rows(out, "eval")
 
-    is_eval = split_documents(N_DOCS, 0.2, 7)
+    is_eval = np.array([is_eval_document(d, 0.2, 7) for d in marked_documents()])
+    assert is_eval.any() and not is_eval.all()
     assert meta["documents"] == {"train": int((~is_eval).sum()), "eval": int(is_eval.sum())}
     assert meta["rows"] == {"train": len(train), "eval": len(evaluation)}
     assert meta["tokens"] == {"train": train.size, "eval": evaluation.size}
     assert meta["context_size"] == 32 and meta["bos_token_id"] == bos and meta["corpus"] == "synthetic (30 docs)"
+    assert meta["streamed"] is False and meta["eval_fraction"] == 0.2 and meta["split_seed"] == 7
     # each document is 48 one-byte tokens plus its BOS; rows carry 31 stream tokens after the row BOS
     assert len(train) == (49 * meta["documents"]["train"]) // 31
     assert len(evaluation) == (49 * meta["documents"]["eval"]) // 31
@@ -163,3 +162,67 @@ def test_load_rows_errors(tmp_path):
         load_rows(tmp_path, "test")
     with pytest.raises(UserError, match="missing"):
         load_rows(tmp_path, "train")
+
+
+# ---------------------------------------------------------------------------------------------------
+# streamed corpora: rows packed on the fly, resumable
+
+
+def streamed_rows(stream: TokenRowStream, batch: int) -> list[np.ndarray]:
+    out = []
+    while len(rows := stream.next_rows(batch)):
+        out.append(rows)
+    return out
+
+
+def test_token_row_stream_packs_like_pack_rows(tokenizer):
+    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    docs = marked_documents() * 5  # more documents than one tokenizer chunk
+    keep = lambda text: not text.startswith("[0003]")  # noqa: E731
+    stream = TokenRowStream(lambda: iter(docs), keep, tokenizer, bos, context_size=16)
+    expected = pack_rows((tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs if keep(d)), bos, 16)
+    assert np.array_equal(np.concatenate(streamed_rows(stream, 7)), expected)
+    assert stream.documents_read == len(docs) and stream.documents_kept == len(docs) - 5
+
+
+def test_token_row_stream_resumes_from_its_state(tokenizer):
+    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    docs = marked_documents() * 5
+    opened = []
+
+    def open_documents():
+        opened.append(1)
+        return iter(docs)
+
+    def keep(text):
+        return True
+
+    straight = streamed_rows(TokenRowStream(open_documents, keep, tokenizer, bos, 16), 5)
+    first = TokenRowStream(open_documents, keep, tokenizer, bos, 16)
+    head = [first.next_rows(5) for _ in range(9)]
+    state = first.state_dict()
+    second = TokenRowStream(open_documents, keep, tokenizer, bos, 16)
+    second.load_state_dict(state)
+    tail = streamed_rows(second, 5)
+    assert len(opened) == 4  # the resumed stream re-opened the documents and skipped what was read
+    assert np.array_equal(np.concatenate(head + tail), np.concatenate(straight))
+
+
+def test_streamed_corpus_gets_eval_rows_only(tmp_path, tokenizer):
+    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    cfg = TokenizeConfig(context_size=16, eval_fraction=0.3, seed=3, max_eval_rows=4)
+    meta = tokenize_corpus(cfg, marked_documents(), tokenizer, bos, tmp_path / "tokens", streamed=True)
+    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["eval.npy", "meta.json"]
+    assert meta["streamed"] is True and meta["rows"] == {"eval": 4}
+    stored = tokenize_corpus(cfg, marked_documents(), tokenizer, bos, tmp_path / "stored")
+    assert np.array_equal(load_rows(tmp_path / "tokens", "eval"), load_rows(tmp_path / "stored", "eval"))
+    with pytest.raises(UserError, match="the corpus is streamed, so train rows are made during training"):
+        load_rows(tmp_path / "tokens", "train")
+    assert stored["rows"]["train"] > 0
+
+
+def test_streamed_corpus_needs_an_eval_row_limit(tmp_path, tokenizer):
+    cfg = TokenizeConfig(context_size=16, eval_fraction=0.3, max_eval_rows=0)
+    with pytest.raises(UserError, match="max_eval_rows must be > 0 for a streamed corpus"):
+        tokenize_corpus(cfg, marked_documents(), tokenizer, 256, tmp_path / "tokens", streamed=True)
+    assert not (tmp_path / "tokens").exists()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -101,8 +101,9 @@ def cache_activations(
 
         rows_in_shard = 0
         # The same batching as the streaming source, so both give the same activations.
-        batches = token_batches(rows[:n_rows], cfg.batch_rows, device, cycle=False)
-        for batch in tqdm(batches, total=-(-n_rows // cfg.batch_rows), desc="activations", unit="batch"):
+        supply = ArrayRows(rows[:n_rows], cycle=False)
+        for _ in tqdm(range(-(-n_rows // cfg.batch_rows)), desc="activations", unit="batch"):
+            batch = rows_as_tensor(supply.next_rows(cfg.batch_rows), device)
             for layer, z in capture_z(bridge, batch, layers, amp).items():
                 pending[layer].append(z.cpu())
             rows_in_shard += len(batch)
@@ -175,19 +176,50 @@ class DiskActivations:
         return torch.cat(parts)
 
 
+class TokenRowSupply(Protocol):
+    """Token rows for the model: ``next_rows`` gives up to n rows, fewer only at the end."""
+
+    def next_rows(self, n: int) -> np.ndarray: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class ArrayRows:
+    """Token rows held in memory, served in stored order; with ``cycle`` they repeat (epochs)."""
+
+    def __init__(self, rows: np.ndarray, cycle: bool = True):
+        self.rows, self.cycle, self.position = rows, cycle, 0
+
+    def next_rows(self, n: int) -> np.ndarray:
+        if self.cycle and self.position >= len(self.rows):
+            self.position = 0
+        out = self.rows[self.position : self.position + n]
+        self.position += len(out)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
 class ModelStream:
     """Activations made on the fly: one model forward per batch of token rows feeds every layer.
 
     ``view(layer)`` is that layer's ``RowSource``. Rows produced for other layers wait in their
     queues until those layers ask; layers that draw the same amounts in turn (as SAEs trained in
     lockstep do) keep the queues short. Rows are rounded to bf16 like the disk cache, so both sources
-    give the same numbers.
+    give the same numbers. ``state_dict`` holds the token position and the queued rows: a training
+    checkpoint restores the stream exactly where it was.
     """
 
-    def __init__(self, bridge, token_rows: Iterator[torch.Tensor], layers: list[int], d_in: int,
-                 amp: torch.dtype | None = None):
-        self.bridge, self.token_rows, self.layers, self.amp = bridge, token_rows, layers, amp
-        self.d_in = d_in
+    def __init__(self, bridge, token_rows: TokenRowSupply, batch_rows: int, layers: list[int], d_in: int,
+                 device: torch.device, amp: torch.dtype | None = None):
+        self.bridge, self.token_rows, self.batch_rows, self.layers = bridge, token_rows, batch_rows, layers
+        self.d_in, self.device, self.amp = d_in, device, amp
         self.queues: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         self.queued: dict[int, int] = {layer: 0 for layer in layers}
         self.taken: dict[int, int] = {layer: 0 for layer in layers}
@@ -195,10 +227,13 @@ class ModelStream:
         self.tokens = 0
 
     def _forward(self) -> None:
-        try:
-            tokens = next(self.token_rows)
-        except StopIteration:
-            raise UserError("the token stream ran out before training finished; lower sae.train_tokens") from None
+        rows = self.token_rows.next_rows(self.batch_rows)
+        if len(rows) == 0:
+            raise UserError(
+                f"the token stream ran out after {self.tokens:,} tokens, before training finished; "
+                "lower sae.train_tokens or add corpus sources"
+            )
+        tokens = rows_as_tensor(rows, self.device)
         for layer, z in capture_z(self.bridge, tokens, self.layers, self.amp).items():
             self.queues[layer].append(z.to(STORE_DTYPE).cpu())
             self.queued[layer] += len(z)
@@ -217,6 +252,25 @@ class ModelStream:
     def view(self, layer: int) -> "LayerView":
         return LayerView(self, layer)
 
+    def state_dict(self) -> dict:
+        return {
+            "token_rows": self.token_rows.state_dict(),
+            "queues": {str(layer): torch.cat(q) if q else torch.zeros(0, self.d_in, dtype=STORE_DTYPE)
+                       for layer, q in self.queues.items()},
+            "taken": {str(layer): n for layer, n in self.taken.items()},
+            "forward_passes": self.forward_passes,
+            "tokens": self.tokens,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.token_rows.load_state_dict(state["token_rows"])
+        for layer in self.layers:
+            queue = state["queues"][str(layer)]
+            self.queues[layer] = [queue] if len(queue) else []
+            self.queued[layer] = len(queue)
+            self.taken[layer] = int(state["taken"][str(layer)])
+        self.forward_passes, self.tokens = int(state["forward_passes"]), int(state["tokens"])
+
 
 class LayerView:
     """One layer's ``RowSource`` over a shared ``ModelStream``."""
@@ -226,15 +280,6 @@ class LayerView:
 
     def take(self, n: int) -> torch.Tensor:
         return self.stream.take(self.layer, n)
-
-
-def token_batches(rows: np.ndarray, batch_rows: int, device: torch.device, cycle: bool = True) -> Iterator[torch.Tensor]:
-    """Batches of token rows in stored order; with ``cycle`` the rows repeat (epochs)."""
-    while True:
-        for start in range(0, len(rows), batch_rows):
-            yield rows_as_tensor(rows[start : start + batch_rows], device)
-        if not cycle:
-            return
 
 
 class ShuffledBuffer:

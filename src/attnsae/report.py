@@ -71,7 +71,7 @@ def provenance(model_dir: Path, tokens_dir: Path, results: list[LayerResult]) ->
     return {
         "model": info.name,
         "data": tokens.get("corpus") or "unknown",
-        "train_tokens_available": tokens["tokens"]["train"],
+        "train_tokens_available": tokens["tokens"].get("train", "streamed from the pinned sources"),
         "eval_tokens": results[0].metrics.get("eval_tokens") if results else 0,
         "context_size": tokens["context_size"],
         "git_commit": git["commit"] + (" (dirty)" if git["dirty"] == "true" else ""),

@@ -1,19 +1,28 @@
 """The `tokenize` stage: documents -> rows of ``context_size`` tokens, split into train and eval.
 
-Documents are assigned to the evaluation split by a seeded draw *before* tokenizing, so no
-evaluation text ever reaches training. Within a split, documents are joined into one stream with the
-end-of-document token (GPT-2's ``<|endoftext|>``) between them, and each row is that BOS followed by
-the next ``context_size - 1`` tokens of the stream: position 0 of every row is BOS (design.md 3).
-Train rows are stored in a seeded random order so that a token budget samples the whole corpus.
+A document belongs to the evaluation split when a seeded hash of its text falls below
+``eval_fraction`` (``is_eval_document``). The decision needs nothing but the document itself, so a
+streamed corpus that is never held in full splits exactly like a materialized one, no evaluation
+text ever reaches training, and duplicate documents always land in the same split.
+
+Within a split, documents are joined into one stream with the end-of-document token (GPT-2's
+``<|endoftext|>``) between them, and each row is that BOS followed by the next ``context_size - 1``
+tokens of the stream: position 0 of every row is BOS (design.md 3). ``TokenRowStream`` does this
+incrementally and can save and restore its position, which is what lets a streaming training run
+resume. A materialized corpus stores its train rows in a seeded random order so that a token budget
+samples the whole corpus; a streamed corpus keeps source order and leaves mixing to the SAE's buffer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from attnsae.config import TokenizeConfig
 from attnsae.errors import UserError
@@ -21,67 +30,184 @@ from attnsae.files import atomic_dir
 
 SPLITS = ("train", "eval")
 META_FILE = "meta.json"
+TOKENIZE_CHUNK = 64  # documents per tokenizer call: fast tokenizers batch internally
+
+
+def is_eval_document(text: str, eval_fraction: float, seed: int) -> bool:
+    """The held-out split, decided by the document alone: a seeded hash mapped to [0, 1)."""
+    digest = hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < eval_fraction
+
+
+def check_eval_fraction(eval_fraction: float) -> None:
+    if not 0.0 < eval_fraction < 1.0:
+        raise UserError(f"tokenize.eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
+
+
+class RowPacker:
+    """doc0 [BOS] doc1 [BOS] ... cut into rows [BOS, next context_size-1 tokens], fed a document at a time."""
+
+    def __init__(self, bos: int, context_size: int):
+        if context_size < 2:
+            raise UserError(f"tokenize.context_size must be at least 2, got {context_size}")
+        self.bos, self.context_size = bos, context_size
+        self.pending: list[int] = []  # stream tokens not yet in a row
+        self.documents = 0
+
+    def add(self, tokens: list[int]) -> None:
+        if self.documents:
+            self.pending.append(self.bos)
+        self.pending.extend(tokens)
+        self.documents += 1
+
+    def pop_rows(self) -> np.ndarray:
+        """Every complete row so far; the ragged tail stays pending."""
+        body = self.context_size - 1
+        n_rows = len(self.pending) // body
+        chunks = np.asarray(self.pending[: n_rows * body], dtype=np.int32).reshape(n_rows, body)
+        del self.pending[: n_rows * body]
+        return np.concatenate([np.full((n_rows, 1), self.bos, dtype=np.int32), chunks], axis=1)
+
+    def state_dict(self) -> dict:
+        return {"pending": torch.tensor(self.pending, dtype=torch.int64), "documents": self.documents}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending, self.documents = state["pending"].tolist(), int(state["documents"])
 
 
 def pack_rows(documents: Iterable[list[int]], bos: int, context_size: int) -> np.ndarray:
-    """doc0 [BOS] doc1 [BOS] ... cut into rows [BOS, next context_size-1 tokens]; the ragged tail is dropped."""
-    if context_size < 2:
-        raise UserError(f"tokenize.context_size must be at least 2, got {context_size}")
-    stream: list[int] = []
-    for i, doc in enumerate(documents):
-        if i:
-            stream.append(bos)
-        stream.extend(doc)
-    body = context_size - 1
-    n_rows = len(stream) // body
-    if n_rows == 0:
-        return np.zeros((0, context_size), dtype=np.int32)
-    chunks = np.asarray(stream[: n_rows * body], dtype=np.int32).reshape(n_rows, body)
-    return np.concatenate([np.full((n_rows, 1), bos, dtype=np.int32), chunks], axis=1)
+    """All rows of already tokenized documents; the ragged tail is dropped."""
+    packer = RowPacker(bos, context_size)
+    for doc in documents:
+        packer.add(doc)
+    return packer.pop_rows()
 
 
-def split_documents(n_docs: int, eval_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask: True for documents held out for evaluation. At least one of each when n_docs >= 2."""
-    if not 0.0 < eval_fraction < 1.0:
-        raise UserError(f"tokenize.eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
-    rng = np.random.default_rng(seed)
-    is_eval = rng.random(n_docs) < eval_fraction
-    if n_docs >= 2 and not is_eval.any():
-        is_eval[rng.integers(n_docs)] = True
-    if n_docs >= 2 and is_eval.all():
-        is_eval[rng.integers(n_docs)] = False
-    return is_eval
+class TokenRowStream:
+    """Token rows packed on the fly from the documents that ``keep`` selects (one split).
+
+    ``open_documents`` starts the document sequence from the beginning; restoring a saved state
+    reopens it and skips the documents already read (sources are read again, not re-tokenized).
+    """
+
+    def __init__(self, open_documents: Callable[[], Iterator[str]], keep: Callable[[str], bool], tokenizer,
+                 bos: int, context_size: int):
+        self.open_documents, self.keep, self.tokenizer = open_documents, keep, tokenizer
+        self.packer = RowPacker(bos, context_size)
+        self.context_size = context_size
+        self.documents = open_documents()
+        self.documents_read = 0
+        self.ready = np.zeros((0, context_size), dtype=np.int32)  # packed rows not yet handed out
+        self.exhausted = False
+
+    def _read_chunk(self) -> None:
+        chunk = list(itertools.islice(self.documents, TOKENIZE_CHUNK))
+        self.documents_read += len(chunk)
+        if not chunk:
+            self.exhausted = True
+            return
+        kept = [text for text in chunk if self.keep(text)]
+        if kept:
+            for tokens in self.tokenizer(kept, add_special_tokens=False)["input_ids"]:
+                self.packer.add(tokens)
+            self.ready = np.concatenate([self.ready, self.packer.pop_rows()])
+
+    def next_rows(self, n: int) -> np.ndarray:
+        """Up to ``n`` rows; fewer only when the documents have run out."""
+        while len(self.ready) < n and not self.exhausted:
+            self._read_chunk()
+        rows, self.ready = self.ready[:n], self.ready[n:]
+        return rows
+
+    def all_rows(self) -> np.ndarray:
+        while not self.exhausted:
+            self._read_chunk()
+        rows, self.ready = self.ready, self.ready[:0]
+        return rows
+
+    @property
+    def documents_kept(self) -> int:
+        return self.packer.documents
+
+    def state_dict(self) -> dict:
+        # tensors, not numpy arrays: checkpoints load with torch.load(weights_only=True)
+        return {"documents_read": self.documents_read, "packer": self.packer.state_dict(),
+                "ready": torch.from_numpy(self.ready.copy()), "exhausted": self.exhausted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.documents = self.open_documents()
+        self.documents_read = int(state["documents_read"])
+        skipped = sum(1 for _ in itertools.islice(self.documents, self.documents_read))
+        if skipped != self.documents_read:
+            raise UserError(f"cannot resume: the corpus now has {skipped} documents, the checkpoint read {self.documents_read}")
+        self.packer.load_state_dict(state["packer"])
+        self.ready = state["ready"].numpy().astype(np.int32).reshape(-1, self.context_size)
+        self.exhausted = bool(state["exhausted"])
+
+
+def split_streams(open_documents: Callable[[], Iterator[str]], cfg: TokenizeConfig, tokenizer, bos: int):
+    """(train, eval) row streams over the same documents, split by ``is_eval_document``."""
+    check_eval_fraction(cfg.eval_fraction)
+
+    def is_eval(text: str) -> bool:
+        return is_eval_document(text, cfg.eval_fraction, cfg.seed)
+
+    def is_train(text: str) -> bool:
+        return not is_eval(text)
+
+    return (TokenRowStream(open_documents, is_train, tokenizer, bos, cfg.context_size),
+            TokenRowStream(open_documents, is_eval, tokenizer, bos, cfg.context_size))
 
 
 def tokenize_corpus(
-    cfg: TokenizeConfig, documents: list[str], tokenizer, bos: int, out_dir: str | Path, corpus: str = ""
+    cfg: TokenizeConfig, documents: Sequence[str] | Callable[[], Iterator[str]], tokenizer, bos: int,
+    out_dir: str | Path, corpus: str = "", streamed: bool = False,
 ) -> dict:
-    is_eval = split_documents(len(documents), cfg.eval_fraction, cfg.seed)
-    encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
-    rows = {
-        "train": pack_rows((d for d, e in zip(encoded, is_eval) if not e), bos, cfg.context_size),
-        "eval": pack_rows((d for d, e in zip(encoded, is_eval) if e), bos, cfg.context_size),
-    }
-    rows["train"] = rows["train"][np.random.default_rng(cfg.seed).permutation(len(rows["train"]))]
-    limits = {"train": cfg.max_train_rows, "eval": cfg.max_eval_rows}
-    for split in SPLITS:
-        if limits[split]:
-            rows[split] = rows[split][: limits[split]]
-        if len(rows[split]) == 0:
+    """Write eval.npy (and, unless the corpus is streamed, train.npy) and meta.json.
+
+    ``documents`` is a list, or a function that starts them from the beginning (a corpus read twice,
+    once per split, need not fit in memory). A streamed corpus is read only until ``max_eval_rows``
+    evaluation rows exist; its train rows are made during training from the same split.
+    """
+    open_documents = documents if callable(documents) else (lambda: iter(documents))
+    train, evaluation = split_streams(open_documents, cfg, tokenizer, bos)
+    if streamed and not cfg.max_eval_rows:
+        raise UserError("tokenize.max_eval_rows must be > 0 for a streamed corpus (the eval split is read until it has that many rows)")
+    rows = {"eval": evaluation.next_rows(cfg.max_eval_rows) if cfg.max_eval_rows else evaluation.all_rows()}
+    documents = {"eval": evaluation.documents_kept}
+    if not streamed:
+        rows["train"] = train.all_rows()
+        rows["train"] = rows["train"][np.random.default_rng(cfg.seed).permutation(len(rows["train"]))]
+        if cfg.max_train_rows:
+            rows["train"] = rows["train"][: cfg.max_train_rows]
+        documents["train"] = train.documents_kept
+    for split, split_rows in rows.items():
+        if len(split_rows) == 0:
             raise UserError(f"tokenize: the {split} split is empty (corpus too small for context_size {cfg.context_size})")
     meta = {
         "corpus": corpus,
+        "streamed": streamed,
         "context_size": cfg.context_size,
         "bos_token_id": bos,
-        "documents": {"train": int((~is_eval).sum()), "eval": int(is_eval.sum())},
-        "rows": {s: int(len(rows[s])) for s in SPLITS},
-        "tokens": {s: int(rows[s].size) for s in SPLITS},
+        "eval_fraction": cfg.eval_fraction,
+        "split_seed": cfg.seed,
+        "documents": documents,
+        "rows": {s: int(len(r)) for s, r in rows.items()},
+        "tokens": {s: int(r.size) for s, r in rows.items()},
     }
     with atomic_dir(out_dir) as tmp:
-        for split in SPLITS:
-            np.save(tmp / f"{split}.npy", rows[split])
+        for split, split_rows in rows.items():
+            np.save(tmp / f"{split}.npy", split_rows)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def train_row_stream(open_documents: Callable[[], Iterator[str]], tokens_meta: dict, tokenizer) -> TokenRowStream:
+    """The train split of a streamed corpus, split exactly as the tokenize stage split it."""
+    def is_train(text: str) -> bool:
+        return not is_eval_document(text, tokens_meta["eval_fraction"], tokens_meta["split_seed"])
+
+    return TokenRowStream(open_documents, is_train, tokenizer, tokens_meta["bos_token_id"], tokens_meta["context_size"])
 
 
 def load_rows(tokens_dir: str | Path, split: str) -> np.ndarray:
@@ -89,9 +215,14 @@ def load_rows(tokens_dir: str | Path, split: str) -> np.ndarray:
         raise UserError(f"unknown split {split!r} (allowed: {', '.join(SPLITS)})")
     path = Path(tokens_dir) / f"{split}.npy"
     if not path.is_file():
+        if split == "train" and read_tokens_meta(tokens_dir).get("streamed"):
+            raise UserError(f"{tokens_dir}: the corpus is streamed, so train rows are made during training (use --stream)")
         raise UserError(f"{path}: missing; run `attnsae tokenize` first")
     return np.load(path)
 
 
 def read_tokens_meta(tokens_dir: str | Path) -> dict:
-    return json.loads((Path(tokens_dir) / META_FILE).read_text())
+    path = Path(tokens_dir) / META_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing; run `attnsae tokenize` first")
+    return json.loads(path.read_text())

@@ -232,17 +232,18 @@ def use_deterministic_kernels(on: bool) -> None:
     torch.use_deterministic_algorithms(on)
 
 
-def checkpoint_key(cfgs: dict[int, SAEConfig]) -> str:
-    """Identifies the run a checkpoint belongs to: a changed config never resumes a stale checkpoint."""
-    text = json.dumps({str(k): c.model_dump() for k, c in sorted(cfgs.items())}, sort_keys=True)
+def checkpoint_key(cfgs: dict[int, SAEConfig], data: str = "") -> str:
+    """Identifies the run a checkpoint belongs to: changed configs or data never resume a stale checkpoint."""
+    text = json.dumps({"data": data, **{str(k): c.model_dump() for k, c in sorted(cfgs.items())}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def save_checkpoint(path: Path, step: int, key: str, trainers: dict, buffers: dict, sources: dict) -> None:
+def save_checkpoint(path: Path, step: int, key: str, trainers: dict, buffers: dict, sources: dict, shared=None) -> None:
     state = {
         "key": key,
         "step": step,
         "torch_rng": torch.get_rng_state(),
+        "shared": shared.state_dict() if shared is not None else {},
         "layers": {
             str(n): {
                 "trainer": trainers[n].state_dict(),
@@ -273,11 +274,15 @@ def train_saes(
     checkpoint: Path | None = None,
     checkpoint_every: int = 0,
     on_step: Callable[[int], None] | None = None,
+    shared=None,
+    data_key: str = "",
 ) -> dict[int, TrainResult]:
     """Train one SAE per key in lockstep, each with its own buffer over its own source.
 
     When the sources are views of one shared stream, one model forward feeds every SAE. Each SAE's
     arithmetic and random draws are the same as when trained alone (its generators are its own).
+    ``shared`` (such a stream) is saved in checkpoints with the trainers; ``data_key`` names the
+    data, so a checkpoint made on other data is not resumed.
     """
     first = next(iter(cfgs.values()))
     steps = _check_steps(first)
@@ -297,11 +302,13 @@ def train_saes(
             sources[key], cfg.buffer_rows, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), device
         )
     start = 0
-    run_key = checkpoint_key(cfgs)
+    run_key = checkpoint_key(cfgs, data_key)
     saved = load_checkpoint(checkpoint, run_key) if checkpoint else None
     if saved is not None:
         start = int(saved["step"])
         torch.set_rng_state(saved["torch_rng"])
+        if shared is not None:
+            shared.load_state_dict(saved["shared"])
         for n in trainers:
             layer_state = saved["layers"][str(n)]
             trainers[n].load_state_dict(layer_state["trainer"])
@@ -319,7 +326,7 @@ def train_saes(
                 if on_log:
                     on_log(row)
         if checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            save_checkpoint(checkpoint, step + 1, run_key, trainers, buffers, sources)
+            save_checkpoint(checkpoint, step + 1, run_key, trainers, buffers, sources, shared)
         if on_step:
             on_step(step)
     return {key: trainer.result() for key, trainer in trainers.items()}
@@ -392,7 +399,8 @@ def train_layer(
 
     source = DiskActivations(layer_dir(activations_dir, layer))
     _log_params(run, cfg, layer, source.meta)
-    result = train_saes({layer: cfg}, {layer: source}, checkpoint=checkpoint, checkpoint_every=checkpoint_every)[layer]
+    result = train_saes({layer: cfg}, {layer: source}, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                        data_key=json.dumps(source.meta, sort_keys=True))[layer]
     _save_layer(result, cfg, layer, source.meta, out_dir, curves_path, run)
     _drop_checkpoint(checkpoint)
     print(f"train L{layer}: {result.tokens / len(source):.1f} passes over the {len(source):,}-row cache")
@@ -404,6 +412,7 @@ def train_layers_streaming(
     model_cfg,
     batch_rows: int,
     model_dir: str | Path,
+    corpus_dir: str | Path,
     tokens_dir: str | Path,
     out_dirs: dict[int, Path],
     curves_paths: dict[int, Path],
@@ -413,39 +422,42 @@ def train_layers_streaming(
 ) -> dict[int, TrainResult]:
     """Train every layer in ``cfgs`` from one model forward per batch of token rows (no disk cache).
 
-    The token rows are the train split in stored order, repeated if the budget exceeds it.
+    Token rows are packed on the fly from the corpus's train documents (stored or streamed from its
+    pinned sources), split as the tokenize stage split them, in source order and never repeated.
     """
-    from attnsae.activations import ModelStream, token_batches
-    from attnsae.models import autocast_dtype, hook_z_name, load_bridge
-    from attnsae.tokenization import load_rows, read_tokens_meta
+    from attnsae.activations import ModelStream
+    from attnsae.corpus import open_documents, read_manifest
+    from attnsae.models import autocast_dtype, hook_z_name, load_bridge, load_tokenizer
+    from attnsae.tokenization import read_tokens_meta, train_row_stream
 
-    if checkpoint_every:
-        # Resuming a stream would need the stream position and queued rows in the checkpoint too.
-        raise UserError("checkpoints are supported with the activation cache only so far (drop --stream)")
     runs = runs or {}
     device = resolve_device(model_cfg.device)
     bridge, info = load_bridge(model_dir, device)
     for layer in cfgs:
         info.check_layer(layer)
-    rows = load_rows(tokens_dir, "train")
     tokens_meta = read_tokens_meta(tokens_dir)
-    stream = ModelStream(
-        bridge, token_batches(rows, batch_rows, device), sorted(cfgs), info.d_in, autocast_dtype(model_cfg.precision, device)
-    )
+    rows = train_row_stream(open_documents(corpus_dir), tokens_meta, load_tokenizer(model_dir))
+    stream = ModelStream(bridge, rows, batch_rows, sorted(cfgs), info.d_in, device,
+                         autocast_dtype(model_cfg.precision, device))
     metas = {
         layer: {
             "hook_name": hook_z_name(layer),
             "model": info.name,
             "model_source": info.source,
-            "context_size": rows.shape[1],
+            "context_size": tokens_meta["context_size"],
             "dataset": tokens_meta.get("corpus", ""),
         }
         for layer in cfgs
     }
     for layer, cfg in cfgs.items():
         _log_params(runs.get(layer), cfg, layer, metas[layer])
-    results = train_saes(cfgs, {layer: stream.view(layer) for layer in cfgs})
+    data_key = json.dumps({"corpus": read_manifest(corpus_dir), "tokens": tokens_meta, "model": info.source,
+                           "batch_rows": batch_rows, "precision": model_cfg.precision}, sort_keys=True)
+    results = train_saes(cfgs, {layer: stream.view(layer) for layer in cfgs}, checkpoint=checkpoint,
+                         checkpoint_every=checkpoint_every, shared=stream, data_key=data_key)
     for layer, result in results.items():
         _save_layer(result, cfgs[layer], layer, metas[layer], out_dirs[layer], curves_paths[layer], runs.get(layer))
-    print(f"train: {stream.forward_passes} model forward passes ({stream.tokens:,} tokens) fed {len(cfgs)} SAEs")
+    _drop_checkpoint(checkpoint)
+    print(f"train: {stream.forward_passes} model forward passes ({stream.tokens:,} tokens, "
+          f"{rows.documents_read:,} documents read) fed {len(cfgs)} SAEs")
     return results
