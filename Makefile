@@ -10,7 +10,7 @@ NO_TELEMETRY := DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1
 # Tests run fully offline (design.md 6); the pipeline keeps the hub reachable for the gpt2 profiles.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(NO_TELEMETRY)
 
-.PHONY: install quickstart test
+.PHONY: install quickstart test browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,18 @@ quickstart: install
 	@test -d .dvc || (echo "not a DVC repository: run from the repo root" && exit 1)
 	$(NO_TELEMETRY) PATH=$(abspath $(BIN)):$$PATH dvc repro
 
-test: install
+# Headless Chromium (Debian package) for tests/test_report_browser.py; installed only when missing.
+# Without it that one test is skipped, with the reason, and the rest of the suite still runs.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)  # -n: fail instead of waiting for a password
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (apt-get) for the report's browser test"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium \
+	  || echo "WARNING: could not install chromium with apt-get; tests/test_report_browser.py will be skipped"; \
+	else \
+	  echo "WARNING: chromium is missing and apt-get is not available: install Chromium by hand, or tests/test_report_browser.py is skipped"; \
+	fi
+
+test: install browser
 	$(OFFLINE) PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q

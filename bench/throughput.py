@@ -1,6 +1,6 @@
 """Throughput of the pieces the pipeline spends its time in, against the machine's matmul roofline.
 
-    python bench/throughput.py [--model models/base] [--d-sae 2304] [--batch 512]
+    python bench/throughput.py [--model models/base] [--d-sae 2304] [--batch 512] [--device cuda]
 
 Prints, in one run on one machine:
 - matmul throughput of the SAE's encoder shape, fp32 and bf16 (the roofline);
@@ -19,28 +19,35 @@ from pathlib import Path
 import torch
 
 
-def timed(fn, repeats: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: time them to completion
+
+
+def timed(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
     fn()  # warm-up
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    synchronize(device)
     return (time.perf_counter() - start) / repeats
 
 
-def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    return 2 * m * k * n / timed(lambda: a @ b, repeats) / 1e9
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int, device: torch.device) -> float:
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    return 2 * m * k * n / timed(lambda: a @ b, repeats, device) / 1e9
 
 
-def sae_step_tokens_per_s(d_in: int, d_sae: int, batch: int, repeats: int) -> float:
+def sae_step_tokens_per_s(d_in: int, d_sae: int, batch: int, repeats: int, device: torch.device) -> float:
     from attnsae.config import SAEConfig
     from attnsae.sae import SAE
     from attnsae.train import make_optimizer
 
     cfg = SAEConfig(d_sae=d_sae, l1_coeff=1.0, train_tokens=batch, batch_size=batch)
-    sae = SAE(d_in, d_sae, generator=torch.Generator().manual_seed(0))
+    sae = SAE(d_in, d_sae, generator=torch.Generator().manual_seed(0)).to(device)
     opt = make_optimizer(sae, cfg)
-    x = torch.randn(batch, d_in)
+    x = torch.randn(batch, d_in, device=device)
 
     def step():
         out = sae(x, cfg.l1_coeff)
@@ -49,16 +56,18 @@ def sae_step_tokens_per_s(d_in: int, d_sae: int, batch: int, repeats: int) -> fl
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return batch / timed(step, repeats)
+    return batch / timed(step, repeats, device)
 
 
-def model_tokens_per_s(model_dir: Path, layers: list[int], rows: int, context: int, repeats: int) -> float:
+def model_tokens_per_s(model_dir: Path, layers: list[int], rows: int, context: int, repeats: int,
+                       device: torch.device) -> float:
     from attnsae.activations import capture_z
-    from attnsae.models import load_bridge
+    from attnsae.models import autocast_dtype, load_bridge
 
-    bridge, info = load_bridge(model_dir, torch.device("cpu"))
-    tokens = torch.randint(0, info.vocab_size, (rows, context))
-    return rows * context / timed(lambda: capture_z(bridge, tokens, layers), repeats)
+    bridge, info = load_bridge(model_dir, device)
+    tokens = torch.randint(0, info.vocab_size, (rows, context), device=device)
+    amp = autocast_dtype("auto", device)  # what the pipeline uses: bf16 autocast on CUDA, fp32 on CPU
+    return rows * context / timed(lambda: capture_z(bridge, tokens, layers, amp), repeats, device)
 
 
 def main() -> None:
@@ -69,21 +78,29 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=2304)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=16, help="token rows of 128 per model forward")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    fp32 = matmul_gflops(args.batch, args.d_in, args.d_sae, torch.float32, args.repeats * 4)
-    bf16 = matmul_gflops(args.batch, args.d_in, args.d_sae, torch.bfloat16, 1)
+    where = torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine())
+    print(f"machine: {where}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    fp32 = matmul_gflops(args.batch, args.d_in, args.d_sae, torch.float32, args.repeats * 4, device)
+    # bf16 on a CPU without bf16 instructions is ~80x slower than fp32: one repeat is enough to see it
+    bf16 = matmul_gflops(args.batch, args.d_in, args.d_sae, torch.bfloat16, args.repeats * 4 if on_gpu else 1, device)
     print(f"matmul [{args.batch},{args.d_in}]x[{args.d_in},{args.d_sae}]: fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s")
-    tps = sae_step_tokens_per_s(args.d_in, args.d_sae, args.batch, args.repeats * 4)
+    tps = sae_step_tokens_per_s(args.d_in, args.d_sae, args.batch, args.repeats * 4, device)
     achieved = tps * 12 * args.d_in * args.d_sae / 1e9
     print(f"SAE recipe step {args.d_in}->{args.d_sae}, batch {args.batch}, fp32: {tps:,.0f} tokens/s "
           f"= {achieved:.1f} GFLOP/s = {achieved / fp32:.0%} of the fp32 matmul roofline")
     model_dir = Path(args.model)
     if (model_dir / "attnsae_model.json").is_file():
         layers = [int(x) for x in args.layers.split(",")]
-        mtps = model_tokens_per_s(model_dir, layers, rows=16, context=128, repeats=args.repeats)
-        print(f"model forward capturing hook_z at layers {layers} (stops after layer {max(layers)}), fp32: {mtps:,.0f} tokens/s")
+        mtps = model_tokens_per_s(model_dir, layers, rows=args.rows, context=128, repeats=args.repeats, device=device)
+        precision = "bf16 autocast" if on_gpu else "fp32"
+        print(f"model forward capturing hook_z at layers {layers} (stops after layer {max(layers)}), {precision}: "
+              f"{mtps:,.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from attnsae import files
+from attnsae import config, files
 from attnsae.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,11 @@ def test_profile_rewrites_params_atomically(root_copy):
     # replaced by rename of a complete new file, not rewritten in place; no temporary file left behind
     assert params.stat().st_ino != old_inode
     assert sorted(p.name for p in root_copy.iterdir()) == ["dvc.yaml", "params.yaml", "pipelines", "profiles"]
-    assert (root_copy / "dvc.yaml").read_bytes() == (root_copy / "pipelines" / "cache.yaml").read_bytes()
+    from attnsae.profiles import render_pipeline
+
+    tiny = config.read_params(root_copy / "profiles" / "tiny.yaml")
+    pipeline = (root_copy / "pipelines" / "cache.yaml").read_text()
+    assert (root_copy / "dvc.yaml").read_text() == render_pipeline(pipeline, "tiny", tiny)
 
 
 def test_profile_interrupted_write_leaves_old_params(root_copy, monkeypatch):

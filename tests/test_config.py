@@ -171,6 +171,17 @@ def test_missing_section():
         config.evaluate_config(p)
 
 
+def test_report_section():
+    assert config.report_config(params()).compare == "auto"  # optional section, default auto
+    assert config.report_config(params(report={"compare": "reports/earlier"})).compare == "reports/earlier"
+    with pytest.raises(UserError, match=r"unknown key 'report\.comparison' \(allowed: compare\)"):
+        config.report_config(params(report={"comparison": "none"}))
+    for bad in ("", "  ", 3, None):
+        with pytest.raises(UserError, match=r"bad value for 'report\.compare'.*auto, published, none, or a folder") as err:
+            config.report_config(params(report={"compare": bad}))
+        assert "\n" not in str(err.value)
+
+
 def test_section_not_a_mapping():
     with pytest.raises(UserError, match="'tokenize' must be a mapping"):
         config.tokenize_config(params(tokenize=[1, 2]))
@@ -224,6 +235,8 @@ def test_profile_parses_for_every_stage_and_layer(path):
     assert 0 < tok.eval_fraction < 1 and tok.context_size >= 2
     config.activations_config(p)
     config.evaluate_config(p)
+    # the published GPT-2 Small table is the reference only where the model is GPT-2 Small
+    assert config.report_config(p).compare == ("published" if config.model_config(p).source == "gpt2" else "none")
     layers = config.layers(p)
     for layer in layers:
         cfg = config.sae_config(p, layer)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from attnsae.activations import capture_z  # noqa: E402
-from attnsae.config import EvaluateConfig, ModelConfig  # noqa: E402
+from attnsae.config import EvaluateConfig, ModelConfig, TokenizeConfig  # noqa: E402
+from attnsae.corpus import synthetic_documents  # noqa: E402
 from attnsae.errors import UserError  # noqa: E402
 from attnsae.evaluate import (  # noqa: E402
     Totals,
@@ -25,8 +28,10 @@ from attnsae.evaluate import (  # noqa: E402
     loss_recovered,
     token_ce,
 )
-from attnsae.models import hook_z_name, load_bridge, prepare_model  # noqa: E402
+from attnsae.models import hook_z_name, load_bridge, prepare_model, read_model_info  # noqa: E402
 from attnsae.sae import SAE  # noqa: E402
+
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 # ---------------------------------------------------------------------------------------------------
 # Pure functions
@@ -239,3 +244,69 @@ def test_evaluate_empty_rows(tiny):
     bridge, info, rows = tiny
     with pytest.raises(UserError, match="empty"):
         evaluate_sae(bridge, perfect_sae(info.d_in), LAYER, rows[:0], EVAL_CFG, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# `attnsae evaluate` on any SAE folder
+
+
+@pytest.fixture(scope="module")
+def sae_folder_and_tokens(tmp_path_factory):
+    from attnsae.models import load_tokenizer
+    from attnsae.sae import sae_cfg, save_sae
+    from attnsae.tokenization import tokenize_corpus
+
+    root = tmp_path_factory.mktemp("evaluate-cli")
+    prepare_model(ModelConfig(source="tiny-gpt2", seed=0), root / "model")
+    info = read_model_info(root / "model")
+    docs = list(synthetic_documents(40, 1))
+    tokenize_corpus(TokenizeConfig(context_size=16, eval_fraction=0.3, max_eval_rows=12), docs,
+                    load_tokenizer(root / "model"), info.bos_token_id, root / "tokens")
+    cfg = sae_cfg(d_in=info.d_in, d_sae=2 * info.d_in, hook_name=hook_z_name(2), layer=2, model_name="tiny-gpt2",
+                  context_size=16, dataset="synthetic")
+    save_sae(perfect_sae(info.d_in), root / "sae", cfg, torch.zeros(2 * info.d_in))
+    return root
+
+
+def test_cli_evaluates_any_sae_folder_taking_its_layer_from_cfg(sae_folder_and_tokens, tmp_path):
+    from click.testing import CliRunner
+
+    from attnsae.cli import main
+
+    root = sae_folder_and_tokens
+    out = tmp_path / "metrics.json"
+    args = ["evaluate", "--params", str(PROFILES / "tiny.yaml"), "--sae", str(root / "sae"), "--model", str(root / "model"),
+            "--tokens", str(root / "tokens"), "--max-rows", "5", "--batch-rows", "2", "--out", str(out),
+            "--density", str(tmp_path / "density.csv"), "--no-mlflow"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert metrics["layer"] == 2 and metrics["hook_name"] == "blocks.2.attn.hook_z"
+    assert metrics["eval_rows"] == 5 and metrics["eval_tokens"] == metrics["dead_fraction_tokens"] == 5 * 16
+    assert metrics["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    lines = result.output.splitlines()
+    for key in ("l0", "loss_recovered", "ce_clean", "ce_sae", "ce_zero", "mse", "explained_variance", "dead_fraction"):
+        assert any(line.strip().startswith(f"{key}:") for line in lines), key
+    assert any(line.strip().startswith("dead_fraction:") and line.endswith("(over 80 tokens)") for line in lines)
+
+
+def test_cli_evaluate_refuses_a_layer_the_sae_was_not_trained_on(sae_folder_and_tokens, tmp_path):
+    from click.testing import CliRunner
+
+    from attnsae.cli import main
+
+    root = sae_folder_and_tokens
+    result = CliRunner().invoke(main, ["evaluate", "--params", str(PROFILES / "tiny.yaml"), "--layer", "1", "--sae",
+                                       str(root / "sae"), "--model", str(root / "model"), "--tokens", str(root / "tokens"),
+                                       "--out", str(tmp_path / "m.json"), "--no-mlflow"])
+    assert result.exit_code != 0
+    assert "the SAE was trained on blocks.2.attn.hook_z, not on layer 1" in result.output
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_sae_layer_needs_an_attention_output_hook():
+    from attnsae.evaluate import sae_layer
+
+    assert sae_layer({"hook_name": "blocks.11.attn.hook_z"}, "x") == 11
+    with pytest.raises(UserError, match=r"hook 'blocks.3.hook_resid_pre' is not an attention output \(allowed: blocks.<L>.attn.hook_z\)"):
+        sae_layer({"hook_name": "blocks.3.hook_resid_pre"}, "x")

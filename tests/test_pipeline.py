@@ -1,59 +1,36 @@
 """End to end: a real `dvc repro` of the tiny profile in a fresh git repository.
 
 Checks the metrics files, the MLflow runs (one parent, a child per layer with curves and final
-metrics), that each SAE folder loads back, that a second repro does nothing, and that changing one
-layer's L1 coefficient re-runs only that layer's stages.
+metrics; tags linking them to git and dvc.lock; a registry version per SAE), that each SAE folder
+loads back, that a second repro does nothing, and that changing one layer's L1 coefficient re-runs
+only that layer's stages.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from conftest import REPO, run, stages_run  # noqa: F401  (test_pipeline_stream imports them from here)
 
 from attnsae.sae import load_sae
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
-def stages_run(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
-
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
-    for name in ("pipelines", "profiles"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    run(["git", "init", "-q"], root, env)
-    run(["dvc", "init", "-q"], root, env)
-    run(["attnsae", "profile", "tiny"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-q", "-m", "tiny"], root, env)
-    first = run(["dvc", "repro"], root, env)
-    return root, env, first
+def pipeline(tiny_pipeline):
+    """The session's one run of the tiny pipeline (tests/conftest.py), shared with tests/test_registry.py."""
+    return tiny_pipeline
 
 
 def test_first_repro_runs_every_stage(pipeline):
     root, _, first = pipeline
     assert stages_run(first) == {
-        "model", "corpus", "tokenize", "activations", "train@1", "train@2", "evaluate@1", "evaluate@2", "report"
+        "model", "corpus", "tokenize", "activations", "train@1", "train@2", "evaluate@1", "evaluate@2", "report",
+        "publish@1", "publish@2",
     }
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert {"model", "train@1", "evaluate@2", "report"} <= set(lock["stages"])
@@ -81,6 +58,10 @@ def test_sae_folders_load_back(pipeline):
         assert cfg["hook_name"] == f"blocks.{layer}.attn.hook_z"
         assert cfg["reshape_activations"] == "hook_z"
         assert (sae.d_in, sae.d_sae) == (64, 256)
+        published, _ = load_sae(root / f"models/published/L{layer}")
+        assert torch.equal(published.W_dec, sae.W_dec)
+        card = (root / f"models/published/L{layer}/README.md").read_text()
+        assert card.startswith("---\n") and "library_name: saelens" in card
 
 
 def test_mlflow_has_parent_and_child_runs_with_curves(pipeline):
@@ -105,6 +86,37 @@ def test_mlflow_has_parent_and_child_runs_with_curves(pipeline):
         assert child.data.params["l1_coeff"] in ("0.01", "0.02")
 
 
+def test_mlflow_runs_carry_git_dvc_tags_and_registered_saes(pipeline):
+    """Tags link each run to the commit and to dvc.lock; each SAE is a registry version pointing at its run."""
+    from mlflow.tracking import MlflowClient
+
+    root, env, _ = pipeline
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("attnsae").experiment_id])
+    commit = run(["git", "rev-parse", "HEAD"], root, env).strip()
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    parent = next(r for r in runs if r.data.tags["attnsae.layer"] == "none")
+    for r in runs:
+        tags = r.data.tags
+        assert (tags["attnsae.git_commit"], tags["attnsae.git_dirty"], tags["attnsae.profile"]) == (commit, "false", "tiny")
+    assert parent.data.tags["attnsae.dvc_stage.report"] == "report"
+    assert parent.data.params["per_layer.L2.l1_coeff"] == "0.02"  # params.yaml, flattened, to compare runs by
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"layers.csv", "report.md", "params.yaml"}
+    for layer in (1, 2):
+        child = next(r for r in runs if r.data.tags["attnsae.layer"] == str(layer))
+        tags = child.data.tags
+        assert (tags["attnsae.dvc_stage.train"], tags["attnsae.dvc_stage.evaluate"]) == (f"train@{layer}", f"evaluate@{layer}")
+        recorded = next(o["md5"] for o in lock[f"train@{layer}"]["outs"] if o["path"] == f"models/sae/L{layer}")
+        assert tags["attnsae.dvc_md5"] == recorded == tags["attnsae.evaluated_sae_dvc_md5"]
+        assert tags["attnsae.sae_path"] == f"models/sae/L{layer}"
+        metrics = json.loads((root / f"reports/metrics/L{layer}.json").read_text())
+        assert parent.data.metrics[f"L{layer}/loss_recovered"] == child.data.metrics["loss_recovered"] == metrics["loss_recovered"]
+        (version,) = client.search_model_versions(f"name='attnsae-tiny-gpt2-L{layer}'")
+        assert (version.run_id, version.source) == (child.info.run_id, f"runs:/{child.info.run_id}/sae")
+        assert (version.tags["attnsae.dvc_md5"], version.tags["attnsae.sae_path"]) == (recorded, f"models/sae/L{layer}")
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "sae")] == ["sae/cfg.json"]  # weights stay in DVC
+
+
 def test_second_repro_does_nothing_and_one_layer_change_retrains_only_it(pipeline):
     root, env, _ = pipeline
     second = run(["dvc", "repro"], root, env)
@@ -113,4 +125,4 @@ def test_second_repro_does_nothing_and_one_layer_change_retrains_only_it(pipelin
     params["per_layer"]["L2"] = {"l1_coeff": 0.05}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run(["dvc", "repro"], root, env)
-    assert stages_run(third) == {"train@2", "evaluate@2", "report"}
+    assert stages_run(third) == {"train@2", "evaluate@2", "report", "publish@2"}

@@ -38,3 +38,7 @@ def test_plan_prints_every_layer_and_an_estimate():
     assert "488,281" in rows[0] and "49152" in rows[5]
     assert "time at the fp32 matmul roofline (optimistic" in result.output
     assert "with one pass for all layers" in result.output
+    # weights + two Adam moments (12 bytes per parameter) of 10 SAEs at 24576 and 2 at 49152, plus 12 bf16 buffers
+    params = 10 * (2 * 768 * 24576 + 24576 + 768) + 2 * (2 * 768 * 49152 + 49152 + 768)
+    checkpoint = params * 12 + 12 * 1_572_864 * 768 * 2
+    assert f"size of one training checkpoint (SAEs, Adam state, shuffled buffers): {checkpoint / 2**30:.1f} GiB" in result.output

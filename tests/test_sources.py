@@ -111,3 +111,37 @@ def test_layer_outside_the_model_is_rejected(tmp_path):
     with pytest.raises(UserError, match=r"layer 7 is outside the model .* \(allowed: 0 to 3\)"):
         cache_activations(ActivationsConfig(tokens=256), ModelConfig(source="tiny-gpt2"), model_dir, tmp_path / "tokens", [1, 7], tmp_path / "acts")
     assert not (tmp_path / "acts").exists()
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from attnsae.files import atomic_dir, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "report.md", "x")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "a").write_text("y")
+            os.close(os.open(tmp / "b", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors writes its files
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o644  # mkstemp alone gives 0o600
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755  # mkdtemp alone gives 0o700
+    assert stat.S_IMODE((tmp_path / "folder" / "b").stat().st_mode) == 0o644
+
+
+def test_gpt2_random_has_gpt2_small_shape_and_runs_offline(tmp_path):
+    import torch
+
+    from attnsae.activations import capture_z
+    from attnsae.models import load_bridge, read_model_info
+
+    info = prepare_model(ModelConfig(source="gpt2-random", seed=0), tmp_path / "base")
+    assert (info.n_layers, info.n_heads, info.d_head, info.d_in) == (12, 12, 64, 768)
+    assert read_model_info(tmp_path / "base") == info
+    bridge, _ = load_bridge(tmp_path / "base", torch.device("cpu"))
+    tokens = torch.tensor([[info.bos_token_id, 72, 101, 108, 108, 111]])
+    z = capture_z(bridge, tokens, [0, 11])
+    assert z[11].shape == (6, 768) and z[0].abs().sum() > 0

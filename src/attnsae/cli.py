@@ -53,7 +53,7 @@ def tracked(params: dict, layer: int, stage: str, disabled: bool):
         return contextlib.nullcontext(None)
     from attnsae.tracking import layer_run
 
-    return layer_run(layer, stage, str(params.get("profile", "custom")))
+    return layer_run(layer, stage, str(params.get("profile", "custom")), params=params)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,9 +61,9 @@ def main() -> None:
     """attnsae: sparse autoencoders on attention outputs (hook_z), trained, evaluated and reproduced.
 
     The stages run in this order (dvc repro runs them for you):
-    model -> corpus -> tokenize -> activations -> train@L -> evaluate@L -> report;
-    streaming profiles (gpt2-small) train every layer in one stage from one model pass, without
-    the activations stage.
+    model -> corpus -> tokenize -> activations -> train@L -> evaluate@L -> report, publish@L;
+    streaming profiles (gpt2-small) store no text, tokens or activations, train every layer in one
+    stage from one model pass, and also import and evaluate the published SAEs.
     """
 
 
@@ -73,25 +73,13 @@ def main() -> None:
 @one_line_errors
 def profile(name: str | None, root: str) -> None:
     """Make profiles/NAME.yaml the active params.yaml and write its pipeline to dvc.yaml (no NAME: list them)."""
-    root_path = Path(root)
-    names = config.list_profiles(root_path)
+    from attnsae.profiles import activate_profile
+
     if name is None:
-        for n in names:
+        for n in config.list_profiles(Path(root)):
             click.echo(n)
         return
-    if name not in names:
-        raise UserError(f"unknown profile {name!r} (allowed: {', '.join(names)})")
-    source = root_path / config.PROFILES_DIR / f"{name}.yaml"
-    params = config.read_params(source)
-    config.validate(params)  # before replacing anything
-    from attnsae.files import write_text_atomic
-
-    mode = "stream" if config.activations_config(params).source == "stream" else "cache"
-    pipeline = root_path / config.PIPELINES_DIR / f"{mode}.yaml"
-    if not pipeline.is_file():
-        raise UserError(f"{pipeline}: missing; profiles need the pipeline files in {config.PIPELINES_DIR}/")
-    write_text_atomic(root_path / config.PARAMS_FILE, source.read_text())
-    write_text_atomic(root_path / "dvc.yaml", pipeline.read_text())
+    mode = activate_profile(root, name)
     click.echo(f"params.yaml is now profile {name!r} and dvc.yaml the {mode} pipeline; run `dvc repro` to build it")
 
 
@@ -221,24 +209,36 @@ def train(
 
 @main.command()
 @params_option
-@layer_option
+@click.option("--layer", default=None, help="Layer number, e.g. 3 or L3 [default: the layer in the SAE's cfg.json].")
 @click.option("--model", "model_dir", default=MODEL_DIR, show_default=True)
 @click.option("--tokens", "tokens_dir", default=TOKENS_DIR, show_default=True)
-@click.option("--sae", "sae_dir", default=None, help=f"SAE folder [default: {SAE_DIR}/L<layer>]")
+@click.option("--sae", "sae_dir", default=None,
+              help=f"Any hook_z SAE folder in the SAELens format (ours, imported, SAELens) [default: {SAE_DIR}/L<layer>]")
+@click.option("--max-rows", type=click.IntRange(min=0), default=None,
+              help="Evaluate on the first N eval rows (0: all) [default: params evaluate.max_rows].")
+@click.option("--batch-rows", type=click.IntRange(min=1), default=None,
+              help="Rows per forward pass [default: params evaluate.batch_rows].")
 @click.option("--out", default=None, help=f"Metrics JSON [default: {METRICS_DIR}/L<layer>.json]")
 @click.option("--density", default=None, help=f"Density histogram CSV [default: {DENSITY_DIR}/L<layer>.csv]")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @one_line_errors
 def evaluate(
-    params_path: str, layer: str, model_dir: str, tokens_dir: str, sae_dir: str | None, out: str | None,
-    density: str | None, no_mlflow: bool,
+    params_path: str, layer: str | None, model_dir: str, tokens_dir: str, sae_dir: str | None,
+    max_rows: int | None, batch_rows: int | None, out: str | None, density: str | None, no_mlflow: bool,
 ) -> None:
-    """Evaluate one layer's SAE on the held-out split (params: evaluate)."""
-    from attnsae.evaluate import evaluate_layer, format_metrics
+    """Evaluate a hook_z SAE on the held-out split of a model's tokens (params: evaluate).
+
+    With --sae, any SAELens-format hook_z SAE folder; its layer comes from its cfg.json.
+    """
+    from attnsae.evaluate import evaluate_layer, format_metrics, sae_layer
+    from attnsae.sae import read_sae_cfg
 
     params = config.read_params(params_path)
-    n = config.parse_layer(layer)
-    cfg = config.evaluate_config(params)
+    if layer is None and sae_dir is None:
+        raise UserError("name the SAE to evaluate: --layer (our models/sae/L<layer>) or --sae FOLDER")
+    n = sae_layer(read_sae_cfg(sae_dir), sae_dir) if layer is None else config.parse_layer(layer)
+    overrides = {k: v for k, v in (("max_rows", max_rows), ("batch_rows", batch_rows)) if v is not None}
+    cfg = config.evaluate_config(params).model_copy(update=overrides)
     sae_dir = sae_dir or f"{SAE_DIR}/L{n}"
     out = out or f"{METRICS_DIR}/L{n}.json"
     with tracked(params, n, "evaluate", no_mlflow) as run:
@@ -247,6 +247,7 @@ def evaluate(
             run.log_params({f"evaluate.{k}": v for k, v in cfg.model_dump().items()})
             run.log_metrics({k: v for k, v in metrics.items() if k != "layer"})
             run.log_artifact(out)
+            run.tag_evaluated_sae(sae_dir)
     click.echo(f"evaluate L{n}: {metrics['model']}")
     for line in format_metrics(metrics):
         click.echo(line)
@@ -269,14 +270,146 @@ def plan(params_path: str, device: str) -> None:
 @main.command()
 @params_option
 @click.option("--out", default=REPORT_DIR, show_default=True)
+@click.option("--no-mlflow", is_flag=True, help="Do not log the report to the pipeline's MLflow parent run.")
 @one_line_errors
-def report(params_path: str, out: str) -> None:
-    """Write reports/report.md and reports/index.html (params: layers)."""
-    from attnsae.report import build_report
+def report(params_path: str, out: str, no_mlflow: bool) -> None:
+    """Write reports/report.md, reports/index.html and reports/layers.csv (params: layers, report).
 
-    layers = config.layers(config.read_params(params_path))
-    markdown = build_report(layers, METRICS_DIR, DENSITY_DIR, MODEL_DIR, TOKENS_DIR, out)
+    The report and the per-layer table also go to the pipeline's MLflow parent run.
+    """
+    import json
+
+    from attnsae.files import write_text_atomic
+    from attnsae.report import build_report
+    from attnsae.tracking import layer_table_csv, log_report
+
+    params = config.read_params(params_path)
+    layers = config.layers(params)
+    compare = config.report_config(params).compare
+    markdown = build_report(layers, METRICS_DIR, DENSITY_DIR, MODEL_DIR, TOKENS_DIR, out, compare=compare, sae_dir=SAE_DIR)
+    # The per-layer table as data: `dvc plots` draws the L0 / loss-recovered frontier from it.
+    per_layer = [json.loads((Path(METRICS_DIR) / f"L{n}.json").read_text()) for n in layers]
+    table = Path(out) / "layers.csv"
+    write_text_atomic(table, layer_table_csv(per_layer))
+    if not no_mlflow:
+        log_report(str(params.get("profile", "custom")), params, per_layer, [Path(out) / "report.md", table])
     click.echo(markdown)
+
+
+@main.command(name="mlflow-init")
+@click.argument("uri", required=False)
+@one_line_errors
+def mlflow_init(uri: str | None) -> None:
+    """Prepare an MLflow store once, before concurrent writers use it.
+
+    URI: a SQLite file (sqlite:////abs/path/mlflow.db: creates its tables; do this before starting an
+    `mlflow server` on it) or a server (http://host:port: creates the attnsae experiment there)
+    [default: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db].
+    """
+    from attnsae.tracking import init_store
+
+    uri, done = init_store(uri)
+    click.echo(f"mlflow-init: {uri}: {done}")
+
+
+@main.command()
+@layer_option
+@click.option("--sae", "sae_dir", default=None, help=f"SAE folder [default: {SAE_DIR}/L<layer>]")
+@click.option("--metrics", "metrics_path", default=None, help=f"Metrics JSON [default: {METRICS_DIR}/L<layer>.json]")
+@click.option("--out", default=None, help="Folder to write [default: models/published/L<layer>]")
+@one_line_errors
+def publish(layer: str, sae_dir: str | None, metrics_path: str | None, out: str | None) -> None:
+    """Copy one layer's SAE into a publishable folder with a model card (README.md) built from its metrics."""
+    from attnsae.publish import publish_layer
+
+    n = config.parse_layer(layer)
+    out = out or f"models/published/L{n}"
+    card = publish_layer(sae_dir or f"{SAE_DIR}/L{n}", metrics_path or f"{METRICS_DIR}/L{n}.json", out)
+    click.echo(f"publish L{n}: {out} (SAE files + {card.name})")
+
+
+@main.command(name="import")
+@click.option("--layer", "layer_args", multiple=True, help="Layer number, e.g. 3 or L3; repeat for several.")
+@click.option("--all-layers", is_flag=True, help="All 12 published layers (0 to 11).")
+@click.option("--revision", default=None,
+              help="Commit of the hub repo to fetch from, 40 hex characters [default: the pinned commit]")
+@click.option("--base-url", default=None,
+              help="URL prefix that holds the files, e.g. a mirror; {revision} in it is replaced "
+                   "[default: https://huggingface.co/ckkissane/attn-saes-gpt2-small-all-layers/resolve/{revision}/]")
+@click.option("--out", default="models/imported", show_default=True,
+              help="Folder that receives one SAE folder per layer, named L<layer> (apart from models/sae, "
+                   "which training owns, and models/published, which `attnsae publish` writes).")
+@click.option("--sha256", "sha256", default=None,
+              help="sha256 the layer's .pt must have, instead of the pinned one (one --layer only).")
+@click.option("--trust-unpinned", is_flag=True,
+              help="Accept a .pt that has no pinned sha256; the hash it has is recorded in cfg.json.")
+@one_line_errors
+def import_saes(
+    layer_args: tuple[str, ...], all_layers: bool, revision: str | None, base_url: str | None, out: str,
+    sha256: str | None, trust_unpinned: bool,
+) -> None:
+    """Import the published GPT-2 Small attention SAEs (Kissane et al.) as SAE folders.
+
+    Downloads each layer's .pt and _cfg.json from ckkissane/attn-saes-gpt2-small-all-layers at a pinned
+    commit, checks the .pt against its pinned sha256 and the cfg against the published recipe, loads the
+    weights with torch.load(weights_only=True) and writes OUT/L<layer> (cfg.json, sae_weights.safetensors;
+    no sparsity file: none was published). Each folder appears complete or not at all. Evaluate one with
+    `attnsae evaluate --layer L --sae OUT/L<layer> --out ...`.
+    """
+    from attnsae.published_saes import PUBLISHED, REVISION, import_published
+
+    if bool(layer_args) == all_layers:
+        raise UserError("name the layers to import: either --layer (repeatable) or --all-layers")
+    layers = sorted(PUBLISHED) if all_layers else [config.parse_layer(a) for a in layer_args]
+    if len(set(layers)) != len(layers):
+        raise UserError(f"--layer lists a layer twice: {', '.join(layer_args)}")
+    if sha256 is not None and len(layers) != 1:
+        raise UserError("--sha256 pins one file; use it with a single --layer")
+    imported = import_published(layers, out, revision=revision or REVISION, base_url=base_url, sha256=sha256,
+                                trust_unpinned=trust_unpinned)
+    for n, info in imported.items():
+        click.echo(f"import L{n}: {info['file']} sha256 {info['sha256'][:16]}... "
+                   f"({info['sha256_checked_against']}) -> {Path(out) / f'L{n}'}")
+
+
+@main.command()
+@params_option
+@click.option("--layer", "layer_args", multiple=True,
+              help="Layer number, e.g. 3 or L3; repeat for several [default: every layer in params.yaml].")
+@click.option("--no-evaluate", is_flag=True, help="Check the hashes only; do not re-evaluate the SAEs.")
+@one_line_errors
+def verify(params_path: str, layer_args: tuple[str, ...], no_evaluate: bool) -> None:
+    """Check pulled SAEs: hashes against dvc.lock, then a re-evaluation against the recorded metrics.
+
+    For each layer, recomputes the hashes of models/sae/L<layer> and models/published/L<layer> (DVC's md5)
+    and compares them with dvc.lock, file by file; then re-evaluates the SAE on the evaluation tokens
+    (params: evaluate; models/base and data/tokens checked against dvc.lock first) into a temporary folder
+    and compares with reports/metrics/L<layer>.json. Tolerances: 1e-4 nats on CEs and KLs; loss recovered
+    and KL score 1e-4, or what 1e-4 nats in their terms can move them; mse 1e-4 relative; L0 0.1% or 4
+    activations crossing zero; dead and dense fractions 2 features; counts and names exact.
+    Prints one line per layer and check; exit status 1 on any mismatch.
+    """
+    from attnsae.verify import Layout, summarize, verify_layers
+
+    params = config.read_params(params_path)
+    known = config.layers(params)
+    layers = [config.parse_layer(a) for a in layer_args] or known
+    if len(set(layers)) != len(layers):
+        raise UserError(f"--layer lists a layer twice: {', '.join(layer_args)}")
+    for n in layers:
+        if n not in known:
+            raise UserError(f"--layer {n}: not a layer of {params_path} (allowed: {', '.join(map(str, known))})")
+    cfg = None if no_evaluate else config.evaluate_config(params)
+    layout = Layout(sae_dir=SAE_DIR, metrics_dir=METRICS_DIR, model_dir=MODEL_DIR, tokens_dir=TOKENS_DIR)
+    checks = []
+    for check in verify_layers(layers, cfg, layout):
+        checks.append(check)
+        for line in check.lines():
+            click.echo(line)
+    ok, summary = summarize(checks, layers, evaluated=cfg is not None)
+    click.echo(summary)
+    if not ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

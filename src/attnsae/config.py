@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from attnsae.errors import UserError
 
@@ -20,7 +20,7 @@ PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
 PIPELINES_DIR = "pipelines"
 
-ModelSource = Literal["smollm2-135m", "gpt2", "tiny-gpt2"]
+ModelSource = Literal["smollm2-135m", "gpt2", "tiny-gpt2", "gpt2-random"]
 Device = Literal["auto", "cpu", "cuda"]
 # "auto": bf16 autocast on CUDA, fp32 on CPU (CPUs without AMX/AVX512-BF16 run bf16 ~100x slower).
 Precision = Literal["auto", "fp32", "bf16"]
@@ -118,6 +118,25 @@ class EvaluateConfig(Section):
     device: Device = "auto"
 
 
+class ReportConfig(Section):
+    """What the report's per-layer table is compared against (src/attnsae/comparison.py).
+
+    "auto": the published GPT-2 Small table when the model is GPT-2 Small, otherwise nothing;
+    "published": that table (refused for any other model); "none"; or a folder of L<n>.json metrics
+    files from an earlier run or an imported SAE.
+    """
+
+    compare: str = "auto"
+
+    @field_validator("compare", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        # Whether a folder exists is checked when the report is built, not when params are read.
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("must be auto, published, none, or a folder of L<n>.json metrics files")
+        return value
+
+
 def _format_error(where: str, err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in (where, *first["loc"]) if p != "")
@@ -151,7 +170,7 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: must be a mapping of sections")
-    known = {"profile", "model", "corpus", "tokenize", "activations", "layers", "sae", "per_layer", "evaluate"}
+    known = {"profile", "model", "corpus", "tokenize", "activations", "layers", "sae", "per_layer", "evaluate", "report"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(f"{path}: unknown section '{unknown[0]}' (allowed: {', '.join(sorted(known))})")
@@ -182,6 +201,11 @@ def activations_config(params: dict[str, Any]) -> ActivationsConfig:
 
 def evaluate_config(params: dict[str, Any]) -> EvaluateConfig:
     return parse_section(EvaluateConfig, _section(params, "evaluate"), "evaluate")
+
+
+def report_config(params: dict[str, Any]) -> ReportConfig:
+    # Optional: params files written before the section existed keep working with the default.
+    return parse_section(ReportConfig, params.get("report", {}), "report")
 
 
 def layer_key(layer: int) -> str:
@@ -228,7 +252,7 @@ def sae_config(params: dict[str, Any], layer: int) -> SAEConfig:
 
 def validate(params: dict[str, Any]) -> None:
     """Run every stage's loader, so a params file is known good before anything uses it."""
-    for load in (model_config, corpus_config, tokenize_config, activations_config, evaluate_config):
+    for load in (model_config, corpus_config, tokenize_config, activations_config, evaluate_config, report_config):
         load(params)
     for layer in layers(params):
         sae_config(params, layer)

@@ -11,6 +11,7 @@ reported L is a mean over all evaluation tokens (loss recovered is a ratio of th
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,16 +173,32 @@ def evaluate_sae(bridge, sae: SAE, layer: int, rows: np.ndarray, cfg: EvaluateCo
     return finish(totals, cfg.dense_threshold)
 
 
+_HOOK_Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
+
+
+def sae_layer(sae_cfg: dict, sae_dir: str | Path, layer: int | None = None) -> int:
+    """The layer a hook_z SAE was trained on, from its cfg.json; ``layer``, when given, must agree."""
+    hook = str(sae_cfg.get("hook_name", ""))
+    match = _HOOK_Z.match(hook)
+    if match is None:
+        raise UserError(f"{sae_dir}: hook {hook!r} is not an attention output (allowed: blocks.<L>.attn.hook_z)")
+    if layer is not None and int(match.group(1)) != layer:
+        raise UserError(f"{sae_dir}: the SAE was trained on {hook}, not on layer {layer}")
+    return int(match.group(1))
+
+
 def evaluate_layer(
     cfg: EvaluateConfig,
     model_dir: str | Path,
     tokens_dir: str | Path,
     sae_dir: str | Path,
-    layer: int,
+    layer: int | None,
     metrics_path: str | Path,
     density_path: str | Path,
 ) -> dict:
+    """Evaluate any hook_z SAE folder (ours, imported, SAELens) on the eval rows; ``layer`` None: from its cfg."""
     sae, sae_cfg = load_sae(sae_dir)
+    layer = sae_layer(sae_cfg, sae_dir, layer)
     device = resolve_device(cfg.device)
     bridge, info = load_bridge(model_dir, device)
     info.check_layer(layer)
@@ -191,7 +208,8 @@ def evaluate_layer(
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
     metrics, log10_density = evaluate_sae(bridge, sae, layer, rows, cfg, device)
-    metrics = {"layer": layer, "hook_name": hook_z_name(layer), "model": info.name, "d_sae": sae.d_sae, **metrics}
+    metrics = {"layer": layer, "hook_name": hook_z_name(layer), "model": info.name, "d_sae": sae.d_sae,
+               "sae": str(sae_dir), "eval_rows": int(len(rows)), **metrics}
     write_json_atomic(metrics_path, metrics)
     hist = density_histogram(log10_density, cfg.density_bins)
     lines = ["log10_density,features"] + [

@@ -7,6 +7,9 @@ Three sources, all saved as a transformers folder under ``models/base`` and run 
   sha256-checked, dequantized to fp32 by transformers' GGUF reader and re-saved as safetensors.
 - ``gpt2``: GPT-2 Small from the Hugging Face hub at a pinned revision (needs hub access).
 - ``tiny-gpt2``: a GPT-2-shaped model with seeded random weights and a byte-level tokenizer, for tests.
+- ``gpt2-random``: GPT-2 Small's exact shape (12 layers, 12 heads x 64, 50257-token vocabulary) with
+  seeded random weights and the byte-level tokenizer: the paper-scale path (throughput, memory, the
+  GPU) on a machine that cannot reach the hub. Its numbers mean nothing as interpretability results.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ GPT2_REVISION = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
 GPT2_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"]
 
 TINY_GPT2_SHAPE = {"n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 256}
+GPT2_SMALL_SHAPE = {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}
+GPT2_FAMILY = ("gpt2", "tiny-gpt2", "gpt2-random")  # loaded with TransformerLens's GPT-2 weight processing
 DOCUMENT_SEPARATOR = "<|endoftext|>"  # GPT-2's and SmolLM2's end-of-document token, used as BOS
 
 
@@ -94,7 +99,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def prepare_model(cfg: ModelConfig, out_dir: str | Path) -> ModelInfo:
-    builders = {"smollm2-135m": _build_smollm2, "gpt2": _build_gpt2, "tiny-gpt2": _build_tiny_gpt2}
+    builders = {"smollm2-135m": _build_smollm2, "gpt2": _build_gpt2, "tiny-gpt2": _build_tiny_gpt2,
+                "gpt2-random": _build_random_gpt2_small}
     with atomic_dir(out_dir) as tmp:
         name, hashes = builders[cfg.source](cfg, tmp)
         info = _describe(tmp, cfg.source, name, hashes)
@@ -199,13 +205,14 @@ def byte_level_tokenizer():
     )
 
 
-def tiny_gpt2(seed: int, vocab_size: int):
+def tiny_gpt2(seed: int, vocab_size: int, eot: int | None = None, shape: dict | None = None):
     """A GPT-2-shaped model with random weights from ``seed`` (biases non-zero, as in a trained GPT-2)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    eot = vocab_size - 1  # the byte-level tokenizer puts <|endoftext|> last
-    config = GPT2Config(vocab_size=vocab_size, bos_token_id=eot, eos_token_id=eot, **TINY_GPT2_SHAPE)
+    eot = vocab_size - 1 if eot is None else eot  # the byte-level tokenizer puts <|endoftext|> last
+    shape = {**TINY_GPT2_SHAPE, **(shape or {})}
+    config = GPT2Config(**{"vocab_size": vocab_size, **shape}, bos_token_id=eot, eos_token_id=eot)
     model = GPT2LMHeadModel(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -220,6 +227,14 @@ def _build_tiny_gpt2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return f"tiny-gpt2 (random weights, seed {cfg.seed})", {}
+
+
+def _build_random_gpt2_small(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
+    tokenizer = byte_level_tokenizer()  # ids 0..256 of the 50257: enough to drive the full-size model
+    model = tiny_gpt2(cfg.seed, GPT2_SMALL_SHAPE["vocab_size"], eot=len(tokenizer) - 1, shape=GPT2_SMALL_SHAPE)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return f"gpt2-random (GPT-2 Small shape, random weights, seed {cfg.seed})", {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,7 +259,7 @@ def load_bridge(model_dir: str | Path, device: torch.device):
     bridge = TransformerBridge.boot_transformers(
         str(model_dir), device=str(device), dtype=torch.float32, tokenizer=load_tokenizer(model_dir)
     )
-    if info.source in ("gpt2", "tiny-gpt2"):
+    if info.source in GPT2_FAMILY:
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     for param in bridge.parameters():

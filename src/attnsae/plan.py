@@ -22,6 +22,7 @@ from attnsae.errors import UserError
 # Shapes of the models the profiles name, so a plan needs no download.
 MODEL_SHAPES = {
     "gpt2": {"n_params": 124_439_808, "n_layers": 12, "d_in": 768},
+    "gpt2-random": {"n_params": 124_439_808, "n_layers": 12, "d_in": 768},
     "smollm2-135m": {"n_params": 134_515_008, "n_layers": 30, "d_in": 576},
     "tiny-gpt2": {"n_params": 0, "n_layers": 4, "d_in": 64},  # negligible; filled from the config when known
 }
@@ -126,6 +127,9 @@ def describe_plan(params: dict[str, Any], device: torch.device) -> list[str]:
         f"all layers ({separate / 1e15:.2f} PFLOP with a pass per layer)"
     )
     lines.append(f"memory for all SAEs with Adam state and all buffers at once: {human_bytes(memory)}")
+    # a checkpoint holds weights and both Adam moments (not gradients: 12 of the 16 bytes per parameter) and the buffers
+    checkpoint = sum(lp.sae_bytes * 3 // 4 + lp.buffer_bytes for lp in layer_plans)
+    lines.append(f"size of one training checkpoint (SAEs, Adam state, shuffled buffers): {human_bytes(checkpoint)}")
     measured = ", ".join(f"{name} {rate / 1e12:.2f} TFLOP/s" for name, rate in rates.items())
     lines.append(f"measured matmul [{batch},{d_in}]x[{d_in},{widest}] on {device}: {measured}")
     for name, rate in rates.items():

@@ -1,7 +1,9 @@
 """The `report` stage: the per-layer table as Markdown and a self-contained HTML page.
 
-Everything comes from files the earlier stages wrote (metrics JSON, density CSV, model and token
-metadata); nothing is recomputed here.
+Everything comes from files the earlier stages wrote (metrics JSON, density CSV, model, token and SAE
+metadata); nothing is recomputed here. Our numbers stand next to a reference chosen by
+``report.compare`` (src/attnsae/comparison.py) with the differences. The HTML page carries its plots
+as inline PNGs and has no scripts and no external URLs, so it opens anywhere, offline.
 """
 
 from __future__ import annotations
@@ -11,25 +13,44 @@ import csv
 import html
 import io
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from attnsae.comparison import (
+    Reference,
+    difference,
+    read_metrics_file,
+    resolve_reference,
+)
 from attnsae.errors import UserError
 from attnsae.files import write_text_atomic
 from attnsae.models import read_model_info
+from attnsae.sae import CFG_FILE
 from attnsae.tokenization import read_tokens_meta
 from attnsae.tracking import git_state, project_root
 
-COLUMNS = [
+
+def _points(d: float) -> str:
+    return f"{d * 100:+.1f} pp"  # a difference of two percentages, in percentage points
+
+
+# key, title, format of a value, format of a difference: the metrics set side by side.
+COMPARED_COLUMNS: list[tuple[str, str, str, Callable[[float], str]]] = [
+    ("l0", "L0", "{:.1f}", "{:+.1f}".format),
+    ("loss_recovered", "loss recovered", "{:.3f}", "{:+.3f}".format),
+    ("dead_fraction", "dead", "{:.1%}", _points),
+    ("explained_variance", "explained var.", "{:.3f}", "{:+.3f}".format),
+]
+# Ours only: no reference publishes these.
+OTHER_COLUMNS = [
     ("layer", "layer", "{}"),
-    ("d_sae", "d_sae", "{}"),
-    ("l0", "L0", "{:.1f}"),
-    ("loss_recovered", "loss recovered", "{:.3f}"),
+    ("ce_clean", "CE clean (nats)", "{:.4f}"),
     ("ce_increase", "CE increase (nats)", "{:.4f}"),
     ("ce_increase_zero", "CE increase, zeroed (nats)", "{:.4f}"),
-    ("dead_fraction", "dead", "{:.1%}"),
-    ("explained_variance", "explained var.", "{:.3f}"),
     ("kl_score", "KL score", "{:.3f}"),
+    ("mse", "MSE", "{:.4g}"),
     ("dense_fraction", "dense (>10%)", "{:.1%}"),
 ]
 
@@ -40,11 +61,22 @@ class LayerResult:
     density: list[tuple[float, int]]
 
 
+@dataclass(frozen=True)
+class Column:
+    group: str  # the metric ("L0"); empty for the layer column
+    sub: str  # "ours", the reference's label, "Δ"; empty when there is no reference
+    cell: Callable[[LayerResult], str]
+
+    @property
+    def title(self) -> str:
+        return " ".join(part for part in (self.group, self.sub) if part)
+
+
 def read_layer(metrics_dir: Path, density_dir: Path, layer: int) -> LayerResult:
     path = metrics_dir / f"L{layer}.json"
     if not path.is_file():
         raise UserError(f"{path}: missing; run `attnsae evaluate --layer {layer}` first")
-    metrics = json.loads(path.read_text())
+    metrics = read_metrics_file(path)
     density: list[tuple[float, int]] = []
     dpath = density_dir / f"L{layer}.csv"
     if dpath.is_file():
@@ -53,29 +85,126 @@ def read_layer(metrics_dir: Path, density_dir: Path, layer: int) -> LayerResult:
     return LayerResult(metrics, density)
 
 
-def fmt(value, pattern: str) -> str:
-    return "n/a" if value is None else pattern.format(value)
+def fmt(value, pattern: str | Callable[[float], str]) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return pattern(value) if callable(pattern) else pattern.format(value)
 
 
-def markdown_table(results: list[LayerResult]) -> str:
-    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    rows = ["| " + " | ".join(fmt(r.metrics.get(k), p) for k, _, p in COLUMNS) + " |" for r in results]
+# ---------------------------------------------------------------------------------------------------
+# The tables, as plain cells: Markdown and HTML render the same columns.
+
+
+def comparison_columns(reference: Reference | None) -> list[Column]:
+    """layer, d_sae, then per compared metric: ours, the reference's value, and ours minus it."""
+
+    def ours(key, pattern):
+        return lambda r: fmt(r.metrics.get(key), pattern)
+
+    def theirs(key, pattern):
+        return lambda r: fmt(reference.get(r.metrics["layer"], key), pattern)
+
+    def delta(key, pattern):
+        return lambda r: fmt(difference(r.metrics.get(key), reference.get(r.metrics["layer"], key)), pattern)
+
+    columns = [Column("layer", "", ours("layer", "{}"))]
+    if reference is None:
+        columns.append(Column("d_sae", "", ours("d_sae", "{}")))
+        return columns + [Column(title, "", ours(key, p)) for key, title, p, _ in COMPARED_COLUMNS]
+    columns += [Column("d_sae", "ours", ours("d_sae", "{}")), Column("d_sae", reference.label, theirs("d_sae", "{}"))]
+    for key, title, pattern, diff_pattern in COMPARED_COLUMNS:
+        columns += [
+            Column(title, "ours", ours(key, pattern)),
+            Column(title, reference.label, theirs(key, pattern)),
+            Column(title, "Δ", delta(key, diff_pattern)),
+        ]
+    return columns
+
+
+def other_columns() -> list[Column]:
+    return [Column(title, "", lambda r, k=key, p=pattern: fmt(r.metrics.get(k), p)) for key, title, pattern in OTHER_COLUMNS]
+
+
+def markdown_table(results: list[LayerResult], columns: list[Column]) -> str:
+    head = "| " + " | ".join(c.title for c in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    rows = ["| " + " | ".join(c.cell(r) for c in columns) + " |" for r in results]
     return "\n".join([head, rule, *rows])
 
 
-def provenance(model_dir: Path, tokens_dir: Path, results: list[LayerResult]) -> dict:
+def html_table(table_id: str, results: list[LayerResult], columns: list[Column]) -> str:
+    esc = html.escape
+    if any(c.sub for c in columns):
+        # Two header rows: the metric spanning its ours / reference / Δ cells, then those labels.
+        groups: list[list] = []
+        for c in columns:
+            if groups and groups[-1][0] == c.group and c.sub:
+                groups[-1][1] += 1
+            else:
+                groups.append([c.group, 1, bool(c.sub)])
+        top = "".join(
+            f'<th colspan="{n}">{esc(g)}</th>' if has_sub else f'<th rowspan="2">{esc(g)}</th>' for g, n, has_sub in groups
+        )
+        second = "".join(f"<th>{esc(c.sub)}</th>" for c in columns if c.sub)
+        head = f"<tr>{top}</tr><tr>{second}</tr>"
+    else:
+        head = "<tr>" + "".join(f"<th>{esc(c.title)}</th>" for c in columns) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{esc(c.cell(r))}</td>" for c in columns) + "</tr>" for r in results)
+    return f'<table id="{table_id}"><thead>{head}</thead><tbody>{body}</tbody></table>'
+
+
+# ---------------------------------------------------------------------------------------------------
+# Provenance: what produced these numbers.
+
+
+def trained_tokens(sae_dir: Path | None, layer: int) -> int | None:
+    """Tokens the layer's SAE was trained on, from its cfg.json (None for folders without it)."""
+    path = sae_dir / f"L{layer}" / CFG_FILE if sae_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text()).get("metadata", {}).get("attnsae", {})
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return meta.get("trained_tokens") if isinstance(meta, dict) else None
+
+
+def per_layer_count(counts: dict[int, int | None]) -> str:
+    """'65,536 per layer' when every layer agrees, else 'L3: 1,024; L10: 2,048'."""
+    values = set(counts.values())
+    if len(values) == 1:
+        (only,) = values
+        return "n/a" if only is None else f"{only:,} per layer"
+    return "; ".join(f"L{layer}: {fmt(v, '{:,}')}" for layer, v in counts.items())
+
+
+def provenance(
+    model_dir: Path,
+    tokens_dir: Path,
+    results: list[LayerResult],
+    sae_dir: Path | None = None,
+    reference: Reference | None = None,
+) -> dict:
     info = read_model_info(model_dir)
     tokens = read_tokens_meta(tokens_dir)
     git = git_state(project_root())
+    layers = [r.metrics["layer"] for r in results]
     return {
         "model": info.name,
+        "model source": info.source,
         "data": tokens.get("corpus") or "unknown",
-        "train_tokens_available": tokens["tokens"].get("train", "streamed from the pinned sources"),
-        "eval_tokens": results[0].metrics.get("eval_tokens") if results else 0,
-        "context_size": tokens["context_size"],
-        "git_commit": git["commit"] + (" (dirty)" if git["dirty"] == "true" else ""),
+        "context size": tokens["context_size"],
+        "tokenized train split": (f"{tokens['tokens']['train']:,} tokens" if "train" in tokens["tokens"]
+                                  else "streamed from the pinned sources during training"),
+        "SAE training tokens": per_layer_count({n: trained_tokens(sae_dir, n) for n in layers}),
+        "evaluation tokens": per_layer_count({r.metrics["layer"]: r.metrics.get("eval_tokens") for r in results}),
+        "compared with": reference.source if reference else "nothing",
+        "git commit": git["commit"] + (" (dirty)" if git["dirty"] == "true" else ""),
     }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plots, as base64 PNGs.
 
 
 def _figure_png(fig) -> str:
@@ -84,64 +213,119 @@ def _figure_png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def plots(results: list[LayerResult]) -> dict[str, str]:
+def frontier_points(results: list[LayerResult], reference: Reference | None) -> tuple[list, list]:
+    """(layer, L0, loss recovered) for ours and for the reference, where both numbers exist."""
+    ours = [(r.metrics["layer"], r.metrics.get("l0"), r.metrics.get("loss_recovered")) for r in results]
+    theirs = [(n, reference.get(n, "l0"), reference.get(n, "loss_recovered")) for n, _, _ in ours] if reference else []
+    keep = lambda pts: [p for p in pts if p[1] is not None and p[2] is not None]
+    return keep(ours), keep(theirs)
+
+
+def plots(results: list[LayerResult], reference: Reference | None = None) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = {}
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for r in results:
-        m = r.metrics
-        if m.get("loss_recovered") is not None:
-            ax.scatter(m["l0"], m["loss_recovered"], color="tab:blue")
-            ax.annotate(f"L{m['layer']}", (m["l0"], m["loss_recovered"]), textcoords="offset points", xytext=(4, 4))
+    ours, theirs = frontier_points(results, reference)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    by_layer = {n: (x, y) for n, x, y in theirs}
+    for n, x, y in ours:  # a faint line joins each layer's two points
+        if n in by_layer:
+            ax.plot([x, by_layer[n][0]], [y, by_layer[n][1]], color="0.8", linewidth=1, zorder=1)
+    for points, label, colour, marker in ((ours, "ours", "tab:blue", "o"), (theirs, reference.label if reference else "", "tab:orange", "s")):
+        if points:
+            ax.scatter([p[1] for p in points], [p[2] for p in points], color=colour, marker=marker, label=label, zorder=2)
+            for n, x, y in points:
+                ax.annotate(f"L{n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=colour)
     ax.set_xlabel("L0 (features active per token)")
     ax.set_ylabel("loss recovered")
     ax.set_title("L0 against loss recovered")
     ax.grid(alpha=0.3)
+    if theirs:
+        ax.legend()
     out["frontier"] = _figure_png(fig)
     plt.close(fig)
 
-    n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.6), squeeze=False)
-    for ax, r in zip(axes[0], results):
+    # At most four histograms a row, so a 12-layer report stays readable.
+    cols = min(4, len(results))
+    rows = math.ceil(len(results) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, results):
         if r.density:
             centers, counts = zip(*r.density)
             ax.bar(centers, counts, width=(centers[1] - centers[0]) if len(centers) > 1 else 0.2, color="tab:green")
-        ax.set_title(f"L{r.metrics['layer']} (dead {r.metrics['dead_fraction']:.0%})")
+        ax.set_title(f"L{r.metrics['layer']} (dead {fmt(r.metrics.get('dead_fraction'), '{:.0%}')})")
         ax.set_xlabel("log10 feature density")
-    axes[0][0].set_ylabel("features")
+    for row in axes:
+        row[0].set_ylabel("features")
     fig.tight_layout()
     out["density"] = _figure_png(fig)
     plt.close(fig)
     return out
 
 
-def html_page(results: list[LayerResult], prov: dict, images: dict[str, str]) -> str:
-    esc = html.escape
-    header = "".join(f"<th>{esc(title)}</th>" for _, title, _ in COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{esc(fmt(r.metrics.get(k), p))}</td>" for k, _, p in COLUMNS) + "</tr>" for r in results
+# ---------------------------------------------------------------------------------------------------
+# The two documents.
+
+DEFINITIONS = (
+    "Metrics on the held-out split. Loss recovered = (CE zeroed - CE with SAE) / (CE zeroed - CE clean), "
+    "with hook_z set to zero for \"zeroed\". Dead = features that never fire on the evaluation tokens "
+    "(count in the list above)."
+)
+DELTA = "Δ = ours minus the reference (dead: in percentage points)."
+
+
+def notes(compare_note: str, reference: Reference | None) -> list[str]:
+    return [compare_note, *(reference.notes if reference else [])]
+
+
+def definitions(reference: Reference | None) -> str:
+    return f"{DEFINITIONS} {DELTA}" if reference else DEFINITIONS
+
+
+def markdown_report(results: list[LayerResult], prov: dict, reference: Reference | None, compare_note: str) -> str:
+    facts = "\n".join(f"- {k}: {v}" for k, v in prov.items())
+    note_lines = "\n".join(f"> {n}" for n in notes(compare_note, reference))
+    return (
+        f"# attnsae report: {prov['model']}\n\n{facts}\n\n"
+        f"## Per layer\n\n{definitions(reference)}\n\n{note_lines}\n\n"
+        f"{markdown_table(results, comparison_columns(reference))}\n\n"
+        f"## Other metrics\n\n{markdown_table(results, other_columns())}\n\n"
+        "Plots (L0 against loss recovered, feature density histograms): index.html.\n"
     )
-    facts = "".join(f"<tr><th>{esc(k.replace('_', ' '))}</th><td>{esc(str(v))}</td></tr>" for k, v in prov.items())
+
+
+def html_page(
+    results: list[LayerResult], prov: dict, images: dict[str, str], reference: Reference | None = None, compare_note: str = ""
+) -> str:
+    esc = html.escape
+    facts = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in prov.items())
+    note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes(compare_note, reference) if n)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>attnsae report: {esc(prov['model'])}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }}
 table {{ border-collapse: collapse; margin: 1rem 0; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
-th {{ background: #f3f3f3; }}
-table.facts th, table.facts td {{ text-align: left; }}
+td {{ white-space: nowrap; }}
+table#layers {{ font-size: 0.9rem; }}
+th {{ background: #f3f3f3; text-align: center; }}
+table.facts th, table.facts td {{ text-align: left; white-space: normal; }}
+p.note {{ background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.4rem 0.8rem; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>Attention-output SAEs: {esc(prov['model'])}</h1>
 <table class="facts">{facts}</table>
 <h2>Per layer</h2>
-<p>Metrics on the held-out split. Loss recovered = (CE zeroed - CE with SAE) / (CE zeroed - CE clean), with
-hook_z set to zero for "zeroed". Dead = features that never fire on the {prov['eval_tokens']:,} evaluation tokens.</p>
-<table id="layers"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>
+<p>{esc(definitions(reference))}</p>
+{note_html}
+{html_table("layers", results, comparison_columns(reference))}
+<h2>Other metrics</h2>
+{html_table("more", results, other_columns())}
 <h2>L0 against loss recovered</h2>
 <img alt="L0 against loss recovered" src="data:image/png;base64,{images['frontier']}">
 <h2>Feature density</h2>
@@ -157,12 +341,16 @@ def build_report(
     model_dir: str | Path,
     tokens_dir: str | Path,
     out_dir: str | Path,
+    compare: str = "auto",
+    sae_dir: str | Path | None = None,
 ) -> str:
+    """Write report.md and index.html into ``out_dir``; returns the Markdown."""
     results = [read_layer(Path(metrics_dir), Path(density_dir), layer) for layer in layers]
-    prov = provenance(Path(model_dir), Path(tokens_dir), results)
-    table = markdown_table(results)
-    facts = "\n".join(f"- {k.replace('_', ' ')}: {v}" for k, v in prov.items())
-    markdown = f"# attnsae report: {prov['model']}\n\n{facts}\n\n{table}\n"
+    info = read_model_info(model_dir)
+    reference, compare_note = resolve_reference(compare, layers, info.source, info.name, info.n_layers, info.d_in)
+    prov = provenance(Path(model_dir), Path(tokens_dir), results, Path(sae_dir) if sae_dir else None, reference)
+    markdown = markdown_report(results, prov, reference, compare_note)
+    page = html_page(results, prov, plots(results, reference), reference, compare_note)
     write_text_atomic(Path(out_dir) / "report.md", markdown)
-    write_text_atomic(Path(out_dir) / "index.html", html_page(results, prov, plots(results)))
+    write_text_atomic(Path(out_dir) / "index.html", page)
     return markdown

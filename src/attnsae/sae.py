@@ -130,16 +130,98 @@ def sae_cfg(
     }
 
 
-def save_sae(sae: SAE, folder: str | Path, cfg: dict[str, Any], log10_density: torch.Tensor) -> None:
-    """Write the folder atomically: readers see the old folder or the complete new one."""
+def save_sae(sae: SAE, folder: str | Path, cfg: dict[str, Any], log10_density: torch.Tensor | None) -> None:
+    """Write the folder atomically: readers see the old folder or the complete new one.
+
+    ``log10_density`` None writes no sparsity file (SAELens reads its absence as "unknown"), for SAEs
+    whose feature density nobody measured, such as imported ones.
+    """
     with atomic_dir(folder) as tmp:
         state = {name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous() for name in WEIGHT_SHAPES}
         save_file(state, str(tmp / WEIGHTS_FILE))
-        save_file({"sparsity": log10_density.detach().to("cpu", torch.float32).contiguous()}, str(tmp / SPARSITY_FILE))
+        if log10_density is not None:
+            density = log10_density.detach().to("cpu", torch.float32).contiguous()
+            save_file({"sparsity": density}, str(tmp / SPARSITY_FILE))
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+# Folders written by older SAELens versions name some keys differently; SAELens's own loader renames
+# them the same way. Later names win when a cfg has both.
+LEGACY_CFG_KEYS = {
+    "hook_point": "hook_name",
+    "hook_point_layer": "hook_layer",
+    "hook_point_head_index": "hook_head_index",
+    "activation_fn_str": "activation_fn",
+}
+# SAELens 6 keeps these under "metadata" (its 6.0 pre-releases: "meta"); we and older versions at the top.
+METADATA_KEYS = ("model_name", "hook_name", "hook_layer")
+METADATA_SECTIONS = ("metadata", "meta")
+# Tensors that multiply the feature activations before decoding (older SAELens always stored one of ones).
+SCALING_TENSORS = ("scaling_factor", "finetuning_scaling_factor")
+# What the recipe's SAE computes; anything else would be evaluated wrongly, so it is refused.
+SUPPORTED = {
+    "architecture": ("standard",),
+    "activation_fn": ("relu",),
+    "normalize_activations": ("none",),
+    "reshape_activations": ("none", "hook_z"),
+}
+
+
+def upgrade_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The cfg under current SAELens key names; one that attnsae wrote comes back equal."""
+    out = dict(cfg)
+    for old, new in LEGACY_CFG_KEYS.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    for section in METADATA_SECTIONS:
+        meta = out.get(section)
+        if isinstance(meta, dict):
+            for key in METADATA_KEYS:
+                if key in meta:
+                    out.setdefault(key, meta[key])
+    if "d_sae" not in out and _is_int(out.get("d_in")) and _is_int(out.get("expansion_factor")):
+        out["d_sae"] = out["d_in"] * out["expansion_factor"]  # the oldest runner configs had no d_sae
+    if isinstance(out.get("normalize_activations"), bool):  # a flag before it named a method
+        out["normalize_activations"] = "expected_average_only_in" if out["normalize_activations"] else "none"
+    if "reshape_activations" not in out and str(out.get("hook_name", "")).endswith("_z"):
+        out["reshape_activations"] = "hook_z"  # before SAELens 6, a hook name ending in _z switched it on
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _cfg_get(cfg: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A value from the top level, else from the metadata section."""
+    if key in cfg:
+        return cfg[key]
+    for section in METADATA_SECTIONS:
+        meta = cfg.get(section)
+        if isinstance(meta, dict) and key in meta:
+            return meta[key]
+    return default
+
+
+def check_supported(cfg: dict[str, Any], path: Path) -> None:
+    """Refuse what the recipe's SAE cannot compute: other architectures, activation functions, normalisations."""
+    for key, allowed in SUPPORTED.items():
+        value = _cfg_get(cfg, key, allowed[0])
+        if value is None and key in ("normalize_activations", "activation_fn"):
+            value = allowed[0]  # some converted configs write null for "none"/"relu"
+        if value not in allowed:
+            raise UserError(
+                f"{path}: {key} {value!r} is not supported (allowed: {', '.join(allowed)}); "
+                "attnsae evaluates standard ReLU SAEs on unnormalised activations only"
+            )
+    head = _cfg_get(cfg, "hook_head_index")
+    if head is not None:
+        raise UserError(f"{path}: hook_head_index {head!r} is not supported (allowed: null, all heads concatenated)")
+
+
 def read_sae_cfg(folder: str | Path) -> dict[str, Any]:
+    """cfg.json under current SAELens key names (``upgrade_cfg``), checked to describe an SAE we can evaluate."""
     folder = Path(folder)
     path = folder / CFG_FILE
     if not path.is_file():
@@ -150,13 +232,36 @@ def read_sae_cfg(folder: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: corrupt JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: expected a JSON object with d_in and d_sae, got {type(cfg).__name__}")
+    cfg = upgrade_cfg(cfg)
     for key in ("d_in", "d_sae"):
-        if not isinstance(cfg.get(key), int):
-            raise UserError(f"{path}: '{key}' must be an integer, got {cfg.get(key)!r}")
+        if not _is_int(cfg.get(key)) or cfg[key] <= 0:
+            raise UserError(f"{path}: '{key}' must be a positive integer, got {cfg.get(key)!r}")
+    check_supported(cfg, path)
     return cfg
 
 
+def _feature_scale(state: dict[str, torch.Tensor], d_sae: int, path: Path) -> torch.Tensor | None:
+    """The product of the stored scaling tensors, or None when there are none or they are all ones."""
+    scale = None
+    for name in SCALING_TENSORS:
+        if name not in state:
+            continue
+        tensor = state[name].float()
+        if tuple(tensor.shape) != (d_sae,):
+            raise UserError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, cfg.json says ({d_sae},)")
+        if not torch.equal(tensor, torch.ones_like(tensor)):
+            scale = tensor if scale is None else scale * tensor
+    return scale
+
+
 def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
+    """The SAE and its cfg. Older SAELens forms are folded into the recipe's exact form:
+
+    - a feature scaling tensor s: (f * s) @ W_dec = f @ (s[:, None] * W_dec), so W_dec rows absorb it;
+    - apply_b_dec_to_input false: x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc).
+
+    The returned cfg then describes the returned SAE (apply_b_dec_to_input true, no scaling factor).
+    """
     folder = Path(folder)
     cfg = read_sae_cfg(folder)
     path = folder / WEIGHTS_FILE
@@ -173,8 +278,26 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
             raise UserError(f"{path}: missing tensor '{name}' (expected {', '.join(WEIGHT_SHAPES)})")
         if tuple(state[name].shape) != expected:
             raise UserError(f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, cfg.json says {expected}")
+    unexpected = sorted(set(state) - set(WEIGHT_SHAPES) - set(SCALING_TENSORS))
+    if unexpected:
+        raise UserError(
+            f"{path}: unexpected tensor '{unexpected[0]}' (a standard ReLU SAE has {', '.join(WEIGHT_SHAPES)})"
+        )
+    weights = {k: state[k].float() for k in WEIGHT_SHAPES}
+    scale = _feature_scale(state, cfg["d_sae"], path)
+    if scale is not None:
+        weights["W_dec"] = weights["W_dec"] * scale[:, None]
+    if cfg.get("finetuning_scaling_factor") is True and not set(SCALING_TENSORS) & set(state):
+        raise UserError(f"{path}: cfg.json sets finetuning_scaling_factor but there is no scaling tensor "
+                        f"(expected one of {', '.join(SCALING_TENSORS)})")
+    if set(SCALING_TENSORS) & set(state) or "finetuning_scaling_factor" in cfg:
+        cfg["finetuning_scaling_factor"] = False  # folded into W_dec above (or all ones)
+    if not _cfg_get(cfg, "apply_b_dec_to_input", True):
+        shift = (weights["b_dec"].double() @ weights["W_enc"].double()).float()  # in fp64: one rounding only
+        weights["b_enc"] = weights["b_enc"] + shift
+        cfg["apply_b_dec_to_input"] = True
     sae = SAE(cfg["d_in"], cfg["d_sae"])
-    sae.load_state_dict({k: state[k].float() for k in WEIGHT_SHAPES})
+    sae.load_state_dict(weights)
     return sae, cfg
 
 

@@ -366,6 +366,7 @@ def _save_layer(result: TrainResult, cfg: SAEConfig, layer: int, meta: dict, out
         run.log_curves(result.curves)
         run.log_artifact(Path(out_dir) / "cfg.json", "sae")
         run.log_artifact(curves_path)
+        run.register_sae(out_dir, meta["model_source"], layer)  # the weights stay in DVC; the registry points at them
     final = result.curves[-1]
     print(
         f"train L{layer}: {result.tokens:,} tokens, final loss {final['loss']:.4g}, L0 {final['l0']:.1f}, "
