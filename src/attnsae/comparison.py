@@ -8,11 +8,11 @@ for any other model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from attnsae.errors import UserError
+from attnsae.files import read_json_object
 
 # The metrics shown side by side (keys of the metrics JSON).
 COMPARED = ("l0", "loss_recovered", "dead_fraction", "explained_variance")
@@ -103,13 +103,7 @@ def published_reference(model_source: str, model_name: str, n_layers: int, d_in:
 
 
 def read_metrics_file(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: corrupt JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object of metrics, got {type(data).__name__}")
-    return data
+    return read_json_object(path, "of metrics")
 
 
 def folder_reference(folder: str | Path, layers: list[int], our_model: str) -> Reference:

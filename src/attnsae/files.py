@@ -34,6 +34,20 @@ def _umask() -> int:
     return mask
 
 
+def read_json_object(path: str | Path, expected: str) -> dict[str, Any]:
+    """A JSON file holding an object; a corrupt file or another JSON type is a one-line error.
+
+    ``expected`` completes "expected a JSON object ..." in that error (e.g. "of metrics").
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: corrupt JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object {expected}, got {type(data).__name__}")
+    return data
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from attnsae.errors import UserError
-from attnsae.files import atomic_dir
+from attnsae.files import atomic_dir, read_json_object
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -226,13 +226,7 @@ def read_sae_cfg(folder: str | Path) -> dict[str, Any]:
     path = folder / CFG_FILE
     if not path.is_file():
         raise UserError(f"{folder}: not an SAE folder (no {CFG_FILE}; expected {CFG_FILE} and {WEIGHTS_FILE})")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: corrupt JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path}: expected a JSON object with d_in and d_sae, got {type(cfg).__name__}")
-    cfg = upgrade_cfg(cfg)
+    cfg = upgrade_cfg(read_json_object(path, "with d_in and d_sae"))
     for key in ("d_in", "d_sae"):
         if not _is_int(cfg.get(key)) or cfg[key] <= 0:
             raise UserError(f"{path}: '{key}' must be a positive integer, got {cfg.get(key)!r}")
