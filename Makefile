@@ -11,7 +11,7 @@ NO_TELEMETRY := DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1
 # archive (chromium). The pipeline keeps the hub reachable for the gpt2 profiles.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(NO_TELEMETRY)
 
-.PHONY: install quickstart test browser
+.PHONY: install quickstart test test-fast browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,7 @@ browser:
 
 test: install browser
 	$(OFFLINE) PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
+
+# The unit tests alone (no `dvc repro`, no MLflow server, no browser): a few minutes.
+test-fast: install
+	$(OFFLINE) PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -m "not integration"

@@ -4,8 +4,9 @@
 
 Prints, in one run on one machine:
 - matmul throughput of the SAE's encoder shape, fp32 and bf16 (the roofline);
-- tokens/s of one recipe SAE training step (forward, backward, decoder projection, Adam), fp32,
-  and the achieved FLOP/s as a fraction of the fp32 matmul roofline (12 * d_in * d_sae FLOP per token);
+- tokens/s of the trainer's recipe step, ``LayerTrainer.step`` (forward, backward, decoder projection,
+  Adam, NaN/Inf watch, dead-feature counts), fp32, and the achieved FLOP/s as a fraction of the fp32
+  matmul roofline (12 * d_in * d_sae FLOP per token);
 - tokens/s of the pinned model's forward pass capturing hook_z at the quickstart layers (if --model exists).
 """
 
@@ -39,24 +40,28 @@ def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int, devi
     return 2 * m * k * n / timed(lambda: a @ b, repeats, device) / 1e9
 
 
+class FixedBatch:
+    """Stands where the training buffer stands: serves one batch already on the device, so only the step is timed."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def next_batch(self) -> torch.Tensor:
+        return self.x
+
+
 def sae_step_tokens_per_s(d_in: int, d_sae: int, batch: int, repeats: int, device: torch.device) -> float:
+    """``LayerTrainer.step`` itself, on steps that neither log nor resample (those are rare in a real run)."""
     from attnsae.config import SAEConfig
-    from attnsae.sae import SAE
-    from attnsae.train import make_optimizer
+    from attnsae.train import LayerTrainer
 
-    cfg = SAEConfig(d_sae=d_sae, l1_coeff=1.0, train_tokens=batch, batch_size=batch)
-    sae = SAE(d_in, d_sae, generator=torch.Generator().manual_seed(0)).to(device)
-    opt = make_optimizer(sae, cfg)
-    x = torch.randn(batch, d_in, device=device)
-
-    def step():
-        out = sae(x, cfg.l1_coeff)
-        out.loss.backward()
-        sae.make_decoder_unit_norm_and_project_grad()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return batch / timed(step, repeats, device)
+    never = 10**9
+    cfg = SAEConfig(d_sae=d_sae, l1_coeff=1.0, train_tokens=batch * never, batch_size=batch, buffer_rows=2 * batch,
+                    resample_every=never, dead_window=1, log_every=never)
+    trainer = LayerTrainer(cfg, d_in, device)
+    batches = FixedBatch(torch.randn(batch, d_in, device=device))
+    steps = iter(range(1, never))  # step 0 logs
+    return batch / timed(lambda: trainer.step(next(steps), batches), repeats, device)
 
 
 def model_tokens_per_s(model_dir: Path, layers: list[int], rows: int, context: int, repeats: int,

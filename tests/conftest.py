@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
-def stages_run(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+from helpers import TINY_PROFILE, copy_project_files, read_tiny_params, run
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +20,7 @@ def tiny_pipeline(tmp_path_factory):
     that commits, pushes or corrupts files works on a copy.
     """
     root = tmp_path_factory.mktemp("repo")
-    for name in ("pipelines", "profiles"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    copy_project_files(root)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -74,3 +60,52 @@ def smollm2_model_dir(tmp_path_factory):
             raise
         pytest.skip(str(err))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: ``tiny_model_dir(seed)`` is the folder of the tiny GPT-2 of that seed, prepared once per session.
+
+    The folder is shared: read it, and copy it before changing its weights.
+    """
+    from attnsae.config import ModelConfig
+    from attnsae.models import prepare_model
+
+    folders = {}
+
+    def folder_for(seed: int = 0):
+        if seed not in folders:
+            folder = tmp_path_factory.mktemp(f"tiny-gpt2-seed{seed}") / "model"
+            with torch.random.fork_rng(devices=[]):  # prepare_model seeds torch's global generator
+                prepare_model(ModelConfig(source="tiny-gpt2", seed=seed), folder)
+            folders[seed] = folder
+        return folders[seed]
+
+    return folder_for
+
+
+@pytest.fixture(scope="module")
+def tiny_eval_case(tiny_model_dir):
+    """(bridge, info, rows): the seed-0 tiny GPT-2 loaded for evaluation, and 6 eval rows of 16 tokens."""
+    from attnsae.models import load_bridge
+
+    torch.manual_seed(0)
+    bridge, info = load_bridge(tiny_model_dir(seed=0), torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, info.vocab_size - 1, size=(6, 16)).astype(np.int32)
+    rows[:, 0] = info.bos_token_id
+    return bridge, info, rows
+
+
+@pytest.fixture
+def tiny_params() -> dict:
+    """profiles/tiny.yaml as a dict of this test's own to edit."""
+    return read_tiny_params()
+
+
+@pytest.fixture
+def tiny_params_file(tmp_path):
+    """A copy of profiles/tiny.yaml as params.yaml in the test's tmp_path."""
+    path = tmp_path / "params.yaml"
+    shutil.copyfile(TINY_PROFILE, path)
+    return path

@@ -11,42 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
+from helpers import OFFLINE_ENV, REPO, assert_one_line_error, invoke
 
 from attnsae import config, files
-from attnsae.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-}
-
-
-def invoke(*args: str):
-    return CliRunner(env=OFFLINE_ENV).invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)  # a ClickException, not a crash
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-def tiny_params(tmp_path) -> Path:
-    path = tmp_path / "params.yaml"
-    shutil.copyfile(ROOT / "profiles" / "tiny.yaml", path)
-    return path
 
 
 def edited_params(path: Path, edit) -> Path:
@@ -60,8 +27,8 @@ def edited_params(path: Path, edit) -> Path:
 def root_copy(tmp_path) -> Path:
     """A repository root with the profiles and an existing params.yaml."""
     root = tmp_path / "repo"
-    shutil.copytree(ROOT / "profiles", root / "profiles")
-    shutil.copytree(ROOT / "pipelines", root / "pipelines")
+    shutil.copytree(REPO / "profiles", root / "profiles")
+    shutil.copytree(REPO / "pipelines", root / "pipelines")
     (root / "params.yaml").write_text("# the params.yaml in place before the switch\nprofile: old\n")
     return root
 
@@ -141,31 +108,31 @@ def test_profile_with_bad_key_inside_a_section_is_rejected(root_copy):
 # train / evaluate on bad input
 
 
-def test_train_layer_not_in_per_layer(tiny_params, tmp_path):
+def test_train_layer_not_in_per_layer(tiny_params_file, tmp_path):
     result = invoke(
-        "train", "--params", tiny_params, "--layer", "99", "--no-mlflow", "--activations", tmp_path / "acts",
+        "train", "--params", tiny_params_file, "--layer", "99", "--no-mlflow", "--activations", tmp_path / "acts",
         "--out", tmp_path / "sae", "--curves", tmp_path / "curves.csv",
     )
-    configured = ", ".join(yaml.safe_load(tiny_params.read_text())["per_layer"])
+    configured = ", ".join(yaml.safe_load(tiny_params_file.read_text())["per_layer"])
     assert_one_line_error(result, "layer 99", "per_layer", configured)
     assert not (tmp_path / "sae").exists() and not (tmp_path / "curves.csv").exists()
 
 
-def test_train_bad_layer_text(tiny_params, tmp_path):
-    result = invoke("train", "--params", tiny_params, "--layer", "x3", "--no-mlflow", "--activations", tmp_path)
+def test_train_bad_layer_text(tiny_params_file, tmp_path):
+    result = invoke("train", "--params", tiny_params_file, "--layer", "x3", "--no-mlflow", "--activations", tmp_path)
     assert_one_line_error(result, "bad layer 'x3'")
 
 
-def test_train_unknown_key_in_params(tiny_params, tmp_path):
-    edited_params(tiny_params, lambda d: d["sae"].update(l1_coef=d["sae"].pop("l1_coeff")))
-    layer = yaml.safe_load(tiny_params.read_text())["layers"][0]
-    result = invoke("train", "--params", tiny_params, "--layer", f"L{layer}", "--no-mlflow", "--activations", tmp_path)
+def test_train_unknown_key_in_params(tiny_params_file, tmp_path):
+    edited_params(tiny_params_file, lambda d: d["sae"].update(l1_coef=d["sae"].pop("l1_coeff")))
+    layer = yaml.safe_load(tiny_params_file.read_text())["layers"][0]
+    result = invoke("train", "--params", tiny_params_file, "--layer", f"L{layer}", "--no-mlflow", "--activations", tmp_path)
     assert_one_line_error(result, "unknown key 'sae.l1_coef'")
 
 
-def test_evaluate_unknown_key_in_params(tiny_params, tmp_path):
-    edited_params(tiny_params, lambda d: d["evaluate"].update(batchrows=4))
-    result = invoke("evaluate", "--params", tiny_params, "--layer", "1", "--no-mlflow", "--sae", tmp_path)
+def test_evaluate_unknown_key_in_params(tiny_params_file, tmp_path):
+    edited_params(tiny_params_file, lambda d: d["evaluate"].update(batchrows=4))
+    result = invoke("evaluate", "--params", tiny_params_file, "--layer", "1", "--no-mlflow", "--sae", tmp_path)
     assert_one_line_error(result, "unknown key 'evaluate.batchrows'")
 
 
@@ -190,28 +157,28 @@ def evaluate_args(params: Path, sae: Path, tmp_path: Path) -> list:
     ]
 
 
-def test_evaluate_corrupt_sae_folder(tiny_params, corrupt_sae, tmp_path):
-    result = invoke(*evaluate_args(tiny_params, corrupt_sae, tmp_path))
+def test_evaluate_corrupt_sae_folder(tiny_params_file, corrupt_sae, tmp_path):
+    result = invoke(*evaluate_args(tiny_params_file, corrupt_sae, tmp_path))
     assert_one_line_error(result, "cfg.json", "corrupt JSON")
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_evaluate_truncated_weights(tiny_params, corrupt_sae, tmp_path):
+def test_evaluate_truncated_weights(tiny_params_file, corrupt_sae, tmp_path):
     (corrupt_sae / "cfg.json").write_text(json.dumps({"d_in": 64, "d_sae": 128}))
-    result = invoke(*evaluate_args(tiny_params, corrupt_sae, tmp_path))
+    result = invoke(*evaluate_args(tiny_params_file, corrupt_sae, tmp_path))
     assert_one_line_error(result, "corrupt safetensors")
 
 
-def test_evaluate_not_an_sae_folder(tiny_params, tmp_path):
-    result = invoke(*evaluate_args(tiny_params, tmp_path / "nothing", tmp_path))
+def test_evaluate_not_an_sae_folder(tiny_params_file, tmp_path):
+    result = invoke(*evaluate_args(tiny_params_file, tmp_path / "nothing", tmp_path))
     assert_one_line_error(result, "not an SAE folder")
 
 
-def test_real_process_corrupt_sae_prints_one_line(tiny_params, corrupt_sae, tmp_path):
+def test_real_process_corrupt_sae_prints_one_line(tiny_params_file, corrupt_sae, tmp_path):
     """The installed entry point, in its own process: stderr is exactly one line, stdout is empty."""
     exe = Path(sys.executable).with_name("attnsae")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "attnsae"]
-    args = [str(a) for a in evaluate_args(tiny_params, corrupt_sae, tmp_path)]
+    args = [str(a) for a in evaluate_args(tiny_params_file, corrupt_sae, tmp_path)]
     proc = subprocess.run(
         cmd + args, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **OFFLINE_ENV}, timeout=120
     )

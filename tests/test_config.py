@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 from attnsae import config
 from attnsae.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-PROFILE_PATHS = sorted((ROOT / config.PROFILES_DIR).glob("*.yaml"))
+PROFILE_PATHS = sorted((REPO / config.PROFILES_DIR).glob("*.yaml"))
 
 BASE = {
     "profile": "test",
@@ -222,7 +221,7 @@ def test_read_params_errors(tmp_path):
 def test_profiles_exist():
     names = [p.stem for p in PROFILE_PATHS]
     assert "tiny" in names and "quickstart" in names
-    assert config.list_profiles(ROOT) == names
+    assert config.list_profiles(REPO) == names
 
 
 @pytest.mark.parametrize("path", PROFILE_PATHS, ids=lambda p: p.stem)

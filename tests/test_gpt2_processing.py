@@ -19,54 +19,26 @@ each block's ``attn.c_proj`` of a plain ``GPT2LMHeadModel``, b_V and W_V from it
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import strong_layernorm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from attnsae.activations import capture_z  # noqa: E402
-from attnsae.config import ModelConfig  # noqa: E402
-from attnsae.files import sha256_file  # noqa: E402
-from attnsae.models import META_FILE, hook_z_name, load_bridge, load_tokenizer, prepare_model  # noqa: E402
+from attnsae.models import hook_z_name, load_bridge, load_tokenizer  # noqa: E402
 
 ATOL = 1e-5  # float32 error of the identities below is ~2e-7 on these models
 LOSS_ATOL = 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------
-# Models and independent references.
-
-
-def _strong_layernorm(folder: Path) -> None:
-    """Rewrite the tiny GPT-2 in ``folder`` with large, non-unit LayerNorm weights and biases.
-
-    ``tiny_gpt2`` leaves every LayerNorm weight at 1 and draws biases with std 0.02, so folding
-    ln_1.weight is invisible there and ln_1.bias @ W_V is small. Here both are large, so using
-    b_V instead of b_V + ln_1.bias @ W_V (or forgetting the LN weight) is far outside tolerance.
-    """
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel.from_pretrained(folder)
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".ln_" in name and name.endswith(".weight"):
-                param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=gen))
-            elif ".ln_" in name and name.endswith(".bias"):
-                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
-            elif name.endswith("attn.c_attn.bias"):
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
-    model.save_pretrained(folder, safe_serialization=True)
-    meta_path = folder / META_FILE
-    meta = json.loads(meta_path.read_text())
-    meta["name"] += ", strong LayerNorm"
-    meta["sha256"]["weights"] = sha256_file(folder / "model.safetensors")
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+# Independent references.
 
 
 def _tokens(vocab_size: int, bos: int, shape=(3, 16), seed: int = 7) -> torch.Tensor:
@@ -124,11 +96,11 @@ class Case:
 
 
 @pytest.fixture(scope="module", params=["tiny-gpt2", "strong-layernorm"])
-def case(request, tmp_path_factory) -> Case:
-    folder = tmp_path_factory.mktemp(request.param) / "model"
-    prepare_model(ModelConfig(source="tiny-gpt2", seed=5), folder)
+def case(request, tmp_path_factory, tiny_model_dir) -> Case:
+    folder = tiny_model_dir(seed=5)
     if request.param == "strong-layernorm":
-        _strong_layernorm(folder)
+        folder = shutil.copytree(folder, tmp_path_factory.mktemp(request.param) / "model")
+        strong_layernorm(folder)
     return Case(folder)
 
 

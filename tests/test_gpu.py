@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import PlantedDictionary
 
 from attnsae.config import SAEConfig
 from attnsae.train import train_sae, use_deterministic_kernels
-from test_recipe import PlantedDictionary
 
 pytestmark = [
     pytest.mark.gpu,

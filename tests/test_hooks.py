@@ -12,16 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from attnsae.activations import capture_z, flatten_heads, unflatten_heads  # noqa: E402
-from attnsae.config import ModelConfig  # noqa: E402
-from attnsae.models import hook_z_name, load_bridge, prepare_model  # noqa: E402
+from attnsae.models import hook_z_name, load_bridge  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_model_dir):
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("hooks") / "model"
-    prepare_model(ModelConfig(source="tiny-gpt2", seed=1), folder)
-    bridge, info = load_bridge(folder, torch.device("cpu"))
+    bridge, info = load_bridge(tiny_model_dir(seed=1), torch.device("cpu"))
     rng = np.random.default_rng(1)
     tokens = torch.from_numpy(rng.integers(0, info.vocab_size - 1, size=(3, 12))).long()
     tokens[:, 0] = info.bos_token_id

@@ -2,28 +2,26 @@
 and SAE folders written by older SAELens versions.
 
 The hub is not reachable here, so each test writes files of the published structure (a torch.save'd
-state dict plus its _cfg.json, named by the recipe) and serves them from 127.0.0.1.
+state dict plus its _cfg.json, named by the recipe) and serves them from 127.0.0.1 the way the hub serves a
+repository's files (``/<repo>/resolve/<revision>/<file>`` with the ETag and commit headers huggingface_hub reads).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import http.server
 import json
 import socket
 import threading
+import urllib.parse
 from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import REPO, TINY_EVAL_CFG, TINY_EVAL_LAYER, assert_one_line_error, invoke, perfect_sae
 from safetensors.torch import save_file
-
-# Shared with the metrics and CLI tests: the tiny GPT-2 with its eval rows, and the one-line error check.
-from test_cli import ROOT, assert_one_line_error, invoke
-from test_metrics import EVAL_CFG, LAYER, perfect_sae, tiny  # noqa: F401  (tiny is a fixture)
 
 from attnsae import published_saes
 from attnsae.errors import UserError
@@ -54,20 +52,56 @@ HUB_NAMES = [
 # Published-structure files and a loopback server
 
 
-class Quiet(http.server.SimpleHTTPRequestHandler):
+class LoopbackHub(http.server.BaseHTTPRequestHandler):
+    """Answers HEAD and GET of ``/<owner>/<name>/resolve/<revision>/<file>`` from ``folder`` as the hub does."""
+
+    folder: Path
+
     def log_message(self, *args) -> None:  # keep the test output clean
         pass
 
+    def _resolve(self) -> tuple[bytes, str] | None:
+        parts = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).strip("/").split("/")
+        if len(parts) != 5 or parts[2] != "resolve" or not (self.folder / parts[4]).is_file():
+            self.send_error(404)
+            return None
+        return (self.folder / parts[4]).read_bytes(), parts[3]
+
+    def _headers(self, body: bytes, revision: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+        self.send_header("X-Repo-Commit", revision)
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        found = self._resolve()
+        if found:
+            self._headers(*found)
+
+    def do_GET(self) -> None:
+        found = self._resolve()
+        if found:
+            self._headers(*found)
+            self.wfile.write(found[0])
+
 
 @pytest.fixture
-def hub(tmp_path):
-    """A folder served on 127.0.0.1 at a free port; yields (folder, base URL)."""
+def hub(tmp_path, monkeypatch):
+    """A folder served as the hub on 127.0.0.1 at a free port; yields (folder, endpoint URL).
+
+    The tests run with HF_HUB_OFFLINE=1 (no real hub); importing from this loopback hub needs it off.
+    """
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     folder = tmp_path / "hub"
     folder.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    handler = type("Hub", (LoopbackHub,), {"folder": folder})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}/"
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
 
@@ -136,7 +170,7 @@ def test_every_weights_file_and_the_revision_are_pinned():
 
 
 def test_table_agrees_with_the_gpt2_small_profile():
-    profile = yaml.safe_load((ROOT / "profiles" / "gpt2-small.yaml").read_text())
+    profile = yaml.safe_load((REPO / "profiles" / "gpt2-small.yaml").read_text())
     for n, entry in PUBLISHED.items():
         layer = {**profile["sae"], **profile["per_layer"][f"L{n}"]}
         assert (entry.d_sae, entry.l1_coeff, entry.dead_cutoff) == (layer["d_sae"], layer["l1_coeff"], layer["dead_cutoff"])
@@ -161,7 +195,7 @@ def test_import_all_layers_through_the_cli(hub, tmp_path, monkeypatch):
     (e0, s0), (e3, s3) = publish(folder, 0, seed=1), publish(folder, 3, seed=2)
     use_table(monkeypatch, e0, e3)
     out = tmp_path / "models" / "published"
-    result = invoke("import", "--all-layers", "--base-url", url, "--out", out)
+    result = invoke("import", "--all-layers", "--endpoint", url, "--out", out)
     assert result.exit_code == 0, result.output
     assert leftovers(out) == ["L0", "L3"]  # no download or temporary folders left behind
     for entry, state in ((e0, s0), (e3, s3)):
@@ -186,7 +220,7 @@ def test_import_one_layer_by_name(hub, tmp_path, monkeypatch):
     folder, url = hub
     entry, state = publish(folder, 5)
     use_table(monkeypatch, entry)
-    result = invoke("import", "--layer", "L5", "--base-url", url, "--out", tmp_path / "out")
+    result = invoke("import", "--layer", "L5", "--endpoint", url, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     sae, _ = load_sae(tmp_path / "out" / "L5")
     assert torch.equal(sae.W_dec, state["W_dec"])
@@ -197,9 +231,9 @@ def test_wrong_sha256_fails_in_one_line_and_keeps_the_old_folder(hub, tmp_path, 
     good, state = publish(folder, 2)
     use_table(monkeypatch, good)
     out = tmp_path / "out"
-    assert invoke("import", "--layer", "2", "--base-url", url, "--out", out).exit_code == 0
+    assert invoke("import", "--layer", "2", "--endpoint", url, "--out", out).exit_code == 0
     torch.save(random_state(768, D_SAE, seed=9), folder / good.weights_file)  # the file changes on the server
-    result = invoke("import", "--layer", "2", "--base-url", url, "--out", out)
+    result = invoke("import", "--layer", "2", "--endpoint", url, "--out", out)
     assert_one_line_error(result, good.weights_file, "does not match the pinned", good.sha256)
     assert leftovers(out) == ["L2"]  # nothing half-written next to it
     sae, _ = load_sae(out / "L2")
@@ -211,7 +245,7 @@ def test_wrong_sha256_first_import_leaves_nothing(hub, tmp_path, monkeypatch):
     entry, _ = publish(folder, 4, pin="0" * 64)
     use_table(monkeypatch, entry)
     out = tmp_path / "out"
-    assert_one_line_error(invoke("import", "--layer", "4", "--base-url", url, "--out", out), "sha256")
+    assert_one_line_error(invoke("import", "--layer", "4", "--endpoint", url, "--out", out), "sha256")
     assert leftovers(out) == []
 
 
@@ -232,7 +266,7 @@ def test_pickle_with_objects_is_refused_not_executed(hub, tmp_path, monkeypatch)
     state["extra"] = Payload(str(marker))
     entry, _ = publish(folder, 1, state=state)  # pinned to this very file: only weights_only can stop it
     use_table(monkeypatch, entry)
-    result = invoke("import", "--layer", "1", "--base-url", url, "--out", tmp_path / "out")
+    result = invoke("import", "--layer", "1", "--endpoint", url, "--out", tmp_path / "out")
     assert_one_line_error(result, entry.weights_file, "weights_only=True", "Unsupported global")
     assert not marker.exists()
     assert leftovers(tmp_path / "out") == []
@@ -255,7 +289,7 @@ def test_bad_state_dict_is_one_line(hub, tmp_path, monkeypatch, edit, fragments)
     edit(state)
     entry, _ = publish(folder, 6, state=state)
     use_table(monkeypatch, entry)
-    result = invoke("import", "--layer", "6", "--base-url", url, "--out", tmp_path / "out")
+    result = invoke("import", "--layer", "6", "--endpoint", url, "--out", tmp_path / "out")
     assert_one_line_error(result, entry.weights_file, *fragments)
     assert leftovers(tmp_path / "out") == []
 
@@ -266,7 +300,7 @@ def test_not_a_torch_file_is_one_line(hub, tmp_path, monkeypatch):
     (folder / entry.weights_file).write_bytes(b"not a zip or a pickle")
     digest = hashlib.sha256(b"not a zip or a pickle").hexdigest()
     use_table(monkeypatch, PublishedSAE(6, D_SAE, entry.l1_coeff, entry.dead_cutoff, entry.version, digest))
-    result = invoke("import", "--layer", "6", "--base-url", url, "--out", tmp_path / "out")
+    result = invoke("import", "--layer", "6", "--endpoint", url, "--out", tmp_path / "out")
     assert_one_line_error(result, "weights_only=True")
 
 
@@ -289,7 +323,7 @@ def test_published_cfg_is_checked_against_the_table(hub, tmp_path, monkeypatch, 
     edit(cfg)
     (folder / entry.cfg_file).write_text(json.dumps(cfg))
     use_table(monkeypatch, entry)
-    result = invoke("import", "--layer", "7", "--base-url", url, "--out", tmp_path / "out")
+    result = invoke("import", "--layer", "7", "--endpoint", url, "--out", tmp_path / "out")
     assert_one_line_error(result, entry.cfg_file, *fragments)
     assert leftovers(tmp_path / "out") == []
 
@@ -301,7 +335,7 @@ def test_cfg_with_dict_mult_instead_of_dict_size(hub, tmp_path, monkeypatch):
     del cfg["dict_size"]
     (folder / entry.cfg_file).write_text(json.dumps(cfg))
     use_table(monkeypatch, entry)
-    assert invoke("import", "--layer", "7", "--base-url", url, "--out", tmp_path / "out").exit_code == 0
+    assert invoke("import", "--layer", "7", "--endpoint", url, "--out", tmp_path / "out").exit_code == 0
 
 
 def test_unpinned_file_needs_a_hash_or_explicit_trust(hub, tmp_path, monkeypatch):
@@ -310,19 +344,19 @@ def test_unpinned_file_needs_a_hash_or_explicit_trust(hub, tmp_path, monkeypatch
     real_sha = hashlib.sha256((folder / entry.weights_file).read_bytes()).hexdigest()
     use_table(monkeypatch, entry)
     out = tmp_path / "out"
-    refused = invoke("import", "--layer", "9", "--base-url", url, "--out", out)
+    refused = invoke("import", "--layer", "9", "--endpoint", url, "--out", out)
     assert_one_line_error(refused, entry.weights_file, "no sha256 is pinned", "--sha256", "--trust-unpinned")
     assert leftovers(out) == []
 
-    wrong = invoke("import", "--layer", "9", "--base-url", url, "--out", out, "--sha256", "f" * 64)
+    wrong = invoke("import", "--layer", "9", "--endpoint", url, "--out", out, "--sha256", "f" * 64)
     assert_one_line_error(wrong, "does not match")
 
-    trusted = invoke("import", "--layer", "9", "--base-url", url, "--out", out, "--trust-unpinned")
+    trusted = invoke("import", "--layer", "9", "--endpoint", url, "--out", out, "--trust-unpinned")
     assert trusted.exit_code == 0, trusted.output
     source = load_sae(out / "L9")[1]["metadata"]["attnsae"]["imported"]
     assert source["sha256"] == real_sha and source["sha256_checked_against"].startswith("unpinned")
 
-    pinned = invoke("import", "--layer", "9", "--base-url", url, "--out", out, "--sha256", real_sha.upper())
+    pinned = invoke("import", "--layer", "9", "--endpoint", url, "--out", out, "--sha256", real_sha.upper())
     assert pinned.exit_code == 0, pinned.output
     assert load_sae(out / "L9")[1]["metadata"]["attnsae"]["imported"]["sha256_checked_against"] == "--sha256"
 
@@ -338,7 +372,7 @@ def test_unpinned_file_needs_a_hash_or_explicit_trust(hub, tmp_path, monkeypatch
         (["--layer", "1", "--layer", "2", "--sha256", "a" * 64], ["single --layer"]),
         (["--layer", "1", "--sha256", "xyz"], ["64 hexadecimal", "'xyz'"]),
         (["--layer", "1", "--revision", "main"], ["40-character commit", "'main'"]),
-        (["--layer", "1", "--base-url", "ftp://mirror/"], ["http(s) URL", "ftp://mirror/"]),
+        (["--layer", "1", "--endpoint", "ftp://mirror/"], ["http(s) URL", "ftp://mirror/"]),
     ],
     ids=["none", "both", "twice", "unknown", "text", "sha-two-layers", "sha-text", "revision", "scheme"],
 )
@@ -348,9 +382,12 @@ def test_bad_arguments_are_one_line(tmp_path, args, fragments):
     assert not (tmp_path / "out").exists()
 
 
-def test_hub_is_not_contacted_when_offline(tmp_path):
-    result = invoke("import", "--layer", "3", "--out", tmp_path / "out")  # invoke sets HF_HUB_OFFLINE=1
-    assert_one_line_error(result, "HF_HUB_OFFLINE", "--base-url")
+def test_hub_is_not_contacted_when_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = invoke("import", "--layer", "3", "--out", tmp_path / "out")
+    assert_one_line_error(result, "HF_HUB_OFFLINE", "--endpoint")
 
 
 def test_missing_file_on_the_server_is_one_line(hub, tmp_path, monkeypatch):
@@ -358,17 +395,20 @@ def test_missing_file_on_the_server_is_one_line(hub, tmp_path, monkeypatch):
     entry, _ = publish(folder, 10)
     (folder / entry.weights_file).unlink()
     use_table(monkeypatch, entry)
-    result = invoke("import", "--layer", "10", "--base-url", url, "--out", tmp_path / "out")
-    assert_one_line_error(result, "HTTP 404", "%2B")  # '+' in the names travels percent-encoded
+    result = invoke("import", "--layer", "10", "--endpoint", url, "--out", tmp_path / "out")
+    assert_one_line_error(result, "404 Not Found", "%2B")  # '+' in the names travels percent-encoded
     assert leftovers(tmp_path / "out") == []
 
 
 def test_unreachable_server_is_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     use_table(monkeypatch, PublishedSAE(0, D_SAE, 1.8, 1e-6, 9, "0" * 64))
-    result = invoke("import", "--layer", "0", "--base-url", f"http://127.0.0.1:{port}/", "--out", tmp_path / "out")
+    result = invoke("import", "--layer", "0", "--endpoint", f"http://127.0.0.1:{port}", "--out", tmp_path / "out")
     assert_one_line_error(result, "could not download", f"127.0.0.1:{port}")
 
 
@@ -376,18 +416,18 @@ def test_unreachable_server_is_one_line(tmp_path, monkeypatch):
 # An imported SAE evaluates like any other: a published-structure file for the tiny GPT-2
 
 
-def test_imported_sae_evaluates_on_the_tiny_model(hub, tmp_path, tiny):  # noqa: F811  (the shared fixture)
-    bridge, info, rows = tiny
+def test_imported_sae_evaluates_on_the_tiny_model(hub, tmp_path, tiny_eval_case):
+    bridge, info, rows = tiny_eval_case
     assert info.d_in == 64  # tiny-gpt2 hook_z: 4 heads x 16
     exact = perfect_sae(info.d_in)  # ReLU(x) - ReLU(-x) = x: reconstructs hook_z exactly
     state = OrderedDict((k, getattr(exact, k).detach().clone()) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
     folder, url = hub
-    entry, _ = publish(folder, LAYER, state=state, d_in=info.d_in, d_sae=2 * info.d_in)
-    import_layer(entry, tmp_path / "L1", base_url=url, d_in=info.d_in, model_name="tiny-gpt2")
+    entry, _ = publish(folder, TINY_EVAL_LAYER, state=state, d_in=info.d_in, d_sae=2 * info.d_in)
+    import_layer(entry, tmp_path / "L1", endpoint=url, d_in=info.d_in, model_name="tiny-gpt2")
 
     sae, cfg = load_sae(tmp_path / "L1")
-    assert cfg["model_name"] == "tiny-gpt2" and cfg["hook_name"] == f"blocks.{LAYER}.attn.hook_z"
-    metrics, _ = evaluate_sae(bridge, sae, LAYER, rows, EVAL_CFG, torch.device("cpu"))
+    assert cfg["model_name"] == "tiny-gpt2" and cfg["hook_name"] == f"blocks.{TINY_EVAL_LAYER}.attn.hook_z"
+    metrics, _ = evaluate_sae(bridge, sae, TINY_EVAL_LAYER, rows, TINY_EVAL_CFG, torch.device("cpu"))
     assert metrics["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert metrics["mse"] == pytest.approx(0.0, abs=1e-10)
     assert metrics["eval_tokens"] == rows.size
@@ -397,7 +437,7 @@ def test_import_refuses_a_file_for_another_width(hub, tmp_path):
     folder, url = hub
     entry, _ = publish(folder, 2, d_in=64, d_sae=128)
     with pytest.raises(UserError, match=r"'act_size' is 64, expected 768"):
-        import_layer(entry, tmp_path / "L2", base_url=url)  # GPT-2 Small's 768 by default
+        import_layer(entry, tmp_path / "L2", endpoint=url)  # GPT-2 Small's 768 by default
 
 
 # ---------------------------------------------------------------------------------------------------

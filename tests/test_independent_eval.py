@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from helpers import strong_layernorm  # noqa: E402
 from independent_eval import folded_value_bias, independent_hook_z, independent_metrics, load_hf_model  # noqa: E402
-from test_gpt2_processing import _strong_layernorm  # noqa: E402
 
-from attnsae.config import EvaluateConfig, ModelConfig  # noqa: E402
+from attnsae.config import EvaluateConfig  # noqa: E402
 from attnsae.evaluate import evaluate_sae  # noqa: E402
 from attnsae.files import sha256_file  # noqa: E402
-from attnsae.models import META_FILE, load_bridge, prepare_model, read_model_info  # noqa: E402
+from attnsae.models import META_FILE, load_bridge, read_model_info  # noqa: E402
 from attnsae.sae import SAE  # noqa: E402
 
 TOL = 1e-4  # the acceptance tolerance; measured differences are ~1e-5 or less
@@ -144,11 +145,10 @@ class TinyCase:
 
 
 @pytest.fixture(scope="module", params=["tiny-gpt2", "strong-layernorm"])
-def tiny(request, tmp_path_factory, one_thread) -> TinyCase:
-    folder = tmp_path_factory.mktemp(request.param) / "model"
-    prepare_model(ModelConfig(source="tiny-gpt2", seed=5), folder)
+def tiny(request, tmp_path_factory, tiny_model_dir, one_thread) -> TinyCase:
+    folder = shutil.copytree(tiny_model_dir(seed=5), tmp_path_factory.mktemp(request.param) / "model")
     if request.param == "strong-layernorm":
-        _strong_layernorm(folder)
+        strong_layernorm(folder)
     _sharpen(folder, SHARPEN)
     return TinyCase(folder)
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_EVAL_CFG, TINY_EVAL_LAYER, TINY_PROFILE, perfect_sae
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from attnsae.activations import capture_z  # noqa: E402
-from attnsae.config import EvaluateConfig, ModelConfig, TokenizeConfig  # noqa: E402
+from attnsae.config import TokenizeConfig  # noqa: E402
 from attnsae.corpus import synthetic_documents  # noqa: E402
 from attnsae.errors import UserError  # noqa: E402
 from attnsae.evaluate import (  # noqa: E402
@@ -28,10 +28,8 @@ from attnsae.evaluate import (  # noqa: E402
     loss_recovered,
     token_ce,
 )
-from attnsae.models import hook_z_name, load_bridge, prepare_model, read_model_info  # noqa: E402
+from attnsae.models import hook_z_name, read_model_info  # noqa: E402
 from attnsae.sae import SAE  # noqa: E402
-
-PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 # ---------------------------------------------------------------------------------------------------
 # Pure functions
@@ -168,34 +166,6 @@ def test_density_histogram_total_is_alive_count():
 # evaluate_sae on a tiny random GPT-2
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("metrics") / "model"
-    prepare_model(ModelConfig(source="tiny-gpt2", seed=0), folder)
-    bridge, info = load_bridge(folder, torch.device("cpu"))
-    rng = np.random.default_rng(0)
-    rows = rng.integers(0, info.vocab_size - 1, size=(6, 16)).astype(np.int32)
-    rows[:, 0] = info.bos_token_id
-    return bridge, info, rows
-
-
-EVAL_CFG = EvaluateConfig(batch_rows=4, device="cpu")  # 6 rows: a full batch and a partial one
-LAYER = 1
-
-
-def perfect_sae(d_in: int) -> SAE:
-    """ReLU(x) - ReLU(-x) = x: exact reconstruction with d_sae = 2 * d_in."""
-    sae = SAE(d_in, 2 * d_in)
-    eye = torch.eye(d_in)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
-
-
 def reference_ce(bridge, rows, hooks=()):
     """Mean next-token CE over every prediction of every row, computed here without evaluate.py."""
     tokens = torch.from_numpy(rows).long()
@@ -204,12 +174,13 @@ def reference_ce(bridge, rows, hooks=()):
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
 
 
-def test_evaluate_perfect_sae(tiny):
-    bridge, info, rows = tiny
-    metrics, log10_density = evaluate_sae(bridge, perfect_sae(info.d_in), LAYER, rows, EVAL_CFG, torch.device("cpu"))
+def test_evaluate_perfect_sae(tiny_eval_case):
+    bridge, info, rows = tiny_eval_case
+    metrics, log10_density = evaluate_sae(bridge, perfect_sae(info.d_in), TINY_EVAL_LAYER, rows, TINY_EVAL_CFG,
+                                          torch.device("cpu"))
     assert metrics["eval_tokens"] == rows.size == metrics["dead_fraction_tokens"]
     assert metrics["ce_clean"] == pytest.approx(reference_ce(bridge, rows), rel=1e-5)
-    zero_hook = (hook_z_name(LAYER), lambda z, hook: torch.zeros_like(z))
+    zero_hook = (hook_z_name(TINY_EVAL_LAYER), lambda z, hook: torch.zeros_like(z))
     assert metrics["ce_zero"] == pytest.approx(reference_ce(bridge, rows, [zero_hook]), rel=1e-5)
     # a random model barely cares about one layer, but the gap must be non-zero for the ratio below
     assert abs(metrics["ce_zero"] - metrics["ce_clean"]) > 1e-4
@@ -224,26 +195,26 @@ def test_evaluate_perfect_sae(tiny):
     assert log10_density.shape == (2 * info.d_in,)
 
 
-def test_evaluate_zero_output_sae(tiny):
-    bridge, info, rows = tiny
+def test_evaluate_zero_output_sae(tiny_eval_case):
+    bridge, info, rows = tiny_eval_case
     sae = SAE(info.d_in, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.W_dec.zero_()
-    metrics, _ = evaluate_sae(bridge, sae, LAYER, rows, EVAL_CFG, torch.device("cpu"))
+    metrics, _ = evaluate_sae(bridge, sae, TINY_EVAL_LAYER, rows, TINY_EVAL_CFG, torch.device("cpu"))
     assert metrics["ce_sae"] == pytest.approx(metrics["ce_zero"], abs=1e-6)
     assert metrics["loss_recovered"] == pytest.approx(0.0, abs=1e-5)
     assert metrics["kl_sae"] == pytest.approx(metrics["kl_zero"], rel=1e-5)
     # x_hat = 0: mse is the mean squared norm of hook_z over tokens
-    x = capture_z(bridge, torch.from_numpy(rows).long(), [LAYER])[LAYER]
+    x = capture_z(bridge, torch.from_numpy(rows).long(), [TINY_EVAL_LAYER])[TINY_EVAL_LAYER]
     assert metrics["mse"] == pytest.approx(x.pow(2).sum(-1).mean().item(), rel=1e-5)
     # L0 matches the encoder applied to the same activations
     assert metrics["l0"] == pytest.approx((sae.encode(x) > 0).sum(-1).float().mean().item(), rel=1e-6)
 
 
-def test_evaluate_empty_rows(tiny):
-    bridge, info, rows = tiny
+def test_evaluate_empty_rows(tiny_eval_case):
+    bridge, info, rows = tiny_eval_case
     with pytest.raises(UserError, match="empty"):
-        evaluate_sae(bridge, perfect_sae(info.d_in), LAYER, rows[:0], EVAL_CFG, torch.device("cpu"))
+        evaluate_sae(bridge, perfect_sae(info.d_in), TINY_EVAL_LAYER, rows[:0], TINY_EVAL_CFG, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,21 +222,21 @@ def test_evaluate_empty_rows(tiny):
 
 
 @pytest.fixture(scope="module")
-def sae_folder_and_tokens(tmp_path_factory):
+def sae_folder_and_tokens(tmp_path_factory, tiny_model_dir):
     from attnsae.models import load_tokenizer
     from attnsae.sae import sae_cfg, save_sae
     from attnsae.tokenization import tokenize_corpus
 
     root = tmp_path_factory.mktemp("evaluate-cli")
-    prepare_model(ModelConfig(source="tiny-gpt2", seed=0), root / "model")
-    info = read_model_info(root / "model")
+    model = tiny_model_dir(seed=0)
+    info = read_model_info(model)
     docs = list(synthetic_documents(40, 1))
     tokenize_corpus(TokenizeConfig(context_size=16, eval_fraction=0.3, max_eval_rows=12), docs,
-                    load_tokenizer(root / "model"), info.bos_token_id, root / "tokens")
+                    load_tokenizer(model), info.bos_token_id, root / "tokens")
     cfg = sae_cfg(d_in=info.d_in, d_sae=2 * info.d_in, hook_name=hook_z_name(2), layer=2, model_name="tiny-gpt2",
                   context_size=16, dataset="synthetic")
     save_sae(perfect_sae(info.d_in), root / "sae", cfg, torch.zeros(2 * info.d_in))
-    return root
+    return root, model
 
 
 def test_cli_evaluates_any_sae_folder_taking_its_layer_from_cfg(sae_folder_and_tokens, tmp_path):
@@ -273,9 +244,9 @@ def test_cli_evaluates_any_sae_folder_taking_its_layer_from_cfg(sae_folder_and_t
 
     from attnsae.cli import main
 
-    root = sae_folder_and_tokens
+    root, model = sae_folder_and_tokens
     out = tmp_path / "metrics.json"
-    args = ["evaluate", "--params", str(PROFILES / "tiny.yaml"), "--sae", str(root / "sae"), "--model", str(root / "model"),
+    args = ["evaluate", "--params", str(TINY_PROFILE), "--sae", str(root / "sae"), "--model", str(model),
             "--tokens", str(root / "tokens"), "--max-rows", "5", "--batch-rows", "2", "--out", str(out),
             "--density", str(tmp_path / "density.csv"), "--no-mlflow"]
     result = CliRunner().invoke(main, args)
@@ -295,9 +266,9 @@ def test_cli_evaluate_refuses_a_layer_the_sae_was_not_trained_on(sae_folder_and_
 
     from attnsae.cli import main
 
-    root = sae_folder_and_tokens
-    result = CliRunner().invoke(main, ["evaluate", "--params", str(PROFILES / "tiny.yaml"), "--layer", "1", "--sae",
-                                       str(root / "sae"), "--model", str(root / "model"), "--tokens", str(root / "tokens"),
+    root, model = sae_folder_and_tokens
+    result = CliRunner().invoke(main, ["evaluate", "--params", str(TINY_PROFILE), "--layer", "1", "--sae",
+                                       str(root / "sae"), "--model", str(model), "--tokens", str(root / "tokens"),
                                        "--out", str(tmp_path / "m.json"), "--no-mlflow"])
     assert result.exit_code != 0
     assert "the SAE was trained on blocks.2.attn.hook_z, not on layer 1" in result.output
@@ -310,3 +281,86 @@ def test_sae_layer_needs_an_attention_output_hook():
     assert sae_layer({"hook_name": "blocks.11.attn.hook_z"}, "x") == 11
     with pytest.raises(UserError, match=r"hook 'blocks.3.hook_resid_pre' is not an attention output \(allowed: blocks.<L>.attn.hook_z\)"):
         sae_layer({"hook_name": "blocks.3.hook_resid_pre"}, "x")
+
+
+def test_cli_evaluating_another_sae_leaves_the_pipelines_outputs_alone(sae_folder_and_tokens, tmp_path, monkeypatch):
+    """`attnsae evaluate --sae OTHER` prints its metrics; it writes reports/metrics or reports/density only when
+    told to write elsewhere, and refuses to overwrite the pipeline's own files."""
+    from click.testing import CliRunner
+
+    from attnsae import layout
+    from attnsae.cli import main
+
+    root, model = sae_folder_and_tokens
+    monkeypatch.chdir(tmp_path)
+    layout.metrics_file(2).parent.mkdir(parents=True)
+    layout.metrics_file(2).write_text("the pipeline's own result\n")
+    common = ["evaluate", "--params", str(TINY_PROFILE), "--sae", str(root / "sae"), "--model",
+              str(model), "--tokens", str(root / "tokens"), "--max-rows", "2"]
+    printed = CliRunner().invoke(main, common)
+    assert printed.exit_code == 0, printed.output
+    assert "not written" in printed.output and "loss_recovered" in printed.output
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["reports", "reports/metrics",
+                                                                                        "reports/metrics/L2.json"]
+    refused = CliRunner().invoke(main, [*common, "--out", str(layout.metrics_file(2))])
+    assert refused.exit_code != 0
+    assert "belongs to the evaluate@2 stage" in refused.output and len(refused.output.strip().splitlines()) == 1
+    assert layout.metrics_file(2).read_text() == "the pipeline's own result\n"
+
+
+def written_metrics() -> dict:
+    from attnsae.evaluate import finish
+
+    totals = Totals(d_sae=4, d_in=2)
+    totals.tokens, totals.predictions = 8, 6
+    totals.ce = {"clean": 6.0, "sae": 9.0, "zero": 12.0}
+    totals.kl = {"sae": 1.0, "zero": 2.0}
+    totals.x_sq_sum += 3.0
+    metrics, _ = finish(totals, 0.1)
+    return {"layer": 2, "hook_name": "blocks.2.attn.hook_z", "model": "m", "d_sae": 4, "sae": "s", "eval_rows": 1,
+            **metrics}
+
+
+def test_metrics_and_density_files_read_back_what_evaluate_writes(tmp_path):
+    from attnsae.evaluate import density_csv, read_density, read_metrics
+    from attnsae.files import write_json_atomic
+
+    metrics = written_metrics()
+    write_json_atomic(tmp_path / "L2.json", metrics)
+    assert read_metrics(tmp_path / "L2.json") == metrics
+    (tmp_path / "L2.csv").write_text(density_csv({"bin_edges": [-2.0, -1.0, 0.0], "counts": [3, 4]}))
+    assert read_density(tmp_path / "L2.csv") == [(-1.5, 3), (-0.5, 4)]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"l0": "12"}, "metrics key 'l0' must be a finite int or float, got '12'"),
+    ({"layer": 2.0}, "metrics key 'layer' must be a finite int, got 2.0"),
+    ({"dead_fraction": float("nan")}, "metrics key 'dead_fraction' must be a finite int or float, got nan"),
+    ({"eval_rows": True}, "metrics key 'eval_rows' must be a finite int, got True"),
+    ({"mse": None}, "metrics key 'mse' must be a finite int or float, got None"),
+])
+def test_metrics_of_the_wrong_type_are_one_line_naming_file_and_key(tmp_path, change, message):
+    from attnsae.evaluate import read_metrics
+    from attnsae.files import write_json_atomic
+
+    write_json_atomic(tmp_path / "L2.json", {**written_metrics(), **change})
+    with pytest.raises(UserError) as err:
+        read_metrics(tmp_path / "L2.json")
+    assert str(err.value) == f"{tmp_path / 'L2.json'}: {message}"
+
+
+def test_metrics_missing_a_key_and_garbled_density_are_one_line(tmp_path):
+    from attnsae.evaluate import read_density, read_metrics
+    from attnsae.files import write_json_atomic
+
+    metrics = written_metrics()
+    del metrics["kl_score"]
+    write_json_atomic(tmp_path / "L2.json", metrics)
+    with pytest.raises(UserError, match=r"L2.json: metrics file lacks 'kl_score'"):
+        read_metrics(tmp_path / "L2.json")
+    for text, fragment in (("x,y\n1,2\n", "expected the header"), ("log10_density,features\n-1.0,a\n", "line 2"),
+                           (b"\xff\xfe", "not a UTF-8 text file")):
+        path = tmp_path / "L2.csv"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(UserError, match=fragment):
+            read_density(path)

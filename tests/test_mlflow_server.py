@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, run
+from helpers import read_tiny_params, run
 from safetensors.torch import save_file
 
 from attnsae.cli import main
@@ -96,7 +96,7 @@ def workspace(tmp_path_factory, server):
     per layer (the format the activations stage writes), so training needs no model."""
     _, env = server
     root = tmp_path_factory.mktemp("team")
-    params = yaml.safe_load((REPO / "profiles/tiny.yaml").read_text())
+    params = read_tiny_params()
     params["layers"] = LAYERS
     params["per_layer"] = {f"L{n}": {} for n in LAYERS}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -160,7 +160,7 @@ def test_every_run_is_on_the_server_under_one_parent(server, trained):
 def test_every_metric_point_artifact_and_registry_version_arrived(server, trained):
     from mlflow.tracking import MlflowClient
 
-    from attnsae.tracking import dvc_md5
+    from attnsae.repository import dvc_md5
 
     url, _ = server
     client = MlflowClient(url)

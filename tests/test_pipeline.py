@@ -9,11 +9,12 @@ only that layer's stages.
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, run, stages_run  # noqa: F401  (test_pipeline_stream imports them from here)
+from helpers import run, stages_run
 
 from attnsae.sae import load_sae
 
@@ -22,14 +23,14 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_pipeline):
-    """The session's one run of the tiny pipeline (tests/conftest.py), shared with tests/test_registry.py."""
+    """The session's one run of the tiny pipeline (tests/conftest.py), shared with tests/test_verify.py."""
     return tiny_pipeline
 
 
 def test_first_repro_runs_every_stage(pipeline):
     root, _, first = pipeline
     assert stages_run(first) == {
-        "model", "corpus", "tokenize", "activations", "train@1", "train@2", "evaluate@1", "evaluate@2", "report",
+        "params", "model", "corpus", "tokenize", "activations", "train@1", "train@2", "evaluate@1", "evaluate@2", "report",
         "publish@1", "publish@2",
     }
     lock = yaml.safe_load((root / "dvc.lock").read_text())
@@ -64,26 +65,31 @@ def test_sae_folders_load_back(pipeline):
         assert card.startswith("---\n") and "library_name: saelens" in card
 
 
-def test_mlflow_has_parent_and_child_runs_with_curves(pipeline):
-    import mlflow
+def stage_runs(runs, stage: str) -> dict[str, object]:
+    """The layers' runs of one stage (train or evaluate), by layer."""
+    found = [r for r in runs if r.data.tags.get("attnsae.stage") == stage and r.data.tags.get("attnsae.layer") != "none"]
+    assert len({r.data.tags["attnsae.layer"] for r in found}) == len(found), f"two {stage} runs of one layer"
+    return {r.data.tags["attnsae.layer"]: r for r in found}
+
+
+def test_mlflow_has_a_parent_and_a_run_per_stage_and_layer(pipeline):
     from mlflow.tracking import MlflowClient
 
     root, _, _ = pipeline
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name("attnsae")
-    runs = client.search_runs([experiment.experiment_id])
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("attnsae").experiment_id])
     parents = [r for r in runs if r.data.tags.get("attnsae.layer") == "none"]
-    children = [r for r in runs if r.data.tags.get("attnsae.layer") in ("1", "2")]
-    assert len(parents) == 1
-    assert sorted(r.data.tags["attnsae.layer"] for r in children) == ["1", "2"]
-    for child in children:
+    trains, evaluations = stage_runs(runs, "train"), stage_runs(runs, "evaluate")
+    assert len(parents) == 1 and sorted(trains) == sorted(evaluations) == ["1", "2"]
+    for child in [*trains.values(), *evaluations.values()]:
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert child.info.status == "FINISHED"
-        assert "loss_recovered" in child.data.metrics and "l0" in child.data.metrics
-        history = client.get_metric_history(child.info.run_id, "train/loss")
-        assert len(history) >= 5 and history[-1].step > history[0].step
-        assert child.data.params["l1_coeff"] in ("0.01", "0.02")
+    for layer, train in trains.items():
+        history = client.get_metric_history(train.info.run_id, "train/loss")
+        curve_rows = (root / f"reports/curves/L{layer}.csv").read_text().strip().splitlines()[1:]
+        assert len(history) == len(curve_rows) >= 5 and history[-1].step > history[0].step  # each point once
+        assert train.data.params["l1_coeff"] in ("0.01", "0.02")
+        assert {"loss_recovered", "l0"} <= set(evaluations[layer].data.metrics)
 
 
 def test_mlflow_runs_carry_git_dvc_tags_and_registered_saes(pipeline):
@@ -102,19 +108,20 @@ def test_mlflow_runs_carry_git_dvc_tags_and_registered_saes(pipeline):
     assert parent.data.tags["attnsae.dvc_stage.report"] == "report"
     assert parent.data.params["per_layer.L2.l1_coeff"] == "0.02"  # params.yaml, flattened, to compare runs by
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"layers.csv", "report.md", "params.yaml"}
+    trains, evaluations = stage_runs(runs, "train"), stage_runs(runs, "evaluate")
     for layer in (1, 2):
-        child = next(r for r in runs if r.data.tags["attnsae.layer"] == str(layer))
-        tags = child.data.tags
-        assert (tags["attnsae.dvc_stage.train"], tags["attnsae.dvc_stage.evaluate"]) == (f"train@{layer}", f"evaluate@{layer}")
+        train, evaluation = trains[str(layer)], evaluations[str(layer)]
+        assert train.data.tags["attnsae.dvc_stage.train"] == f"train@{layer}"
+        assert evaluation.data.tags["attnsae.dvc_stage.evaluate"] == f"evaluate@{layer}"
         recorded = next(o["md5"] for o in lock[f"train@{layer}"]["outs"] if o["path"] == f"models/sae/L{layer}")
-        assert tags["attnsae.dvc_md5"] == recorded == tags["attnsae.evaluated_sae_dvc_md5"]
-        assert tags["attnsae.sae_path"] == f"models/sae/L{layer}"
+        assert train.data.tags["attnsae.dvc_md5"] == recorded == evaluation.data.tags["attnsae.evaluated_sae_dvc_md5"]
+        assert train.data.tags["attnsae.sae_path"] == f"models/sae/L{layer}"
         metrics = json.loads((root / f"reports/metrics/L{layer}.json").read_text())
-        assert parent.data.metrics[f"L{layer}/loss_recovered"] == child.data.metrics["loss_recovered"] == metrics["loss_recovered"]
+        assert parent.data.metrics[f"L{layer}/loss_recovered"] == evaluation.data.metrics["loss_recovered"] == metrics["loss_recovered"]
         (version,) = client.search_model_versions(f"name='attnsae-tiny-gpt2-L{layer}'")
-        assert (version.run_id, version.source) == (child.info.run_id, f"runs:/{child.info.run_id}/sae")
+        assert (version.run_id, version.source) == (train.info.run_id, f"runs:/{train.info.run_id}/sae")
         assert (version.tags["attnsae.dvc_md5"], version.tags["attnsae.sae_path"]) == (recorded, f"models/sae/L{layer}")
-        assert [a.path for a in client.list_artifacts(child.info.run_id, "sae")] == ["sae/cfg.json"]  # weights stay in DVC
+        assert [a.path for a in client.list_artifacts(train.info.run_id, "sae")] == ["sae/cfg.json"]  # weights stay in DVC
 
 
 def test_second_repro_does_nothing_and_one_layer_change_retrains_only_it(pipeline):
@@ -125,4 +132,45 @@ def test_second_repro_does_nothing_and_one_layer_change_retrains_only_it(pipelin
     params["per_layer"]["L2"] = {"l1_coeff": 0.05}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run(["dvc", "repro"], root, env)
-    assert stages_run(third) == {"train@2", "evaluate@2", "report", "publish@2"}
+    assert stages_run(third) == {"params", "train@2", "evaluate@2", "report", "publish@2"}
+
+
+@pytest.mark.parametrize("module, stages", [
+    ("train.py", {"train@1", "train@2"}),
+    ("evaluate.py", {"evaluate@1", "evaluate@2", "report", "publish@1", "publish@2"}),  # report and publish read its files
+    ("sae.py", {"train@1", "train@2", "evaluate@1", "evaluate@2", "report", "publish@1", "publish@2"}),
+])
+def test_a_changed_byte_of_code_makes_exactly_its_stages_stale(pipeline, module, stages):
+    """dvc.lock vouches for the code: a stage whose code changed is stale, every other stage is not. (What
+    follows a stale stage reruns only if its output then changes: DVC compares the outputs' hashes.)"""
+    root, env, _ = pipeline
+    path = root / "src" / "attnsae" / module
+    original = path.read_bytes()
+    path.write_bytes(original + b"\n")
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], root, env))
+    finally:
+        path.write_bytes(original)
+    assert set(status) == stages
+    assert all({"changed deps": {f"src/attnsae/{module}": "modified"}} in status[stage] for stage in stages)
+    assert json.loads(run(["dvc", "status", "--json"], root, env)) == {}
+
+
+def test_a_bad_param_stops_the_pipeline_before_any_result_is_deleted(pipeline):
+    """DVC deletes a stage's outputs before running it: the params stage must refuse the value first."""
+    root, env, _ = pipeline
+    results = sorted(p for p in (root / "reports").rglob("*") if p.is_file() and p.name != "params-check.txt")
+    before = {p: p.read_bytes() for p in [*results, *(root / "models/sae").rglob("*.safetensors")]}
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["sae"]["lr"] = -0.001
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        failed = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True)
+    finally:
+        (root / "params.yaml").write_text(original)
+    assert failed.returncode != 0
+    assert "params.yaml: bad value for 'sae.lr': must be a finite number > 0 (got -0.001)" in failed.stderr + failed.stdout
+    assert stages_run(failed.stdout) == {"params"}
+    assert {p: p.read_bytes() for p in before} == before  # every result is still there, unchanged
+    assert stages_run(run(["dvc", "repro"], root, env)) == {"params"}  # the check passes again; nothing else reruns

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import yaml
 
 from attnsae.sae import load_sae
-from test_pipeline import REPO, run, stages_run
+from helpers import REPO, copy_project_files, run, stages_run
 
 pytestmark = pytest.mark.integration
 
@@ -19,8 +18,7 @@ def test_gpt2_small_profile_streams_end_to_end_on_tiny_gpt2(tmp_path):
 
     root = tmp_path / "repo"
     root.mkdir()
-    for name in ("pipelines", "profiles"):
-        shutil.copytree(REPO / name, root / name)
+    copy_project_files(root)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     run(["git", "init", "-q"], root, env)
     run(["dvc", "init", "-q"], root, env)
@@ -46,8 +44,8 @@ def test_gpt2_small_profile_streams_end_to_end_on_tiny_gpt2(tmp_path):
     (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
 
     output = run(["dvc", "repro"], root, env)
-    assert stages_run(output) == {"model", "corpus", "tokenize", "train", "evaluate@1", "evaluate@3", "report",
-                                  "publish@1", "publish@3"}
+    assert stages_run(output) == {"params", "model", "corpus", "tokenize", "train", "evaluate@1", "evaluate@3",
+                                  "report", "publish@1", "publish@3"}
     assert "fed 2 SAEs" in output
     assert not (root / "data" / "activations").exists()
     # the text is never stored: the corpus is a manifest, the tokens are the eval rows

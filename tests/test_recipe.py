@@ -16,42 +16,18 @@ import math
 
 import pytest
 import torch
+from helpers import PlantedDictionary
 
 import attnsae.train as train_module
 from attnsae.config import SAEConfig
 from attnsae.sae import SAE
 from attnsae.train import TrainResult, train_sae
 
-D_IN = 32
-N_TRUE = 64
-ACTIVE = 3
 COS_THRESHOLD = 0.9
 MIN_RECOVERED = 0.9
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class PlantedDictionary:
-    """A ``RowSource``: each row is the sum of ``active`` of ``n_true`` unit directions, magnitudes in [0.5, 1.5).
-
-    The dictionary and the row stream come from their own seeded generators, so two sources built
-    with the same seed serve the same rows in the same order.
-    """
-
-    def __init__(self, d_in: int = D_IN, n_true: int = N_TRUE, active: int = ACTIVE, seed: int = 0):
-        self.d_in, self.n_true, self.active = d_in, n_true, active
-        dictionary_gen = torch.Generator().manual_seed(seed)
-        directions = torch.randn(n_true, d_in, generator=dictionary_gen)
-        self.directions = directions / directions.norm(dim=-1, keepdim=True)
-        self.gen = torch.Generator().manual_seed(seed + 1)
-
-    def take(self, n: int) -> torch.Tensor:
-        # `active` distinct directions per row: the first columns of a random permutation of each row
-        which = torch.rand(n, self.n_true, generator=self.gen).argsort(dim=-1)[:, : self.active]
-        magnitudes = 0.5 + torch.rand(n, self.active, generator=self.gen)
-        coefficients = torch.zeros(n, self.n_true).scatter_(1, which, magnitudes)
-        return coefficients @ self.directions
 
 
 def best_cosines(W_dec: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -95,7 +71,7 @@ def test_planted_dictionary_is_recovered(planted_run):
 
 def test_recovery_criterion_rejects_untrained_sae(planted_run):
     source, _ = planted_run
-    untrained = SAE(D_IN, planted_cfg().d_sae, generator=torch.Generator().manual_seed(planted_cfg().seed))
+    untrained = SAE(source.d_in, planted_cfg().d_sae, generator=torch.Generator().manual_seed(planted_cfg().seed))
     assert recovered_fraction(untrained.W_dec, source.directions) < 0.1
 
 

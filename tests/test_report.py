@@ -6,8 +6,10 @@ no model is loaded.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import html.parser
+import io
 import json
 import re
 import shutil
@@ -17,13 +19,12 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers import REPO
 
 from attnsae import comparison, publish, report
 from attnsae.cli import main
 from attnsae.errors import UserError
 from attnsae.sae import SAE, load_sae, sae_cfg, save_sae
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # design.md 2, transcribed by hand (a second, independent copy of the anchor table).
 DESIGN_TABLE = """
@@ -48,7 +49,7 @@ TINY = {"source": "tiny-gpt2", "name": "tiny-gpt2 (random weights, seed 0)", "n_
 
 def metrics_for(layer: int, model: dict, **values) -> dict:
     base = {
-        "layer": layer, "hook_name": f"blocks.{layer}.attn.hook_z", "model": model["name"], "d_sae": 24576,
+        "layer": layer, "hook_name": f"blocks.{layer}.attn.hook_z", "model": model["name"], "d_sae": 24576, "eval_rows": 32,
         "l0": 10.0 + layer, "loss_recovered": 0.8, "ce_clean": 3.3, "ce_sae": 3.4, "ce_zero": 3.8,
         "ce_increase": 0.1, "ce_increase_zero": 0.5, "kl_sae": 0.1, "kl_zero": 0.5, "kl_score": 0.8, "mse": 1.5,
         "explained_variance": 0.7, "dead_fraction": 0.25, "dead_fraction_tokens": 4096, "dense_fraction": 0.01,
@@ -64,7 +65,9 @@ def make_run(root: Path, model: dict, metrics: dict[int, dict]) -> dict[str, Pat
         d.mkdir(parents=True, exist_ok=True)
     info = {**model, "vocab_size": 50257, "bos_token_id": 0, "sha256": {}}
     (dirs["model"] / "attnsae_model.json").write_text(json.dumps(info))
-    tokens = {"corpus": "hf:Skylion007/openwebtext (streamed)", "context_size": 128, "tokens": {"train": 123456, "eval": 4096}}
+    tokens = {"corpus": "hf:Skylion007/openwebtext (streamed)", "context_size": 128, "bos_token_id": 0,
+              "eval_fraction": 0.05, "split_seed": 49, "documents": {"train": 900, "eval": 40},
+              "rows": {"train": 964, "eval": 32}, "tokens": {"train": 123456, "eval": 4096}}
     (dirs["tokens"] / "meta.json").write_text(json.dumps(tokens))
     for layer, m in metrics.items():
         (dirs["metrics"] / f"L{layer}.json").write_text(json.dumps(m))
@@ -73,8 +76,8 @@ def make_run(root: Path, model: dict, metrics: dict[int, dict]) -> dict[str, Pat
 
 
 def build(dirs: dict[str, Path], layers: list[int], compare: str) -> str:
-    return report.build_report(layers, dirs["metrics"], dirs["density"], dirs["model"], dirs["tokens"], dirs["out"],
-                               compare=compare, sae_dir=dirs["sae"])
+    return report.build_report(layers, dirs["out"], compare, metrics_dir=dirs["metrics"], density_dir=dirs["density"],
+                               model_dir=dirs["model"], tokens_dir=dirs["tokens"], sae_root=dirs["sae"]).markdown
 
 
 def table_rows(markdown: str, first_cell: str) -> list[list[str]]:
@@ -231,10 +234,10 @@ def test_report_refuses_published_for_smollm2(tmp_path):
 
 def test_report_from_committed_quickstart_metrics(tmp_path):
     """The committed quickstart outputs render, compared with themselves as an 'earlier run'."""
-    layers = sorted(int(p.stem[1:]) for p in (ROOT / "reports/metrics").glob("L*.json"))
+    layers = sorted(int(p.stem[1:]) for p in (REPO / "reports/metrics").glob("L*.json"))
     dirs = make_run(tmp_path, SMOLLM2, {})
-    shutil.copytree(ROOT / "reports/metrics", dirs["metrics"], dirs_exist_ok=True)
-    shutil.copytree(ROOT / "reports/density", dirs["density"], dirs_exist_ok=True)
+    shutil.copytree(REPO / "reports/metrics", dirs["metrics"], dirs_exist_ok=True)
+    shutil.copytree(REPO / "reports/density", dirs["density"], dirs_exist_ok=True)
     model = json.loads((dirs["metrics"] / f"L{layers[0]}.json").read_text())["model"]
     (dirs["model"] / "attnsae_model.json").write_text(json.dumps({**SMOLLM2, "name": model, "vocab_size": 1, "bos_token_id": 0, "sha256": {}}))
     markdown = build(dirs, layers, str(dirs["metrics"]))
@@ -250,7 +253,7 @@ def run_report_cli(tmp_path, monkeypatch, compare):
     for name, target in (("model", "models/base"), ("tokens", "data/tokens"), ("metrics", "reports/metrics"),
                          ("density", "reports/density")):
         shutil.copytree(dirs[name], tmp_path / target)
-    params = yaml.safe_load((ROOT / "profiles/quickstart.yaml").read_text())
+    params = yaml.safe_load((REPO / "profiles/quickstart.yaml").read_text())
     params.update(layers=[3], per_layer={"L3": {}}, report={"compare": compare})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
@@ -392,3 +395,13 @@ def test_cli_publish(tmp_path, monkeypatch):
     missing = CliRunner().invoke(main, ["publish", "--layer", "7"])
     assert missing.exit_code == 1 and len(missing.output.strip().splitlines()) == 1
     assert "models/sae/L7" in missing.output
+
+
+def test_layer_table_has_one_row_per_layer_and_numeric_columns():
+    table = report.layer_table_csv([
+        {"layer": 1, "model": "m", "l0": 3.5, "loss_recovered": 0.9, "flag": True},
+        {"layer": 2, "model": "m", "l0": 7.0, "loss_recovered": 0.8, "mse": 1.0},
+    ])
+    rows = list(csv.DictReader(io.StringIO(table)))
+    assert list(rows[0]) == ["layer", "l0", "loss_recovered", "mse"]
+    assert [(r["layer"], float(r["l0"]), r["mse"]) for r in rows] == [("1", 3.5, ""), ("2", 7.0, "1.0")]

@@ -76,15 +76,21 @@ def fake_gpt2_run(root: Path) -> Path:
         "vocab_size": 50257, "bos_token_id": 50256, "sha256": {},
     }))
     (root / "tokens/meta.json").write_text(json.dumps({"corpus": "hf:Skylion007/openwebtext (streamed)", "context_size": 128,
+                                                       "bos_token_id": 50256, "eval_fraction": 0.05, "split_seed": 49,
+                                                       "documents": {"train": 5000, "eval": 60},
+                                                       "rows": {"train": 7813, "eval": 64},
                                                        "tokens": {"train": 10**6, "eval": 8192}}))
     for i, layer in enumerate(LAYERS):
-        metrics = {"layer": layer, "model": "gpt2 (test)", "d_sae": 24576, "l0": 8.0 + 3 * i, "loss_recovered": 0.8 + 0.04 * i,
-                   "dead_fraction": 0.1 * i, "explained_variance": 0.6, "ce_increase": 0.1, "ce_increase_zero": 1.0,
-                   "kl_score": 0.9, "mse": 1.0, "dense_fraction": 0.01, "eval_tokens": 8192, "dead_fraction_tokens": 8192}
+        metrics = {"layer": layer, "hook_name": f"blocks.{layer}.attn.hook_z", "model": "gpt2 (test)", "d_sae": 24576,
+                   "eval_rows": 64, "l0": 8.0 + 3 * i, "loss_recovered": 0.8 + 0.04 * i, "ce_clean": 3.3,
+                   "ce_sae": 3.4, "ce_zero": 4.3, "ce_increase": 0.1, "ce_increase_zero": 1.0, "kl_sae": 0.05,
+                   "kl_zero": 0.5, "kl_score": 0.9, "mse": 1.0, "explained_variance": 0.6, "dead_fraction": 0.1 * i,
+                   "dead_fraction_tokens": 8192, "dense_fraction": 0.01, "dense_threshold": 0.1, "eval_tokens": 8192}
         (root / f"metrics/L{layer}.json").write_text(json.dumps(metrics))
         bins = "\n".join(f"{-6 + 0.5 * b:.1f},{(b * 37) % 50}" for b in range(12))
         (root / f"density/L{layer}.csv").write_text("log10_density,features\n" + bins + "\n")
-    build_report(LAYERS, root / "metrics", root / "density", root / "model", root / "tokens", root / "out", compare="auto")
+    build_report(LAYERS, root / "out", "auto", metrics_dir=root / "metrics", density_dir=root / "density",
+                 model_dir=root / "model", tokens_dir=root / "tokens", sae_root=None)
     return root / "out" / "index.html"
 
 

@@ -27,7 +27,9 @@ def cache(tmp_path):
     folder.mkdir()
     rows = (torch.randn(3000, D_IN, generator=gen) * (torch.rand(3000, D_IN, generator=gen) < 0.3)).to(torch.bfloat16)
     save_file({"z": rows}, str(folder / "shard_00000.safetensors"))
-    (folder / "meta.json").write_text(json.dumps({"rows": 3000, "d_in": D_IN, "hook_name": "blocks.0.attn.hook_z"}))
+    meta = {"layer": 0, "hook_name": "blocks.0.attn.hook_z", "d_in": D_IN, "rows": 3000, "context_size": 8,
+            "model": "test", "model_source": "test", "dataset": "random rows"}
+    (folder / "meta.json").write_text(json.dumps(meta))
     return folder
 
 

@@ -224,7 +224,7 @@ def trained_sae_and_adam(d_in=4, d_sae=6, seed=0):
     with torch.no_grad():
         sae.b_dec.copy_(torch.randn(d_in, generator=gen))
         sae.b_enc.copy_(torch.rand(d_sae, generator=gen) + 0.1)
-    cfg = SAEConfig(d_sae=d_sae, l1_coeff=0.1, train_tokens=64)
+    cfg = SAEConfig(d_sae=d_sae, l1_coeff=0.1, train_tokens=4096)  # only the optimizer settings matter here
     optimizer = make_optimizer(sae, cfg)
     for _ in range(3):  # a few steps so every Adam moment is non-zero
         out = sae(torch.randn(32, d_in, generator=gen) * 2, 0.1)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+from attnsae import layout
 from attnsae.cli import main
 
 from attnsae.activations import (
@@ -17,12 +17,11 @@ from attnsae.activations import (
     ArrayRows,
     ModelStream,
     cache_activations,
-    layer_dir,
 )
 from attnsae.config import ActivationsConfig, CorpusConfig, ModelConfig, SAEConfig, TokenizeConfig
 from attnsae.corpus import build_corpus, open_documents, synthetic_documents
 from attnsae.errors import UserError
-from attnsae.models import load_bridge, load_tokenizer, prepare_model, read_model_info
+from attnsae.models import load_bridge, load_tokenizer, read_model_info
 from attnsae.sae import load_sae
 from attnsae.tokenization import (
     is_eval_document,
@@ -40,9 +39,9 @@ CACHE_TOKENS = 64 * 32
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("stream")
-    prepare_model(ModelConfig(source="tiny-gpt2"), root / "model")
+    shutil.copytree(tiny_model_dir(seed=0), root / "model")  # the stages' outputs side by side, as in a workspace
     info = read_model_info(root / "model")
     docs = list(synthetic_documents(60, 3))
     tokenize_corpus(TokenizeConfig(context_size=32, eval_fraction=0.1), docs, load_tokenizer(root / "model"),
@@ -50,7 +49,7 @@ def setup(tmp_path_factory):
     cache_activations(ActivationsConfig(tokens=CACHE_TOKENS, batch_rows=BATCH_ROWS, shard_tokens=512),
                       ModelConfig(source="tiny-gpt2"), root / "model", root / "tokens", LAYERS, root / "acts")
     # A streamed corpus: only its manifest is stored; tokenize keeps the eval rows, training reads the rest.
-    build_corpus(CorpusConfig(sources=["synthetic"], synthetic_documents=400), root / "corpus", seed=3, stream=True)
+    build_corpus(CorpusConfig(sources=["synthetic"], synthetic_documents=400, seed=3), root / "corpus", stream=True)
     tokenize_corpus(TokenizeConfig(context_size=32, eval_fraction=0.1, max_eval_rows=4), open_documents(root / "corpus"),
                     load_tokenizer(root / "model"), info.bos_token_id, root / "stream-tokens", streamed=True)
     return root, info
@@ -65,7 +64,7 @@ def sae_cfg(l1: float) -> SAEConfig:
 def test_one_pass_for_all_layers_equals_training_each_layer_from_the_cache(setup):
     root, info = setup
     cfgs = {1: sae_cfg(0.01), 2: sae_cfg(0.02)}
-    alone = {n: train_sae(cfgs[n], DiskActivations(layer_dir(root / "acts", n)), progress=False) for n in LAYERS}
+    alone = {n: train_sae(cfgs[n], DiskActivations(layout.activations_dir(n, root / "acts")), progress=False) for n in LAYERS}
 
     bridge, _ = load_bridge(root / "model", torch.device("cpu"))
     rows = load_rows(root / "tokens", "train")[: CACHE_TOKENS // 32]
@@ -85,7 +84,7 @@ def test_one_pass_for_all_layers_equals_training_each_layer_from_the_cache(setup
 def test_layers_trained_together_must_share_the_schedule(setup):
     root, info = setup
     a, b = sae_cfg(0.01), sae_cfg(0.01).model_copy(update={"train_tokens": 256 * 50})
-    sources = {n: DiskActivations(layer_dir(root / "acts", n)) for n in LAYERS}
+    sources = {n: DiskActivations(layout.activations_dir(n, root / "acts")) for n in LAYERS}
     with pytest.raises(UserError, match="layer 2 differs"):
         train_saes({1: a, 2: b}, sources, progress=False)
 
@@ -155,16 +154,15 @@ def test_streamed_training_reads_exactly_the_train_documents(setup):
 
 
 @pytest.fixture()
-def tiny_params_here(tmp_path, monkeypatch):
+def in_tiny_workspace(tiny_params_file, monkeypatch):
     """The working folder is a fresh one holding the tiny profile as params.yaml."""
-    shutil.copy(Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    monkeypatch.chdir(tiny_params_file.parent)
+    return tiny_params_file.parent
 
 
-def test_cli_trains_several_layers_from_one_pass(setup, tiny_params_here):
+def test_cli_trains_several_layers_from_one_pass(setup, in_tiny_workspace):
     root, _ = setup
-    tmp_path = tiny_params_here
+    tmp_path = in_tiny_workspace
     args = ["train", "--layer", "1", "--layer", "L2", "--stream", "--no-mlflow", "--model", str(root / "model"),
             "--corpus", str(root / "corpus"), "--tokens", str(root / "stream-tokens")]
     result = CliRunner().invoke(main, args)
@@ -183,7 +181,7 @@ def test_cli_trains_several_layers_from_one_pass(setup, tiny_params_here):
         (["--layer", "1", "--layer", "2", "--stream", "--out", "x"], "--out and --curves name one layer's files"),
     ],
 )
-def test_cli_rejects_bad_layer_combinations(tiny_params_here, args, message):
+def test_cli_rejects_bad_layer_combinations(in_tiny_workspace, args, message):
     result = CliRunner().invoke(main, ["train", *args, "--no-mlflow"])
     assert result.exit_code != 0
     assert message in result.output and len(result.output.strip().splitlines()) == 1

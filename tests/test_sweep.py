@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import run
+from helpers import run
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,8 @@ def test_each_experiment_is_a_parent_run_in_the_main_store(sweep):
         parent = parents[name]
         assert parent.data.params["per_layer.L2.l1_coeff"] == str(value)
         assert parent.data.metrics["L2/l0"] == found[name]["data"]["metrics"]["reports/metrics/L2.json"]["data"]["l0"]
-        (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                    and r.data.tags.get("attnsae.stage") == "train"]
         assert child.data.tags["attnsae.layer"] == "2" and child.data.params["l1_coeff"] == str(value)
         lock = yaml.safe_load(run(["git", "show", f"{found[name]['rev']}:dvc.lock"], root, env))
         recorded = next(o["md5"] for o in lock["stages"]["train@2"]["outs"] if o["path"] == "models/sae/L2")

@@ -1,5 +1,8 @@
 """Where activations come from: hook_z of the pinned model, heads concatenated.
 
+The stage reads ``models/base`` and ``data/tokens`` and writes ``data/activations/L<n>``; train@L reads it
+back with ``DiskActivations``. Every path: layout.py.
+
 - ``capture_z``: one forward pass, hook_z of every requested layer, reshaped [batch*pos, heads*d_head].
 - The `activations` stage (``cache_activations``): a bounded disk cache, bf16 shards per layer.
 - ``DiskActivations``: reads a layer's cache back as an endless stream of rows (epochs).
@@ -19,21 +22,22 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
 from tqdm import tqdm
 
+from attnsae import layout
 from attnsae.config import ActivationsConfig, ModelConfig
 from attnsae.errors import UserError
-from attnsae.files import atomic_dir
-from attnsae.models import autocast_dtype, hook_z_name, load_bridge, resolve_device
+from attnsae.files import atomic_dir, read_json_as, read_safetensors, write_safetensors
+from attnsae.models import autocast_dtype, hook_z_name, load_bridge, read_model_info, resolve_device
 from attnsae.tokenization import load_rows, read_tokens_meta
 
 STORE_DTYPE = torch.bfloat16
 META_FILE = "meta.json"
 
 
-def layer_dir(activations_dir: str | Path, layer: int) -> Path:
-    return Path(activations_dir) / f"L{layer}"
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
 
 
 def flatten_heads(z: torch.Tensor) -> torch.Tensor:
@@ -72,11 +76,13 @@ def cache_activations(
     layers: list[int],
     out_dir: str | Path,
 ) -> dict:
-    device = resolve_device(model_cfg.device)
-    bridge, info = load_bridge(model_dir, device)
+    info = read_model_info(model_dir)
     for layer in layers:
         info.check_layer(layer)
-    rows = load_rows(tokens_dir, "train")
+    rows = load_rows(tokens_dir, "train", vocab_size=info.vocab_size)
+    dataset = read_tokens_meta(tokens_dir)["corpus"]  # read before the slow part, so a bad file fails first
+    device = resolve_device(model_cfg.device)
+    bridge, _ = load_bridge(model_dir, device)
     context = rows.shape[1]
     n_rows = min(len(rows), max(1, cfg.tokens // context))
     if cfg.tokens > len(rows) * context:
@@ -88,13 +94,13 @@ def cache_activations(
     shard_index = 0
     with atomic_dir(out_dir) as tmp:
         for layer in layers:
-            layer_dir(tmp, layer).mkdir()
+            layout.activations_dir(layer, tmp).mkdir()
 
         def flush() -> None:
             nonlocal shard_index
             for layer in layers:
                 shard = torch.cat(pending[layer]).to(STORE_DTYPE).contiguous()
-                save_file({"z": shard}, str(layer_dir(tmp, layer) / f"shard_{shard_index:05d}.safetensors"))
+                write_safetensors(layout.activations_dir(layer, tmp) / shard_name(shard_index), {"z": shard})
                 counts[layer] += len(shard)
                 pending[layer].clear()
             shard_index += 1
@@ -123,9 +129,10 @@ def cache_activations(
                 "dtype": "bfloat16",
                 "model": info.name,
                 "model_source": info.source,
-                "dataset": read_tokens_meta(tokens_dir).get("corpus", ""),
+                "dataset": dataset,
+                "shards": shard_index,
             }
-            (layer_dir(tmp, layer) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            (layout.activations_dir(layer, tmp) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return {"layers": layers, "rows": n_rows, "tokens": n_rows * context, "d_in": info.d_in}
 
 
@@ -137,20 +144,50 @@ class RowSource(Protocol):
     def take(self, n: int) -> torch.Tensor: ...
 
 
+class ActivationsMeta(BaseModel):
+    """meta.json of a layer's activation cache (keys as ``cache_activations`` writes them)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    layer: NonNegativeInt
+    hook_name: str
+    d_in: PositiveInt
+    rows: PositiveInt
+    context_size: PositiveInt
+    model: str
+    model_source: str
+    dataset: str
+    shards: PositiveInt | None = None  # caches written before the count was recorded: the files found
+
+
+def read_shards(folder: Path, meta: ActivationsMeta) -> torch.Tensor:
+    """Every shard's rows in order; a missing, corrupt or misshapen shard is one line naming it."""
+    n_shards = meta.shards or len(list(folder.glob("shard_*.safetensors")))
+    parts = []
+    for index in range(n_shards):
+        path = folder / shard_name(index)
+        if not path.is_file():
+            raise UserError(f"{path}: missing shard ({n_shards} expected); run `attnsae activations` again")
+        z = read_safetensors(path).get("z")
+        if z is None or z.ndim != 2 or z.shape[1] != meta.d_in or not z.is_floating_point():
+            got = "no tensor 'z'" if z is None else f"'z' {z.dtype} of shape {tuple(z.shape)}"
+            raise UserError(f"{path}: expected a float tensor 'z' of shape [rows, {meta.d_in}], got {got}")
+        parts.append(z)
+    rows = torch.cat(parts) if parts else torch.zeros(0, meta.d_in, dtype=STORE_DTYPE)
+    if len(rows) != meta.rows:
+        raise UserError(f"{folder}: {len(rows)} rows in {n_shards} shards, {META_FILE} says {meta.rows}")
+    return rows
+
+
 class DiskActivations:
     """A layer's cached activations, served in stored order and cycled (each cycle is one epoch)."""
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
-        meta_path = folder / META_FILE
-        if not meta_path.is_file():
-            raise UserError(f"{folder}: no cached activations for this layer (missing {META_FILE}); run `attnsae activations`")
-        self.meta = json.loads(meta_path.read_text())
-        shards = sorted(folder.glob("shard_*.safetensors"))
-        self.rows = torch.cat([load_file(str(s))["z"] for s in shards])
-        if len(self.rows) != self.meta["rows"]:
-            raise UserError(f"{folder}: {len(self.rows)} rows on disk, meta.json says {self.meta['rows']}")
-        self.d_in = int(self.meta["d_in"])
+        meta = read_json_as(folder / META_FILE, ActivationsMeta, written_by="activations")
+        self.rows = read_shards(folder, meta)
+        self.meta = meta.model_dump()
+        self.d_in = meta.d_in
         self.position = 0
         self.epochs = 0
 

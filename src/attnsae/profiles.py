@@ -13,11 +13,9 @@ from typing import Any
 
 import yaml
 
-from attnsae import config
+from attnsae import config, layout
 from attnsae.errors import UserError
 from attnsae.files import write_text_atomic
-
-PUBLISHED_DIR = "models/published"
 
 ARTIFACTS_COMMENT = (
     "# Written by `attnsae profile NAME` for the profile's layers (not part of pipelines/*.yaml): each layer's\n"
@@ -59,7 +57,7 @@ def artifacts_section(profile: str, params: dict[str, Any]) -> dict[str, dict[st
             ) from None
         hook = hook_z_name(layer)
         section[name] = {
-            "path": f"{PUBLISHED_DIR}/L{layer}",
+            "path": layout.published_dir(layer).as_posix(),
             "type": "model",  # what DVC's model registry lists
             "desc": f"Sparse autoencoder on {hook} of {model} ({profile} profile); SAELens folder with a model card",
             "labels": ["sae", "attention", "hook_z", profile],

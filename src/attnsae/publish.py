@@ -1,5 +1,8 @@
 """The `publish@L` stage: an SAE folder plus a model card (README.md), ready to upload as it is.
 
+Reads ``models/sae/L<n>`` and ``reports/metrics/L<n>.json``; writes ``models/published/L<n>``
+(``publish_layer``), which ``attnsae verify`` and other repositories read. Every path: layout.py.
+
 The card is built from the SAE's cfg.json and the layer's metrics JSON only, so its numbers are the
 evaluated ones. The train stage's folder is never touched (DVC owns it as that stage's output):
 publishing copies the SAE files into a separate folder, ``models/published/L<n>`` by default.
@@ -14,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from attnsae.comparison import read_metrics_file
 from attnsae.errors import UserError
+from attnsae.evaluate import read_metrics
 from attnsae.files import atomic_dir
-from attnsae.sae import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, load_sae
+from attnsae.sae import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, attnsae_metadata, cfg_value, load_sae
 
 CARD_FILE = "README.md"
 # The SAE weights are this project's output, published under the project's own licence (pyproject.toml).
@@ -68,9 +71,8 @@ def _number(value) -> float | None:
 
 def card_metadata(cfg: dict, metrics: dict) -> dict:
     """The YAML front matter: licence, library, base model, datasets, tags, and the metrics as a model-index."""
-    source = cfg.get("model_name") or cfg.get("metadata", {}).get("model_name")
-    hook = cfg.get("hook_name") or cfg.get("metadata", {}).get("hook_name")
-    dataset = cfg.get("dataset_path") or cfg.get("metadata", {}).get("dataset_path") or "unknown"
+    source, hook = cfg_value(cfg, "model_name"), cfg_value(cfg, "hook_name")
+    dataset = cfg_value(cfg, "dataset_path") or "unknown"
     datasets = hub_datasets(dataset)
     results = [
         {"type": mtype, "name": name, "value": _number(metrics.get(key))}
@@ -110,10 +112,8 @@ def _fmt(value, pattern: str) -> str:
 
 def card_text(cfg: dict, metrics: dict) -> str:
     """README.md for one SAE folder: front matter, then what it is, its numbers, and how to load it."""
-    meta = cfg.get("metadata", {})
-    train = meta.get("attnsae", {})
-    source = cfg.get("model_name") or meta.get("model_name")
-    hook = cfg.get("hook_name") or meta.get("hook_name")
+    train = attnsae_metadata(cfg)
+    source, hook = cfg_value(cfg, "model_name"), cfg_value(cfg, "hook_name")
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     trained = train.get("trained_tokens")
     l1 = train.get("train", {}).get("l1_coeff")
@@ -138,7 +138,7 @@ log10 feature densities), with `reshape_activations: "hook_z"`.
 - d_in {d_in}, d_sae {d_sae} ({d_sae / d_in:g}x)
 - architecture: `f = ReLU((x - b_dec) @ W_enc + b_enc)`, `x_hat = f @ W_dec + b_dec`, decoder rows unit norm
 - training tokens: {_fmt(trained, '{:,}')}; L1 coefficient: {_fmt(l1, '{:g}')}
-- training data: {cfg.get('dataset_path') or meta.get('dataset_path') or 'unknown'}, {cfg.get('context_size') or meta.get('context_size')} tokens per row, BOS first
+- training data: {cfg_value(cfg, 'dataset_path') or 'unknown'}, {cfg_value(cfg, 'context_size')} tokens per row, BOS first
 
 {MODEL_NOTES.get(source, '')}
 
@@ -177,15 +177,15 @@ def publish_layer(sae_dir: str | Path, metrics_path: str | Path, out_dir: str | 
     """Write ``out_dir`` = the SAE's files + README.md, whole or not at all. Returns the card's path."""
     sae_dir, out_dir = Path(sae_dir), Path(out_dir)
     _, cfg = load_sae(sae_dir)  # refuse to publish a folder that does not load
-    metrics = read_metrics_file(Path(metrics_path)) if Path(metrics_path).is_file() else None
-    if metrics is None:
+    if not Path(metrics_path).is_file():
         raise UserError(f"{metrics_path}: missing; evaluate the SAE first (`attnsae evaluate --layer L`)")
-    imported = cfg.get("metadata", {}).get("attnsae", {}).get("imported")
+    metrics = read_metrics(metrics_path)
+    imported = attnsae_metadata(cfg).get("imported")
     if imported:
         # Our card would put our licence on someone else's weights; their own repo is where they live.
         source = imported.get("repo", "another project") if isinstance(imported, dict) else imported
         raise UserError(f"{sae_dir}: imported weights ({source}); publish only SAEs trained here")
-    hook = cfg.get("hook_name") or cfg.get("metadata", {}).get("hook_name")
+    hook = cfg_value(cfg, "hook_name")
     if metrics.get("hook_name") not in (None, hook) or metrics.get("d_sae") not in (None, cfg["d_sae"]):
         raise UserError(
             f"{metrics_path}: metrics are for {metrics.get('hook_name')} (d_sae {metrics.get('d_sae')}), "

@@ -1,5 +1,8 @@
 """Import the published GPT-2 Small attention SAEs (design.md 2) into our SAE folder format.
 
+Writes ``models/imported/L<n>`` (``import_published``), which evaluate_published@L reads with
+``sae.load_sae``. Every path: layout.py.
+
 The Hugging Face repo ``ckkissane/attn-saes-gpt2-small-all-layers`` holds, per layer, a ``torch.save``d
 state dict ``{W_enc [768, d_sae], W_dec [d_sae, 768], b_enc [d_sae], b_dec [768]}`` and a
 ``<same name>_cfg.json`` with the training config. The file names spell out the recipe, so the table
@@ -11,7 +14,7 @@ confirmed by the first import with hub access, which fails loudly on any differe
 - the revision is the repo's latest commit, 97e0da0 "update L8 run" (its commit list: 29e23ac initial,
   e6c769b all layers, 1afc0f5 "correct L5", 97e0da0); L5 (d_sae 49152) and L8 (v6) exist only from
   1afc0f5 and 97e0da0 on;
-- each ``.pt`` is a Git LFS file whose sha256 the hub shows on its file page; those are pinned here;
+- each ``.pt`` is a Git LFS file whose sha256 the hub shows on its file page; those are pinned in paper.py;
 - the ``_cfg.json`` files are plain git files, whose sha256 no public page shows. They are not
   pinned by hash; instead every value the import relies on (layer, hook, widths, recipe) must equal
   the pinned table, and the hash seen is recorded in the imported cfg.
@@ -26,15 +29,13 @@ The published files carry no feature density, so the imported folder has no ``sp
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
 import os
 import re
+import socket
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,22 +43,19 @@ from typing import Any
 
 import torch
 
+from attnsae import layout, paper
 from attnsae.errors import UserError
 from attnsae.files import sha256_file
-from attnsae.models import hook_z_name
+from attnsae.models import MODEL_SHAPES, hook_z_name
 from attnsae.sae import SAE, WEIGHT_SHAPES, sae_cfg, save_sae
 
-REPO = "ckkissane/attn-saes-gpt2-small-all-layers"
-# https://huggingface.co/ckkissane/attn-saes-gpt2-small-all-layers/commits/97e0da0e9182695e9813d15ea32184da83f5c874
-REVISION = "97e0da0e9182695e9813d15ea32184da83f5c874"
-DEFAULT_BASE_URL = "https://huggingface.co/{repo}/resolve/{revision}/"
-HUB_HOST = "huggingface.co"
+REPO = paper.WEIGHTS_REPO
+REVISION = paper.WEIGHTS_REVISION
+DEFAULT_ENDPOINT = "https://huggingface.co"
+REACH_TIMEOUT_S = 5
 
-D_IN = 768  # GPT-2 Small hook_z: 12 heads x 64, concatenated
-MODEL_NAME = "gpt2"  # our model source name, as our own trained SAEs record it
-CONTEXT_SIZE = 128
-DATASET = "Skylion007/openwebtext"
-DOWNLOAD_TIMEOUT_S = 60
+D_IN = MODEL_SHAPES[paper.MODEL_SOURCE].d_in  # GPT-2 Small hook_z: 12 heads x 64, concatenated
+MODEL_NAME = paper.MODEL_SOURCE  # our model source name, as our own trained SAEs record it
 
 
 @dataclass(frozen=True)
@@ -93,26 +91,10 @@ class PublishedSAE:
         return f"{self.stem}_cfg.json"
 
 
-def _table(*entries: PublishedSAE) -> dict[int, PublishedSAE]:
-    return {e.layer: e for e in entries}
-
-
-# sha256 from each file's page, https://huggingface.co/ckkissane/attn-saes-gpt2-small-all-layers/blob/main/<file>
-# ("Git LFS Details"), with main at REVISION.
-PUBLISHED: dict[int, PublishedSAE] = _table(
-    PublishedSAE(0, 24576, 1.8, 1e-6, 9, "b822b5e489757eb94e18b0ba4bdb9ca9ff04eef25ff9c9cd824026b5d5edf38f"),
-    PublishedSAE(1, 24576, 0.8, 1e-6, 5, "48f07690fa645b6fb8db5cbc7b9a981847ac132d1684d9b82bd15d3befe205fc"),
-    PublishedSAE(2, 24576, 1.0, 1e-6, 4, "6f3541a135a32f2c69de8e7bd5d5fd184b3696c4bf8421b51e855bb2e4630e5e"),
-    PublishedSAE(3, 24576, 0.9, 1e-6, 9, "0fd318e6fe6b33bd7fd0ece3e4d06df945ad3217ff84aa707f5dddedb44b4bcf"),
-    PublishedSAE(4, 24576, 1.1, 1e-6, 7, "74f68e3d0afafef447e83c0aaa77085c83b18f562c407aa76265fc24dc3c3dcf"),
-    PublishedSAE(5, 49152, 1.0, 1e-6, 9, "5fc134321b85ecf653ed67c0a3fd36998c88c0073f77403a320db6f1244c263d"),
-    PublishedSAE(6, 24576, 1.1, 1e-6, 9, "33aad2927d141bcb4aa1306648dd497f125bb00af0ca9c15fb54ad7ca27a4a26"),
-    PublishedSAE(7, 49152, 1.1, 1e-6, 9, "d6829f8d529c4444a3d3d9b72418181811282215705be4b5010b41a7edb54770"),
-    PublishedSAE(8, 24576, 1.3, 1e-5, 6, "43ae59496e61e5845a42fa8cea5da0f58f5852003340a434e33cef0f9145ff8e"),
-    PublishedSAE(9, 24576, 1.2, 1e-6, 9, "0aecf46e40ea4db5fcc5247bf0da81354192b697a1614a3aff9ee978cf1e2d7f"),
-    PublishedSAE(10, 24576, 1.3, 1e-5, 9, "887e17c99430f925b36a645819d1275e58ccd534b9612f5c6614bb215840a8a9"),
-    PublishedSAE(11, 24576, 3.0, 3.16e-6, 9, "0aae765f1116d42a1a319af1db93cb2f6e134ec292bb0eccd43bd4021834fefe"),
-)
+# The pinned checkpoints, one per layer, from the paper's table (paper.py).
+PUBLISHED: dict[int, PublishedSAE] = {
+    n: PublishedSAE(n, row.d_sae, row.l1_coeff, row.dead_cutoff, row.version, row.sha256) for n, row in paper.LAYERS.items()
+}
 
 # _cfg.json keys the import cannot do without; the other recipe keys are compared when present.
 REQUIRED_CFG_KEYS = ("act_name", "act_size", "dict_size", "layer")
@@ -135,17 +117,18 @@ def check_sha256_text(value: str) -> str:
     return text
 
 
-def base_url_for(base_url: str | None, revision: str) -> str:
-    """The URL prefix of the files; ``{repo}`` and ``{revision}`` in it are filled in."""
-    url = (base_url or DEFAULT_BASE_URL).replace("{repo}", REPO).replace("{revision}", revision)
+def check_endpoint(endpoint: str | None) -> str:
+    """The hub to fetch from: ``endpoint`` (a mirror, or the tests' loopback server), else HF_ENDPOINT, else the hub."""
+    url = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UserError(f"--base-url must be an http(s) URL like http://127.0.0.1:8000/, got {base_url!r}")
-    return url if url.endswith("/") else url + "/"
+        raise UserError(f"--endpoint must be an http(s) URL like http://127.0.0.1:8000, got {endpoint!r}")
+    return url
 
 
-def file_url(base: str, name: str) -> str:
-    return base + urllib.parse.quote(name)  # the names hold '+', which must travel as %2B
+def file_url(endpoint: str, revision: str, name: str) -> str:
+    """Where the hub serves a file of the repository at a revision (recorded as provenance)."""
+    return f"{endpoint}/{REPO}/resolve/{revision}/{urllib.parse.quote(name)}"  # the names hold '+': %2B
 
 
 def expected_sha256(entry: PublishedSAE, override: str | None, trust_unpinned: bool) -> tuple[str | None, str]:
@@ -230,29 +213,50 @@ def check_state_dict(state: Any, d_in: int, d_sae: int, name: str) -> dict[str, 
 # Side effects: download, load, write
 
 
-def hub_offline(url: str) -> bool:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    host = urllib.parse.urlsplit(url).hostname or ""
-    return offline and (host == HUB_HOST or host.endswith("." + HUB_HOST))
+def download_error_reason(err: BaseException) -> str:
+    """The innermost cause's first line: huggingface_hub wraps the refused connection or the HTTP status."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """Stream ``url`` into ``dest``; any failure is one line naming the URL."""
-    request = urllib.request.Request(url, headers={"User-Agent": "attnsae-import"})
+def check_reachable(endpoint: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail in one line, within seconds, when nothing answers at ``endpoint``: huggingface_hub would retry a
+    refused connection five times with backoff (about 23 s) before giving up."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise UserError("the published SAEs come from the Hugging Face hub (or a mirror: --endpoint), "
+                        "and HF_HUB_OFFLINE is set; unset it to import")
+    parts = urllib.parse.urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as f:
-            expected = response.headers.get("Content-Length")
-            received = 0
-            while block := response.read(1 << 20):
-                f.write(block)
-                received += len(block)
-    except urllib.error.HTTPError as err:
-        raise UserError(f"{url}: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # refused, reset, timed out, cut
-        reason = getattr(err, "reason", None) or err
-        raise UserError(f"could not download {url}: {reason}") from None
-    if expected is not None and expected.isdigit() and int(expected) != received:
-        raise UserError(f"{url}: download cut short ({received:,} of {int(expected):,} bytes)")
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as err:  # refused, unknown host, timed out
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"could not download from {endpoint}: not reachable ({reason}); "
+                        "check --endpoint (or HF_ENDPOINT) and the network") from None
+
+
+def download(endpoint: str, revision: str, name: str, folder: Path) -> Path:
+    """One file of the published repository at ``revision``, fetched with huggingface_hub into ``folder``.
+
+    Any failure is one line naming the file; huggingface_hub's retry warnings are kept off the terminal.
+    """
+    import logging
+
+    from huggingface_hub import hf_hub_download
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        return Path(hf_hub_download(REPO, name, revision=revision, endpoint=endpoint, local_dir=folder))
+    except Exception as err:  # its own errors, httpx's and OSError: each means the file did not arrive
+        raise UserError(f"could not download {name} from {endpoint} (revision {revision[:12]}): "
+                        f"{download_error_reason(err)}") from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 def load_error_reason(err: Exception) -> str:
@@ -278,7 +282,7 @@ def import_layer(
     out_dir: str | Path,
     *,
     revision: str = REVISION,
-    base_url: str | None = None,
+    endpoint: str | None = None,
     sha256: str | None = None,
     trust_unpinned: bool = False,
     d_in: int = D_IN,
@@ -287,21 +291,18 @@ def import_layer(
     """Fetch, check and convert one layer; the folder appears complete or not at all. Returns the provenance."""
     out_dir = Path(out_dir)
     revision = check_revision(revision)
-    base = base_url_for(base_url, revision)
+    endpoint = check_endpoint(endpoint)
     want, pin_source = expected_sha256(entry, sha256, trust_unpinned)
-    if hub_offline(base):
-        raise UserError("the published SAEs come from the Hugging Face hub, and HF_HUB_OFFLINE is set "
-                        "(unset it, or pass --base-url to a mirror)")
+    check_reachable(endpoint)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.download-") as tmp:
-        cfg_path, weights_path = Path(tmp) / "cfg.json", Path(tmp) / "weights.pt"
-        download(file_url(base, entry.cfg_file), cfg_path)  # the small file first: fail before 150 MB
+        cfg_path = download(endpoint, revision, entry.cfg_file, Path(tmp))  # the small file first: fail before 150 MB
         try:
             published_cfg = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"{entry.cfg_file}: not valid JSON ({err})") from None
         check_published_cfg(published_cfg, entry, d_in, entry.cfg_file)
-        download(file_url(base, entry.weights_file), weights_path)
+        weights_path = download(endpoint, revision, entry.weights_file, Path(tmp))
         seen = sha256_file(weights_path)
         if want is not None and seen != want:
             raise UserError(f"{entry.weights_file}: sha256 {seen} does not match the pinned {want} ({pin_source})")
@@ -310,7 +311,7 @@ def import_layer(
         provenance = {
             "repo": REPO,
             "revision": revision,
-            "url": file_url(base, entry.weights_file),
+            "url": file_url(endpoint, revision, entry.weights_file),
             "file": entry.weights_file,
             "sha256": seen,
             "sha256_checked_against": pin_source,
@@ -324,7 +325,7 @@ def import_layer(
         sae.load_state_dict(weights)
         cfg = sae_cfg(
             d_in=d_in, d_sae=entry.d_sae, hook_name=hook_z_name(entry.layer), layer=entry.layer,
-            model_name=model_name, context_size=CONTEXT_SIZE, dataset=DATASET,
+            model_name=model_name, context_size=paper.CONTEXT_SIZE, dataset=paper.DATASET,
             extra={"attnsae": {"imported": provenance}},
         )
         save_sae(sae, out_dir, cfg, None)
@@ -344,4 +345,4 @@ def import_published(
     if unknown:
         allowed = ", ".join(str(n) for n in sorted(table))
         raise UserError(f"layer {unknown[0]} is not in the published set (allowed: {allowed})")
-    return {n: import_layer(table[n], Path(out_root) / f"L{n}", **options) for n in layers}
+    return {n: import_layer(table[n], layout.sae_dir(n, Path(out_root)), **options) for n in layers}

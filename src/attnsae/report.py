@@ -1,5 +1,8 @@
 """The `report` stage: the per-layer table as Markdown and a self-contained HTML page.
 
+Reads ``reports/metrics``, ``reports/density``, ``models/base``, ``data/tokens`` and ``models/sae``; writes
+``reports/report.md``, ``reports/index.html`` and ``reports/layers.csv`` (``build_report``). Every path: layout.py.
+
 Everything comes from files the earlier stages wrote (metrics JSON, density CSV, model, token and SAE
 metadata); nothing is recomputed here. Our numbers stand next to a reference chosen by
 ``report.compare`` (src/attnsae/comparison.py) with the differences. The HTML page carries its plots
@@ -12,24 +15,19 @@ import base64
 import csv
 import html
 import io
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnsae.comparison import (
-    Reference,
-    difference,
-    read_metrics_file,
-    resolve_reference,
-)
-from attnsae.errors import UserError
+from attnsae import layout
+from attnsae.comparison import Reference, difference, resolve_reference
+from attnsae.evaluate import numeric_metrics, read_density, read_metrics
 from attnsae.files import write_text_atomic
 from attnsae.models import read_model_info
-from attnsae.sae import CFG_FILE
+from attnsae.repository import git_state, project_root
+from attnsae.sae import attnsae_metadata, read_sae_cfg
 from attnsae.tokenization import read_tokens_meta
-from attnsae.tracking import git_state, project_root
 
 
 def _points(d: float) -> str:
@@ -73,16 +71,9 @@ class Column:
 
 
 def read_layer(metrics_dir: Path, density_dir: Path, layer: int) -> LayerResult:
-    path = metrics_dir / f"L{layer}.json"
-    if not path.is_file():
-        raise UserError(f"{path}: missing; run `attnsae evaluate --layer {layer}` first")
-    metrics = read_metrics_file(path)
-    density: list[tuple[float, int]] = []
-    dpath = density_dir / f"L{layer}.csv"
-    if dpath.is_file():
-        with open(dpath) as f:
-            density = [(float(r["log10_density"]), int(r["features"])) for r in csv.DictReader(f)]
-    return LayerResult(metrics, density)
+    density_path = layout.density_file(layer, density_dir)
+    density = read_density(density_path) if density_path.exists() else []
+    return LayerResult(read_metrics(layout.metrics_file(layer, metrics_dir)), density)
 
 
 def fmt(value, pattern: str | Callable[[float], str]) -> str:
@@ -157,16 +148,13 @@ def html_table(table_id: str, results: list[LayerResult], columns: list[Column])
 # Provenance: what produced these numbers.
 
 
-def trained_tokens(sae_dir: Path | None, layer: int) -> int | None:
-    """Tokens the layer's SAE was trained on, from its cfg.json (None for folders without it)."""
-    path = sae_dir / f"L{layer}" / CFG_FILE if sae_dir else None
-    if path is None or not path.is_file():
+def trained_tokens(sae_root: Path | None, layer: int) -> int | None:
+    """Tokens the layer's SAE was trained on, from its cfg.json (None without an SAE folder, or for an imported one)."""
+    folder = layout.sae_dir(layer, sae_root) if sae_root else None
+    if folder is None or not folder.is_dir():
         return None
-    try:
-        meta = json.loads(path.read_text()).get("metadata", {}).get("attnsae", {})
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    return meta.get("trained_tokens") if isinstance(meta, dict) else None
+    tokens = attnsae_metadata(read_sae_cfg(folder)).get("trained_tokens")
+    return tokens if isinstance(tokens, int) else None
 
 
 def per_layer_count(counts: dict[int, int | None]) -> str:
@@ -175,7 +163,7 @@ def per_layer_count(counts: dict[int, int | None]) -> str:
     if len(values) == 1:
         (only,) = values
         return "n/a" if only is None else f"{only:,} per layer"
-    return "; ".join(f"L{layer}: {fmt(v, '{:,}')}" for layer, v in counts.items())
+    return "; ".join(f"{layout.layer_name(layer)}: {fmt(v, '{:,}')}" for layer, v in counts.items())
 
 
 def provenance(
@@ -238,7 +226,7 @@ def plots(results: list[LayerResult], reference: Reference | None = None) -> dic
         if points:
             ax.scatter([p[1] for p in points], [p[2] for p in points], color=colour, marker=marker, label=label, zorder=2)
             for n, x, y in points:
-                ax.annotate(f"L{n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=colour)
+                ax.annotate(layout.layer_name(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=colour)
     ax.set_xlabel("L0 (features active per token)")
     ax.set_ylabel("loss recovered")
     ax.set_title("L0 against loss recovered")
@@ -258,7 +246,7 @@ def plots(results: list[LayerResult], reference: Reference | None = None) -> dic
         if r.density:
             centers, counts = zip(*r.density)
             ax.bar(centers, counts, width=(centers[1] - centers[0]) if len(centers) > 1 else 0.2, color="tab:green")
-        ax.set_title(f"L{r.metrics['layer']} (dead {fmt(r.metrics.get('dead_fraction'), '{:.0%}')})")
+        ax.set_title(f"{layout.layer_name(r.metrics['layer'])} (dead {fmt(r.metrics.get('dead_fraction'), '{:.0%}')})")
         ax.set_xlabel("log10 feature density")
     for row in axes:
         row[0].set_ylabel("features")
@@ -334,23 +322,48 @@ img {{ max-width: 100%; }}
 """
 
 
+def layer_table_csv(per_layer: list[dict]) -> str:
+    """One row per layer (layer, l0, loss_recovered, ...): the report's table as data for `dvc plots` and MLflow."""
+    columns = ["layer"]
+    for metrics in per_layer:
+        columns += [k for k in numeric_metrics(metrics) if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for metrics in per_layer:
+        writer.writerow({"layer": metrics["layer"], **numeric_metrics(metrics)})
+    return buf.getvalue()
+
+
+@dataclass
+class Report:
+    """What the report stage wrote, and the per-layer metrics it read (MLflow logs those, not a second read)."""
+
+    markdown: str
+    per_layer: list[dict]
+    files: list[Path]
+
+
 def build_report(
     layers: list[int],
-    metrics_dir: str | Path,
-    density_dir: str | Path,
-    model_dir: str | Path,
-    tokens_dir: str | Path,
-    out_dir: str | Path,
+    out_dir: str | Path = layout.REPORT_DIR,
     compare: str = "auto",
-    sae_dir: str | Path | None = None,
-) -> str:
-    """Write report.md and index.html into ``out_dir``; returns the Markdown."""
+    metrics_dir: str | Path = layout.METRICS_DIR,
+    density_dir: str | Path = layout.DENSITY_DIR,
+    model_dir: str | Path = layout.MODEL_DIR,
+    tokens_dir: str | Path = layout.TOKENS_DIR,
+    sae_root: str | Path | None = layout.SAE_ROOT,
+) -> Report:
+    """The stage: write report.md, index.html and layers.csv into ``out_dir`` from the earlier stages' files."""
     results = [read_layer(Path(metrics_dir), Path(density_dir), layer) for layer in layers]
     info = read_model_info(model_dir)
     reference, compare_note = resolve_reference(compare, layers, info.source, info.name, info.n_layers, info.d_in)
-    prov = provenance(Path(model_dir), Path(tokens_dir), results, Path(sae_dir) if sae_dir else None, reference)
+    prov = provenance(Path(model_dir), Path(tokens_dir), results, Path(sae_root) if sae_root else None, reference)
     markdown = markdown_report(results, prov, reference, compare_note)
     page = html_page(results, prov, plots(results, reference), reference, compare_note)
-    write_text_atomic(Path(out_dir) / "report.md", markdown)
-    write_text_atomic(Path(out_dir) / "index.html", page)
-    return markdown
+    per_layer = [r.metrics for r in results]
+    out_dir = Path(out_dir)
+    files = [out_dir / layout.REPORT_MD.name, out_dir / layout.REPORT_HTML.name, out_dir / layout.LAYERS_CSV.name]
+    for path, text in zip(files, (markdown, page, layer_table_csv(per_layer))):
+        write_text_atomic(path, text)
+    return Report(markdown, per_layer, files)

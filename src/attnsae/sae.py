@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from attnsae.errors import UserError
-from attnsae.files import atomic_dir, read_json_object
+from attnsae.files import atomic_dir, read_json_object, read_safetensors, write_safetensors
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -138,10 +137,10 @@ def save_sae(sae: SAE, folder: str | Path, cfg: dict[str, Any], log10_density: t
     """
     with atomic_dir(folder) as tmp:
         state = {name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous() for name in WEIGHT_SHAPES}
-        save_file(state, str(tmp / WEIGHTS_FILE))
+        write_safetensors(tmp / WEIGHTS_FILE, state)
         if log10_density is not None:
             density = log10_density.detach().to("cpu", torch.float32).contiguous()
-            save_file({"sparsity": density}, str(tmp / SPARSITY_FILE))
+            write_safetensors(tmp / SPARSITY_FILE, {"sparsity": density})
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -193,8 +192,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _cfg_get(cfg: dict[str, Any], key: str, default: Any = None) -> Any:
-    """A value from the top level, else from the metadata section."""
+def cfg_value(cfg: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A value of an SAE's cfg.json from the top level, else from the metadata section (SAELens 6 keeps some there)."""
     if key in cfg:
         return cfg[key]
     for section in METADATA_SECTIONS:
@@ -204,10 +203,17 @@ def _cfg_get(cfg: dict[str, Any], key: str, default: Any = None) -> Any:
     return default
 
 
+def attnsae_metadata(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What attnsae records about an SAE in its cfg.json (training config, tokens trained on, an import's
+    provenance); empty for an SAE that another tool wrote."""
+    meta = cfg_value(cfg, "attnsae", {})
+    return meta if isinstance(meta, dict) else {}
+
+
 def check_supported(cfg: dict[str, Any], path: Path) -> None:
     """Refuse what the recipe's SAE cannot compute: other architectures, activation functions, normalisations."""
     for key, allowed in SUPPORTED.items():
-        value = _cfg_get(cfg, key, allowed[0])
+        value = cfg_value(cfg, key, allowed[0])
         if value is None and key in ("normalize_activations", "activation_fn"):
             value = allowed[0]  # some converted configs write null for "none"/"relu"
         if value not in allowed:
@@ -215,7 +221,7 @@ def check_supported(cfg: dict[str, Any], path: Path) -> None:
                 f"{path}: {key} {value!r} is not supported (allowed: {', '.join(allowed)}); "
                 "attnsae evaluates standard ReLU SAEs on unnormalised activations only"
             )
-    head = _cfg_get(cfg, "hook_head_index")
+    head = cfg_value(cfg, "hook_head_index")
     if head is not None:
         raise UserError(f"{path}: hook_head_index {head!r} is not supported (allowed: null, all heads concatenated)")
 
@@ -261,10 +267,7 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise UserError(f"{folder}: missing {WEIGHTS_FILE}")
-    try:
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
-        raise UserError(f"{path}: corrupt safetensors file ({err})") from None
+    state = read_safetensors(path)
     dims = {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"]}
     for name, shape_names in WEIGHT_SHAPES.items():
         expected = tuple(dims[s] for s in shape_names)
@@ -286,7 +289,7 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
                         f"(expected one of {', '.join(SCALING_TENSORS)})")
     if set(SCALING_TENSORS) & set(state) or "finetuning_scaling_factor" in cfg:
         cfg["finetuning_scaling_factor"] = False  # folded into W_dec above (or all ones)
-    if not _cfg_get(cfg, "apply_b_dec_to_input", True):
+    if not cfg_value(cfg, "apply_b_dec_to_input", True):
         shift = (weights["b_dec"].double() @ weights["W_enc"].double()).float()  # in fp64: one rounding only
         weights["b_enc"] = weights["b_enc"] + shift
         cfg["apply_b_dec_to_input"] = True
@@ -296,5 +299,12 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
 
 
 def load_log10_density(folder: str | Path) -> torch.Tensor | None:
+    """The stored log10 feature density [d_sae], or None when the folder has none (SAELens: unknown)."""
     path = Path(folder) / SPARSITY_FILE
-    return load_file(str(path))["sparsity"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    density = read_safetensors(path).get("sparsity")
+    if density is None or density.ndim != 1:
+        got = "no tensor 'sparsity'" if density is None else f"shape {tuple(density.shape)}"
+        raise UserError(f"{path}: expected a tensor 'sparsity' of shape [d_sae], got {got}")
+    return density

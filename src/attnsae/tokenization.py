@@ -1,5 +1,8 @@
 """The `tokenize` stage: documents -> rows of ``context_size`` tokens, split into train and eval.
 
+Reads ``data/corpus`` and ``models/base``; writes ``data/tokens`` (``tokenize_stage``), which activations,
+streamed training, evaluate and report read back with ``load_rows`` and ``read_tokens_meta``. Every path: layout.py.
+
 A document belongs to the evaluation split when a seeded hash of its text falls below
 ``eval_fraction`` (``is_eval_document``). The decision needs nothing but the document itself, so a
 streamed corpus that is never held in full splits exactly like a materialized one, no evaluation
@@ -23,10 +26,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from attnsae.config import TokenizeConfig
 from attnsae.errors import UserError
-from attnsae.files import atomic_dir
+from attnsae.files import atomic_dir, read_json_as, write_npy
 
 SPLITS = ("train", "eval")
 META_FILE = "meta.json"
@@ -197,9 +201,21 @@ def tokenize_corpus(
     }
     with atomic_dir(out_dir) as tmp:
         for split, split_rows in rows.items():
-            np.save(tmp / f"{split}.npy", split_rows)
+            write_npy(tmp / f"{split}.npy", split_rows)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def tokenize_stage(cfg: TokenizeConfig, corpus_dir: str | Path, model_dir: str | Path, out_dir: str | Path) -> dict:
+    """The `tokenize` stage: the corpus's documents through the pinned model's tokenizer into ``out_dir``."""
+    from attnsae.corpus import describe_corpus, load_manifest, open_documents
+    from attnsae.models import load_tokenizer, read_model_info
+
+    info = read_model_info(model_dir)
+    info.check_context_size(cfg.context_size)
+    streamed = load_manifest(corpus_dir).streamed
+    return tokenize_corpus(cfg, open_documents(corpus_dir), load_tokenizer(model_dir), info.bos_token_id, out_dir,
+                           describe_corpus(corpus_dir), streamed=streamed)
 
 
 def train_row_stream(open_documents: Callable[[], Iterator[str]], tokens_meta: dict, tokenizer) -> TokenRowStream:
@@ -210,7 +226,12 @@ def train_row_stream(open_documents: Callable[[], Iterator[str]], tokens_meta: d
     return TokenRowStream(open_documents, is_train, tokenizer, tokens_meta["bos_token_id"], tokens_meta["context_size"])
 
 
-def load_rows(tokens_dir: str | Path, split: str) -> np.ndarray:
+def load_rows(tokens_dir: str | Path, split: str, vocab_size: int | None = None) -> np.ndarray:
+    """A split's token rows [rows, context_size], checked; with ``vocab_size`` (the model's), every id is < it.
+
+    Stages that feed the rows to the model pass ``vocab_size``: an id the model lacks would crash deep
+    inside its embedding lookup instead of naming the file.
+    """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r} (allowed: {', '.join(SPLITS)})")
     path = Path(tokens_dir) / f"{split}.npy"
@@ -218,11 +239,47 @@ def load_rows(tokens_dir: str | Path, split: str) -> np.ndarray:
         if split == "train" and read_tokens_meta(tokens_dir).get("streamed"):
             raise UserError(f"{tokens_dir}: the corpus is streamed, so train rows are made during training (use --stream)")
         raise UserError(f"{path}: missing; run `attnsae tokenize` first")
-    return np.load(path)
+    try:
+        rows = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):  # truncated, garbled, or an object array (never loaded: pickle)
+        raise UserError(f"{path}: not a readable .npy array (truncated or garbled); run `attnsae tokenize` again") from None
+    check_rows(rows, path, vocab_size)
+    return rows
+
+
+def check_rows(rows: np.ndarray, path: Path, vocab_size: int | None = None) -> None:
+    """Token rows as the tokenize stage writes them: integer ids, 2-D, at least one row, ids in [0, vocab_size)."""
+    if not isinstance(rows, np.ndarray):  # np.load opens a zip archive (.npz) as a dict-like
+        raise UserError(f"{path}: expected one .npy array of token ids, got an archive")
+    if not np.issubdtype(rows.dtype, np.integer):
+        raise UserError(f"{path}: token ids must be integers, got dtype {rows.dtype}")
+    if rows.ndim != 2 or rows.shape[1] < 2:
+        raise UserError(f"{path}: expected token rows of shape [rows, context_size >= 2], got shape {rows.shape}")
+    if len(rows) == 0:
+        raise UserError(f"{path}: no token rows; run `attnsae tokenize` on a larger corpus")
+    if vocab_size is not None:
+        low, high = int(rows.min()), int(rows.max())
+        if low < 0 or high >= vocab_size:
+            raise UserError(f"{path}: token id {low if low < 0 else high} is outside the model's vocabulary "
+                            f"(allowed: 0 to {vocab_size - 1}); tokenize again with this model")
+
+
+class TokensMeta(BaseModel):
+    """meta.json of the tokenize stage: how the rows were made (keys as ``tokenize_corpus`` writes them)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    corpus: str = ""
+    streamed: bool = False
+    context_size: int = Field(ge=2)
+    bos_token_id: NonNegativeInt
+    eval_fraction: float = Field(gt=0.0, lt=1.0)
+    split_seed: int
+    documents: dict[str, NonNegativeInt]
+    rows: dict[str, NonNegativeInt]
+    tokens: dict[str, NonNegativeInt]
 
 
 def read_tokens_meta(tokens_dir: str | Path) -> dict:
-    path = Path(tokens_dir) / META_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: missing; run `attnsae tokenize` first")
-    return json.loads(path.read_text())
+    """The checked meta.json, as the dict the tokenize stage wrote."""
+    return read_json_as(Path(tokens_dir) / META_FILE, TokensMeta, written_by="tokenize").model_dump()

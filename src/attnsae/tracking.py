@@ -1,72 +1,58 @@
-"""MLflow bookkeeping: one parent run per pipeline run, one child run per layer.
+"""MLflow bookkeeping: one parent run per pipeline run, one child run per stage execution of a layer.
 
 DVC owns data and weights; MLflow owns runs, params, curves, final metrics, small artifacts and the
 model registry's pointers to SAEs (a version per trained SAE: its run and the md5 DVC records for its
 folder; the weights themselves stay in DVC).
 
-Two roots matter, and inside ``dvc exp run`` they differ:
-- the *project root* is the copy of the repository the stage runs in (the working folder's git top
-  level): its params.yaml, dvc.yaml and git state say what ran. Queued and ``--temp`` experiments run
-  in a temporary copy under ``<repo>/.dvc/tmp/exps/``.
-- the *store root* is the main repository, where the SQLite store ``mlflow.db`` lives, so runs made
-  in those temporary copies are not lost with them. DVC 3 sets ``DVC_ROOT`` to the main repository
-  for experiments as well; a path inside ``.dvc/tmp/exps/`` is mapped back to its repository anyway.
-``MLFLOW_TRACKING_URI`` (e.g. a team ``mlflow server``) replaces the SQLite store.
+The store is the SQLite file ``mlflow.db`` in the main repository (see attnsae.repository: never an
+experiment's temporary copy), with artifacts in ``mlruns`` next to it; ``MLFLOW_TRACKING_URI`` (e.g. a
+team ``mlflow server``) replaces it. ``ATTNSAE_TRACKING`` says what to do when the store is unusable:
+``required`` (default: fail in one line before any work), ``optional`` (warn, run without logging) or
+``off`` (never log). It is an environment variable, not a params.yaml key, because tracking changes no
+output: a params key would either be read behind DVC's back or retrain every stage when toggled.
 
 A pipeline run is identified by the git commit, the content of params.yaml and dvc.yaml, and the DVC
 experiment's name when there is one: every stage of one ``dvc repro`` or one experiment finds the same
-parent, and the train and evaluate stages of a layer log to the same child run.
+parent.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
+import functools
 import hashlib
-import io
+import logging
 import os
 import re
-import subprocess
+import sqlite3
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from attnsae.errors import UserError
+from attnsae.repository import dvc_md5, dvc_state, git_state, main_repository, project_root
+
 PIPELINE_KEY_TAG = "attnsae.pipeline_key"
 LAYER_TAG = "attnsae.layer"
+STAGE_TAG = "attnsae.stage"  # train or evaluate: which stage's execution a child run records
+SUPERSEDED_TAG = "attnsae.superseded_by"  # on a deleted earlier attempt: the run that replaced it
 EXPERIMENT = "attnsae"
 DVC_MD5_TAG = "attnsae.dvc_md5"  # the md5 dvc.lock records for the layer's SAE folder
 SAE_PATH_TAG = "attnsae.sae_path"
-EXP_COPIES = (".dvc", "tmp", "exps")  # where DVC puts the temporary copies of queued/--temp experiments
-WRITTEN_BY_DVC = ("dvc.lock", ".gitignore")  # DVC rewrites these as stages run: they do not make a run "dirty"
+MODE_VARIABLE = "ATTNSAE_TRACKING"
+MODES = ("required", "optional", "off")
+PROBE_TIMEOUT_S = 5
+PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/search"
+# MLflow retries a failed request 7 times with growing pauses (~4 minutes) before it gives up. Two retries
+# and 15 s per attempt end a stage within a minute when the server goes away mid-stage; a user's own
+# setting of these variables wins.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-# ---------------------------------------------------------------- where things are
-
-
-def _git(cwd: Path, *args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError, NotADirectoryError):
-        return ""
-
-
-def project_root() -> Path:
-    """The copy of the repository this stage runs in (an experiment's temporary copy, if it is one)."""
-    cwd = Path.cwd().resolve()
-    top = _git(cwd, "rev-parse", "--show-toplevel")
-    if top:
-        return Path(top)
-    return Path(os.environ["DVC_ROOT"]).resolve() if os.environ.get("DVC_ROOT") else cwd
-
-
-def main_repository(path: Path) -> Path:
-    """``<repo>/.dvc/tmp/exps/<copy>/...`` -> ``<repo>``; any other path is returned as it is."""
-    parts = path.parts
-    for i in range(len(parts) - len(EXP_COPIES) + 1):
-        if parts[i : i + len(EXP_COPIES)] == EXP_COPIES:
-            return Path(*parts[:i])
-    return path
+# ---------------------------------------------------------------- where the store is
 
 
 def store_root() -> Path:
@@ -79,47 +65,133 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
 
 
-# ---------------------------------------------------------------- what identifies a run
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
-def dvc_outputs(root: Path) -> list[str]:
-    """The outputs dvc.yaml declares, relative to ``root`` (DVC's own reading of the pipeline)."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _artifact_root(db: Path) -> str:
+    """Where a SQLite store's attnsae artifacts live: ``mlruns`` next to the database file."""
+    return str(db.resolve().parent / "mlruns")
+
+
+# ---------------------------------------------------------------- is the store usable
+
+
+def tracking_mode() -> str:
+    mode = os.environ.get(MODE_VARIABLE, "required").strip().lower() or "required"
+    if mode not in MODES:
+        raise UserError(f"{MODE_VARIABLE}={os.environ[MODE_VARIABLE]!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def check_store(uri: str | None = None) -> bool:
+    """Whether this stage logs to MLflow; call it before any work. An unusable store ends the stage in
+    one line (``required``), or is reported in one line on stderr and the stage runs unlogged (``optional``)."""
+    mode = tracking_mode()
+    if mode == "off":
+        return False
+    try:
+        _probe(uri or tracking_uri())
+    except UserError as err:
+        if mode == "required":
+            raise
+        print(f"warning: this run is not logged to MLflow: {err}", file=sys.stderr)
+        return False
+    return True
+
+
+def _probe(uri: str) -> None:
+    """Raise a one-line UserError unless the store answers (a server) or can be written (a SQLite file).
+    Other stores (a database server, Databricks) are left to fail in one line at first use."""
+    db = _sqlite_file(uri)
+    problem = _sqlite_problem(db) if db else _server_problem(uri) if _is_server(uri) else None
+    if problem:
+        raise _store_error(uri, "is not reachable" if _is_server(uri) else "is not usable", problem)
+
+
+def _server_problem(uri: str) -> str | None:
+    """Why a tracking server is unusable, from one short request without MLflow's retries; None if it answers."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
     try:
-        with Repo(str(root)) as repo:
-            return [Path(os.path.relpath(out.fs_path, root)).as_posix() for out in repo.index.outs]
-    except DvcException:  # not a DVC repository, or a dvc.yaml DVC cannot read: nothing to leave out
-        return []
+        response = http_request(get_default_host_creds(uri), PROBE_ENDPOINT, "POST", json={"max_results": 1},
+                                max_retries=0, backoff_factor=0, timeout=PROBE_TIMEOUT_S, raise_on_status=False)
+    except MlflowException as err:
+        return _reason(err)
+    if response.status_code in (401, 403):
+        return f"HTTP {response.status_code}: it refuses the credentials in MLFLOW_TRACKING_TOKEN/USERNAME/PASSWORD"
+    if response.status_code != 200 or not response.headers.get("Content-Type", "").startswith("application/json"):
+        return f"HTTP {response.status_code} from {PROBE_ENDPOINT}: not an MLflow tracking server"
+    return None
 
 
-def _inside(path: str, folders: list[str]) -> bool:
-    return any(path == f or path.startswith(f + "/") for f in folders)
+def _sqlite_problem(db: Path) -> str | None:
+    """Why a SQLite store cannot be written, checked before MLflow touches it; None if it can."""
+    if db.is_dir():
+        return "a folder, not a file"
+    if db.exists():
+        if not os.access(db, os.W_OK):
+            return "the file is read-only"
+        try:
+            with open(db, "rb") as f:
+                header = f.read(len(SQLITE_HEADER))
+        except OSError as err:
+            return _reason(err)
+        if header and header != SQLITE_HEADER:  # an empty file is an empty SQLite database
+            return "not a SQLite database"
+    folder = next(p for p in db.absolute().parents if p.exists())  # SQLite writes its journal next to the file
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    return None
 
 
-def git_state(root: Path) -> dict[str, str]:
-    """HEAD, and whether tracked files differ from it. What DVC writes (dvc.lock, the stages' outputs)
-    is left out: it changes while the pipeline runs, and says nothing about the code and params used."""
-    changed = [p for p in _git(root, "diff", "--name-only", "HEAD").splitlines() if Path(p).name not in WRITTEN_BY_DVC]
-    if changed:  # reading the pipeline costs a second, so only when there is something to sort out
-        outputs = dvc_outputs(root)
-        changed = [p for p in changed if not _inside(p, outputs)]
-    return {
-        "commit": _git(root, "rev-parse", "HEAD") or "none",
-        "dirty": "true" if changed else "false",
-        "dirty_files": " ".join(sorted(changed))[:500],
-    }
+def _store_error(uri: str, state: str, reason: str) -> UserError:
+    db = _sqlite_file(uri)
+    name = f"MLflow store {db}" if db else f"MLflow tracking server {uri}" if _is_server(uri) else f"MLflow store {uri}"
+    fix = ("start it, unset MLFLOW_TRACKING_URI to use the local SQLite store" if _is_server(uri)
+           else "free disk space, fix its permissions or move it away, or point MLFLOW_TRACKING_URI elsewhere")
+    return UserError(f"{name} {state} ({reason}); {fix}, or set {MODE_VARIABLE}=optional to run without logging")
 
 
-def dvc_state(env: dict[str, str] | None = None) -> dict[str, str]:
-    """What DVC tells a stage's command about itself: the stage, and the experiment it belongs to."""
-    env = os.environ if env is None else env
-    return {
-        "stage": env.get("DVC_STAGE", ""),
-        "exp_name": env.get("DVC_EXP_NAME", ""),
-        "exp_baseline": env.get("DVC_EXP_BASELINE_REV", ""),
-    }
+def _reason(err: BaseException) -> str:
+    """The innermost cause of a store failure in a few words (MLflow wraps it in pages of context):
+    'connection refused', 'database or disk is full', 'file is not a database', 'timed out', ..."""
+    seen = [err]
+    while (cause := seen[-1].__cause__ or seen[-1].__context__) is not None and cause not in seen:
+        seen.append(cause)
+    inner = seen[-1]
+    text = (inner.strerror if isinstance(inner, OSError) and inner.strerror else str(inner)) or type(inner).__name__
+    line = text.strip().splitlines()[0] if text.strip() else type(inner).__name__
+    return (line[:1].lower() + line[1:])[:300]
+
+
+@contextlib.contextmanager
+def _store_errors(uri: str) -> Iterator[None]:
+    """A failing store (down, full, corrupt, read-only) ends the stage in one line naming it."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (MlflowException, SQLAlchemyError, sqlite3.Error, OSError) as err:
+        raise _store_error(uri, "failed", _reason(err)) from err
+
+
+def _prepare_mlflow() -> None:
+    """Bound MLflow's HTTP retries (see HTTP_LIMITS), and keep its database module from logging a traceback
+    for each database error it then raises: _store_errors reports those in one line."""
+    for name, value in HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+# ---------------------------------------------------------------- what identifies a run
 
 
 def pipeline_key(root: Path, commit: str, exp_name: str = "") -> str:
@@ -167,49 +239,7 @@ def registered_model_name(model_source: str, layer: int) -> str:
     return f"attnsae-{re.sub(r'[^A-Za-z0-9._-]+', '-', model_source)}-L{layer}"
 
 
-def dvc_md5(path: str | Path) -> str:
-    """The md5 DVC records in dvc.lock for this output (``<md5>.dir`` for a folder).
-
-    Computed with DVC's own hashing (dvc_data), so a stage can know it before DVC writes dvc.lock,
-    which happens only after the stage's command has finished.
-    """
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs import MemoryFileSystem
-    from dvc_objects.fs.local import LocalFileSystem
-
-    staging = HashFileDB(MemoryFileSystem(), "/attnsae-md5", hash_name="md5")  # nothing is written to the cache
-    _, _, obj = build(staging, os.path.abspath(path), LocalFileSystem(), "md5", dry_run=True)
-    return obj.hash_info.value
-
-
-def layer_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numeric entries of a metrics JSON: the same names for every layer and every run."""
-    return {
-        k: float(v)
-        for k, v in metrics.items()
-        if k != "layer" and isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-
-
-def layer_table_csv(per_layer: list[dict[str, Any]]) -> str:
-    """One row per layer (layer, l0, loss_recovered, ...): the report's table as data for plots and MLflow."""
-    columns = ["layer"]
-    for metrics in per_layer:
-        columns += [k for k in layer_metrics(metrics) if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for metrics in per_layer:
-        writer.writerow({"layer": metrics["layer"], **layer_metrics(metrics)})
-    return buf.getvalue()
-
-
 # ---------------------------------------------------------------- the store
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 @contextlib.contextmanager
@@ -235,6 +265,30 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _removing_empty_store(uri: str) -> Iterator[None]:
+    """A store file that this first write created and left empty (disk full at the first page) is removed,
+    with its journal: an empty mlflow.db looks like a store but holds nothing, not even MLflow's tables."""
+    db = _sqlite_file(uri)
+    created = db is not None and not db.exists()
+    try:
+        yield
+    except BaseException:
+        if created and db.is_file() and db.stat().st_size == 0:
+            for path in (db, db.with_name(f"{db.name}-journal"), db.with_name(f"{db.name}-wal")):
+                path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _first_use(uri: str) -> Iterator[None]:
+    """Opening a store: checked first, then under the store lock, with failures as one line."""
+    _probe(uri)
+    _prepare_mlflow()
+    with _store_errors(uri), _store_lock(uri), _removing_empty_store(uri):
+        yield
+
+
 def _already_exists(err: Exception) -> bool:
     return getattr(err, "error_code", "") == "RESOURCE_ALREADY_EXISTS"
 
@@ -242,13 +296,15 @@ def _already_exists(err: Exception) -> bool:
 def _experiment_id(client, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
+    db = _sqlite_file(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
+        if db is not None:
+            _reroot_artifacts(db, experiment.experiment_id, experiment.artifact_location)
         return experiment.experiment_id
-    db = _sqlite_file(uri)
     # Local store: artifacts next to the database, never in whichever folder (an experiment's temporary
     # copy) the first writer ran in. A server picks its own artifact root.
-    location = str(db.parent / "mlruns") if db else None
+    location = _artifact_root(db) if db else None
     try:
         return client.create_experiment(EXPERIMENT, artifact_location=location)
     except MlflowException as err:  # another writer created it first
@@ -257,12 +313,34 @@ def _experiment_id(client, uri: str) -> str:
         return client.get_experiment_by_name(EXPERIMENT).experiment_id
 
 
+def _reroot_artifacts(db: Path, experiment_id: str, recorded: str) -> None:
+    """Point the attnsae experiment of a moved or copied repository's store at that repository's ``mlruns``.
+
+    MLflow records absolute artifact paths (the experiment's location, each run's artifact_uri), so a
+    copy of the repository would log into, and overwrite files of, the original's ``mlruns``. We own this
+    SQLite file, so under the store lock its recorded paths are rewritten to this location, old runs
+    included (a rerun logs into the parent run made before the move). An experiment per repository
+    location would leave those old runs pointing at the original and split one history in two.
+    Only a local path is rewritten: an ``mlflow-artifacts:`` root belongs to a server on this file.
+    """
+    root = _artifact_root(db)
+    if recorded == root or not os.path.isabs(recorded):
+        return
+    old = recorded.rstrip("/") + "/"
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (root, experiment_id))
+        con.execute(
+            "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+            (root + "/", len(old) + 1, experiment_id, len(old), old),
+        )
+
+
 def open_store(uri: str | None = None):
     """An MlflowClient for ``uri`` (default: tracking_uri()) and the attnsae experiment's id, created once."""
     from mlflow.tracking import MlflowClient
 
     uri = uri or tracking_uri()
-    with _store_lock(uri):
+    with _first_use(uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         return client, _experiment_id(client, uri)
 
@@ -276,31 +354,71 @@ def init_store(uri: str | None = None) -> tuple[str, str]:
     from mlflow.tracking import MlflowClient
 
     uri = uri or tracking_uri()
-    if _sqlite_file(uri):
-        with _store_lock(uri):
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # runs MLflow's migrations
-        return uri, f"tables ready in {_sqlite_file(uri)}"
-    _, experiment_id = open_store(uri)
-    return uri, f"experiment '{EXPERIMENT}' has id {experiment_id}"
+    db = _sqlite_file(uri)
+    if db is None:
+        _, experiment_id = open_store(uri)
+        return uri, f"experiment '{EXPERIMENT}' has id {experiment_id}"
+    with _first_use(uri):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # runs MLflow's migrations
+    return uri, f"tables ready in {db}"
 
 
 # ---------------------------------------------------------------- parent and child runs
 
 
+def _deleted(client, run_id: str) -> bool:
+    """Whether the run was deleted meanwhile (a duplicate parent being settled, an attempt superseded)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException:
+        return False
+
+
+def _unless_deleted(client, run_id: str, action, *args, **kwargs) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        action(run_id, *args, **kwargs)
+    except MlflowException:
+        if not _deleted(client, run_id):
+            raise
+
+
+def _logs(method):
+    """A LayerRun method: a failing store ends the stage in one line naming it. Writes to a run that a newer
+    attempt of the same stage superseded while this one ran are dropped: that attempt's run is the record."""
+    from mlflow.exceptions import MlflowException
+
+    @functools.wraps(method)
+    def logged(self: LayerRun, *args, **kwargs):
+        with _store_errors(self.store):
+            try:
+                return method(self, *args, **kwargs)
+            except MlflowException:
+                if _deleted(self.client, self.run_id):
+                    return None
+                raise
+
+    return logged
+
+
 class LayerRun:
-    """The child run of one layer inside the current pipeline's parent run."""
+    """The child run of one stage execution (train or evaluate) of one layer."""
 
-    def __init__(self, client, run_id: str, tags: dict[str, str] | None = None):
-        self.client, self.run_id, self.tags = client, run_id, tags or {}
+    def __init__(self, client, run_id: str, store: str, tags: dict[str, str] | None = None):
+        self.client, self.run_id, self.store, self.tags = client, run_id, store, tags or {}
 
+    @_logs
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        existing = self.client.get_run(self.run_id).data.params
-        fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
-        for i in range(0, len(fresh), 100):
-            self.client.log_batch(self.run_id, params=fresh[i : i + 100])
+        values = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(values), 100):
+            self.client.log_batch(self.run_id, params=values[i : i + 100])
 
+    @_logs
     def log_curves(self, rows: list[dict[str, float]], prefix: str = "train/") -> None:
         from mlflow.entities import Metric
 
@@ -314,6 +432,7 @@ class LayerRun:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
+    @_logs
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
@@ -321,44 +440,75 @@ class LayerRun:
         values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None]
         self.client.log_batch(self.run_id, metrics=values)
 
+    @_logs
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
+    @_logs
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @_logs
     def register_sae(self, sae_dir: str | Path, model_source: str, layer: int):
-        """Tag the run with the SAE folder's DVC md5 and add a registry version pointing at this run.
+        """Tag the run with the SAE folder's DVC md5 and return the registry version of that md5, adding one
+        pointing at this run when the model has none yet (a rerun that rebuilt the same SAE adds nothing).
 
         The version's source is ``runs:/<run>/sae`` (the run's cfg.json); the weights stay in DVC,
         found by the version's tags (folder and md5).
         """
-        from mlflow.exceptions import MlflowException
-
         md5, path = dvc_md5(sae_dir), _relative(Path(sae_dir))
         self.set_tags({DVC_MD5_TAG: md5, SAE_PATH_TAG: path})
         name = registered_model_name(model_source, layer)
-        try:
-            description = f"Attention SAEs (hook_z) of {model_source}, layer {layer}"
-            self.client.create_registered_model(name, description=description)
-        except MlflowException as err:
-            if not _already_exists(err):
-                raise
+        existing = self._versions(name, md5) if self._has_model(name, model_source, layer) else []
+        if existing:
+            return existing[0]
         keep = ("attnsae.profile", "attnsae.git_commit", "attnsae.git_dirty", "attnsae.dvc_exp_name")
         tags = {**{k: v for k, v in self.tags.items() if k in keep}, DVC_MD5_TAG: md5, SAE_PATH_TAG: path}
-        return self.client.create_model_version(
+        mine = self.client.create_model_version(
             name, source=f"runs:/{self.run_id}/sae", run_id=self.run_id, tags=tags,
             description=f"{path} (DVC md5 {md5}); fetch the weights with `dvc pull {path}`",
         )
+        # Writers registering the same SAE at once all keep the lowest version and delete their own extra.
+        first = self._versions(name, md5)[0]
+        if first.version != mine.version:
+            self.client.delete_model_version(name, mine.version)
+        return first
 
+    def _has_model(self, name: str, model_source: str, layer: int) -> bool:
+        """Create the registered model unless it exists; whether it existed (and may hold versions)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description=f"Attention SAEs (hook_z) of {model_source}, layer {layer}")
+        except MlflowException as err:
+            if not _already_exists(err):
+                raise
+            return True
+        return False
+
+    def _versions(self, name: str, md5: str) -> list:
+        found = self.client.search_model_versions(f"name = '{name}' and tag.`{DVC_MD5_TAG}` = '{md5}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    @_logs
     def tag_evaluated_sae(self, sae_dir: str | Path) -> None:
         """Which SAE folder the logged metrics belong to, by its DVC md5."""
         self.set_tags({
             "attnsae.evaluated_sae_dvc_md5": dvc_md5(sae_dir),
             "attnsae.evaluated_sae_path": _relative(Path(sae_dir)),
         })
+
+    @_logs
+    def log_evaluation(self, params: dict[str, Any], metrics: dict[str, Any], metrics_file: str | Path,
+                       sae_dir: str | Path) -> None:
+        """What the evaluate stage logs: its config as ``evaluate.*`` params, the metrics, the metrics file,
+        and the md5 of the SAE folder they were measured on."""
+        self.log_params({f"evaluate.{k}": v for k, v in params.items()})
+        self.log_metrics({k: v for k, v in metrics.items() if k != "layer"})
+        self.log_artifact(metrics_file)
+        self.tag_evaluated_sae(sae_dir)
 
 
 def _relative(path: Path) -> str:
@@ -368,36 +518,13 @@ def _relative(path: Path) -> str:
         return path.resolve().as_posix()
 
 
-def _find_run(client, experiment_id: str, filter_string: str):
-    runs = client.search_runs([experiment_id], filter_string=filter_string, max_results=1,
-                              order_by=["attributes.start_time ASC"])
-    return runs[0] if runs else None
+def _order(run) -> tuple[int, str]:
+    return run.info.start_time, run.info.run_id
 
 
 def _parents(client, experiment_id: str, key: str) -> list:
     query = f"tags.`{PIPELINE_KEY_TAG}` = '{key}' and tags.`{LAYER_TAG}` = 'none'"
-    found = client.search_runs([experiment_id], filter_string=query, max_results=1000)
-    return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
-
-
-def _inactive(client, run_id: str, err: Exception) -> bool:
-    """Whether ``err`` only says that the run was deleted meanwhile (a duplicate parent being settled)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id).info.lifecycle_stage == "deleted"
-    except MlflowException:
-        return False
-
-
-def _on_parent(client, run_id: str, action, *args, **kwargs) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        action(run_id, *args, **kwargs)
-    except MlflowException as err:
-        if not _inactive(client, run_id, err):
-            raise
+    return sorted(client.search_runs([experiment_id], filter_string=query, max_results=1000), key=_order)
 
 
 def _settle_parent(client, experiment_id: str, key: str) -> str:
@@ -408,27 +535,37 @@ def _settle_parent(client, experiment_id: str, key: str) -> str:
     """
     first, *extra = _parents(client, experiment_id, key)
     for run in extra:
-        _on_parent(client, run.info.run_id, client.delete_run)
+        _unless_deleted(client, run.info.run_id, client.delete_run)
     return first.info.run_id
+
+
+def _record(attempts: list, mine):
+    """Which finished attempt of a stage stays the record: this one, unless an earlier attempt holds the
+    same SAE (by DVC md5), which stays, as the registry version of that md5 points at its run."""
+    md5 = mine.data.tags.get(DVC_MD5_TAG)
+    same = [r for r in attempts if md5 and r.data.tags.get(DVC_MD5_TAG) == md5]
+    return min(same, key=_order) if same else mine
 
 
 class Pipeline:
     """The current pipeline run: its store, key, tags and parent run (created by the first stage that asks)."""
 
     def __init__(self, profile: str, params: dict[str, Any] | None = None):
-        self.client, self.experiment_id = open_store()
+        self.store = tracking_uri()
+        self.client, self.experiment_id = open_store(self.store)
         root = project_root()
         git, self.dvc = git_state(root), dvc_state()
         self.key = pipeline_key(root, git["commit"], self.dvc["exp_name"])
         self.tags = run_tags(profile, git, self.dvc)
-        if not _parents(self.client, self.experiment_id, self.key):
-            label = self.dvc["exp_name"] or profile
-            run = self.client.create_run(
-                self.experiment_id, run_name=f"{label} {git['commit'][:8]} {self.key[:6]}",
-                tags={**self.tags, PIPELINE_KEY_TAG: self.key, LAYER_TAG: "none"},
-            )
-            _on_parent(self.client, run.info.run_id, self._log_inputs, root, params)
-        self.parent_id = _settle_parent(self.client, self.experiment_id, self.key)
+        with _store_errors(self.store):
+            if not _parents(self.client, self.experiment_id, self.key):
+                label = self.dvc["exp_name"] or profile
+                run = self.client.create_run(
+                    self.experiment_id, run_name=f"{label} {git['commit'][:8]} {self.key[:6]}",
+                    tags={**self.tags, PIPELINE_KEY_TAG: self.key, LAYER_TAG: "none"},
+                )
+                _unless_deleted(self.client, run.info.run_id, self._log_inputs, root, params)
+            self.parent_id = _settle_parent(self.client, self.experiment_id, self.key)
 
     def _log_inputs(self, run_id: str, root: Path, params: dict[str, Any] | None) -> None:
         from mlflow.entities import Param
@@ -445,63 +582,87 @@ class Pipeline:
 
     def set_parent_status(self, status: str) -> None:
         if status == "RUNNING":
-            _on_parent(self.client, self.parent_id, self.client.update_run, status=status)
+            _unless_deleted(self.client, self.parent_id, self.client.update_run, status=status)
         else:
-            _on_parent(self.client, self.parent_id, self.client.set_terminated, status=status)
+            _unless_deleted(self.client, self.parent_id, self.client.set_terminated, status=status)
 
-    def stage_tags(self, stage: str, state: str) -> dict[str, str]:
-        tags = {f"attnsae.stage.{stage}": state}
-        if self.dvc["stage"]:
-            tags[f"attnsae.dvc_stage.{stage}"] = self.dvc["stage"]  # e.g. train@3
-        return tags
+    def stage_tags(self, stage: str) -> dict[str, str]:
+        return {f"attnsae.dvc_stage.{stage}": self.dvc["stage"]} if self.dvc["stage"] else {}  # e.g. train@3
+
+    def start_stage(self, layer: int, stage: str) -> LayerRun:
+        tags = {**self.tags, **self.stage_tags(stage), PIPELINE_KEY_TAG: self.key, LAYER_TAG: str(layer),
+                STAGE_TAG: stage, "mlflow.parentRunId": self.parent_id}
+        run = self.client.create_run(self.experiment_id, run_name=f"L{layer} {stage}", tags=tags)
+        self.set_parent_status("RUNNING")
+        return LayerRun(self.client, run.info.run_id, self.store, self.tags)
+
+    def finish_stage(self, run: LayerRun, layer: int, stage: str, status: str) -> None:
+        _unless_deleted(self.client, run.run_id, self.client.set_tag, "mlflow.parentRunId", self.settle())
+        _unless_deleted(self.client, run.run_id, self.client.set_terminated, status=status)
+        if status == "FINISHED":
+            self._supersede(run.run_id, layer, stage)
+        self.set_parent_status(status)
+
+    def _supersede(self, run_id: str, layer: int, stage: str) -> None:
+        """Delete the earlier attempts of this (pipeline, layer, stage), and this one if an earlier attempt
+        stays the record (see _record). Later attempts, still running, settle when they finish."""
+        query = (f"tags.`{PIPELINE_KEY_TAG}` = '{self.key}' and tags.`{LAYER_TAG}` = '{layer}'"
+                 f" and tags.`{STAGE_TAG}` = '{stage}'")
+        attempts = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000)
+        mine = next((r for r in attempts if r.info.run_id == run_id), None)
+        if mine is None:  # a newer attempt finished first and superseded this one
+            return
+        record = _record(attempts, mine)
+        if record.info.status != "FINISHED":  # an attempt killed after it had logged all it holds
+            _unless_deleted(self.client, record.info.run_id, self.client.set_terminated, status="FINISHED")
+        for other in attempts:
+            if other is not record and _order(other) <= _order(mine):
+                _unless_deleted(self.client, other.info.run_id, self.client.set_tag, SUPERSEDED_TAG, record.info.run_id)
+                _unless_deleted(self.client, other.info.run_id, self.client.delete_run)
 
 
 @contextlib.contextmanager
 def layer_run(layer: int, stage: str, profile: str, params: dict[str, Any] | None = None) -> Iterator[LayerRun]:
-    """Open (or reopen) the child run of ``layer``; it is marked finished, or failed if the stage raises."""
+    """A fresh child run for this execution of ``stage`` on ``layer``, marked finished, or failed if it raises.
+
+    One run per stage execution, because MLflow can neither remove a logged metric point nor change a
+    param: a stage that runs again (after a kill, or by hand) can only leave one clean record in a run of
+    its own. So train and evaluate of a layer log to two sibling runs, and when an execution finishes the
+    earlier attempts of its (pipeline, layer, stage) are deleted (MLflow's soft delete: restorable).
+    Concurrent executions of one stage never share a run.
+    """
     pipe = Pipeline(profile, params)
-    client = pipe.client
-    child = _find_run(
-        client, pipe.experiment_id, f"tags.`{PIPELINE_KEY_TAG}` = '{pipe.key}' and tags.`{LAYER_TAG}` = '{layer}'",
-    )
-    if child is None:
-        child = client.create_run(
-            pipe.experiment_id,
-            run_name=f"L{layer}",
-            tags={**pipe.tags, PIPELINE_KEY_TAG: pipe.key, LAYER_TAG: str(layer), "mlflow.parentRunId": pipe.parent_id},
-        )
-    run_id = child.info.run_id
-    run = LayerRun(client, run_id, pipe.tags)
-    client.update_run(run_id, status="RUNNING")
-    pipe.set_parent_status("RUNNING")
-    run.set_tags({**pipe.tags, **pipe.stage_tags(stage, "running")})
-
-    def close(status: str) -> None:
-        run.set_tags({"mlflow.parentRunId": pipe.settle()})
-        client.set_terminated(run_id, status=status)
-        pipe.set_parent_status(status)
-
+    with _store_errors(pipe.store):
+        run = pipe.start_stage(layer, stage)
     try:
         yield run
     except BaseException:
-        close("FAILED")
+        with contextlib.suppress(UserError):  # the stage's own error says more than a store that also failed
+            with _store_errors(pipe.store):
+                pipe.finish_stage(run, layer, stage, "FAILED")
         raise
-    run.set_tags(pipe.stage_tags(stage, "done"))
-    close("FINISHED")
+    with _store_errors(pipe.store):
+        pipe.finish_stage(run, layer, stage, "FINISHED")
 
 
 def log_report(profile: str, params: dict[str, Any], per_layer: list[dict[str, Any]], files: list[Path]) -> str:
     """Log the report stage's outcome to the pipeline's parent run: each layer's metrics as ``L<n>/<name>``,
     the per-layer table and the report files as artifacts. Returns the parent's run id."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
+
+    from attnsae.evaluate import numeric_metrics  # the metrics file's format belongs to evaluate
 
     pipe = Pipeline(profile, params)
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"L{m['layer']}/{k}", v, now, 0) for m in per_layer for k, v in layer_metrics(m).items()]
-    for i in range(0, len(metrics), 1000):
-        pipe.client.log_batch(pipe.parent_id, metrics=metrics[i : i + 1000])
-    for path in files:
-        pipe.client.log_artifact(pipe.parent_id, str(path))
-    LayerRun(pipe.client, pipe.parent_id).set_tags(pipe.stage_tags("report", "done"))
-    pipe.set_parent_status("FINISHED")
+    with _store_errors(pipe.store):
+        logged = pipe.client.get_run(pipe.parent_id).data.metrics
+        now = int(time.time() * 1000)
+        values = {f"L{m['layer']}/{k}": v for m in per_layer for k, v in numeric_metrics(m).items()}
+        # A rerun of the report adds no second point for a value the parent already holds.
+        metrics = [Metric(name, v, now, 0) for name, v in values.items() if logged.get(name) != v]
+        for i in range(0, len(metrics), 1000):
+            pipe.client.log_batch(pipe.parent_id, metrics=metrics[i : i + 1000])
+        for path in files:
+            pipe.client.log_artifact(pipe.parent_id, str(path))
+        pipe.client.log_batch(pipe.parent_id, tags=[RunTag(k, v) for k, v in pipe.stage_tags("report").items()])
+        pipe.set_parent_status("FINISHED")
     return pipe.parent_id

@@ -1,5 +1,9 @@
 """The `train` stages: SAEs on hook_z, following the recipe of design.md 3 exactly.
 
+Reads ``data/activations/L<n>`` (or, streaming, ``models/base``, ``data/corpus`` and ``data/tokens``); writes
+``models/sae/L<n>`` (read back with ``sae.load_sae`` by evaluate, report and publish), ``reports/curves/L<n>.csv``
+and, while running, ``checkpoints/`` (``load_checkpoint``). Every path: layout.py.
+
 `train@L` trains one layer from the activation cache; the streaming `train` stage trains several
 layers in lockstep from one model pass. Both go through ``train_saes`` and one ``LayerTrainer`` per SAE.
 
@@ -7,23 +11,33 @@ Per step: LR from the cosine warm-up (restarted after each resample); loss = sum
 backward; project out the gradient along each decoder row and renormalise the rows; Adam step.
 Every ``resample_every`` steps (at most ``max_resamples`` times) features whose firing frequency over
 the last ``dead_window`` steps is <= ``dead_cutoff`` are resampled from badly reconstructed inputs.
+
+Faults end a run in one line and never leave a result behind: a NaN/Inf loss or weight stops it
+(``NonFinite``, named per layer by ``train_saes``); activation rows holding NaN/Inf are dropped and
+counted (``FiniteRows``), and too many of them stop it; SIGTERM/SIGINT save a checkpoint at the end
+of the step and stop it (``TrainingInterrupted``); a damaged checkpoint file is named, not unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
 import os
+import signal
+import threading
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
+from attnsae import layout
 from attnsae.activations import RowSource, ShuffledBuffer
 from attnsae.config import SAEConfig
 from attnsae.errors import UserError
@@ -33,6 +47,28 @@ from attnsae.sae import SAE, cosine_warmup_lr
 
 RESAMPLE_ENCODER_SCALE = 0.2  # new encoder columns: this times the mean norm of alive columns
 CURVE_FIELDS = ("step", "tokens", "loss", "mse", "l1", "l0", "explained_variance", "dead_fraction", "lr")
+MAX_NONFINITE_ROW_FRACTION = 0.01  # more NaN/Inf activation rows than this means the activations are broken
+CHECKPOINT_FORMAT = 2  # part of the checkpoint key: a checkpoint of another layout is not resumed
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class NonFinite(Exception):
+    """A trainer's loss or weights became NaN/Inf; ``train_saes`` turns it into a ``UserError`` naming the layer.
+
+    ``step``: where it happened, when known (otherwise the step ``train_saes`` was running).
+    """
+
+    def __init__(self, what: str, step: int | None = None):
+        super().__init__(what)
+        self.what, self.step = what, step
+
+
+class TrainingInterrupted(UserError):
+    """SIGTERM/SIGINT stopped training at the end of a step (after saving a checkpoint when there is a path)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -42,6 +78,7 @@ class TrainResult:
     curves: list[dict[str, float]]
     resampled: list[tuple[int, int]] = field(default_factory=list)  # (step, features resampled)
     tokens: int = 0
+    nonfinite_rows_dropped: int = 0  # activation rows holding NaN/Inf, never trained on
 
 
 def make_optimizer(sae: SAE, cfg: SAEConfig) -> torch.optim.Adam:
@@ -71,7 +108,9 @@ def resample_dead(
     dead_idx = dead.nonzero().squeeze(-1)
     if len(dead_idx) == 0:
         return 0
-    weights = per_input_squared_error(sae, inputs).pow(2).double()
+    weights = per_input_squared_error(sae, inputs).double().pow(2)  # in float32 errors above ~1e19 overflow to inf
+    if not torch.isfinite(weights).all():  # a diverging SAE whose loss is still finite
+        raise NonFinite("the reconstruction errors overflowed while resampling")
     candidates = int((weights > 0).sum())
     if candidates == 0:
         return 0
@@ -121,11 +160,34 @@ class LayerTrainer:
         self.last_warmup_start = 0
         self.curves: list[dict[str, float]] = []
         self.resampled: list[tuple[int, int]] = []
+        # The first step whose loss was NaN/Inf (-1: none) and that loss, kept on the device: see watch_loss.
+        self.nonfinite_step = torch.tensor(-1, device=device)
+        self.nonfinite_loss = torch.tensor(0.0, device=device)
+
+    def watch_loss(self, step: int, loss: torch.Tensor) -> None:
+        """Remember the first non-finite loss without reading it back.
+
+        Reading the loss every step (``.item()``) would make the CPU wait for the GPU each step; these
+        few device ops queue behind the step instead, and ``check_finite`` reads the result on logging,
+        checkpoint and resampling steps and at the end. (On the CPU they cost as little as ``.item()``.)
+        """
+        first = torch.isfinite(loss).logical_not_().logical_and_(self.nonfinite_step < 0)
+        self.nonfinite_step.masked_fill_(first, step)
+        self.nonfinite_loss = torch.where(first, loss, self.nonfinite_loss)
+
+    def check_finite(self, step: int) -> None:
+        """Raise ``NonFinite`` if a loss so far, or a weight now (after ``step``), is NaN/Inf. Waits for the device."""
+        first = int(self.nonfinite_step)
+        if first >= 0:
+            raise NonFinite(f"loss became {float(self.nonfinite_loss)}", first)
+        if not all(torch.isfinite(p).all() for p in self.sae.parameters()):
+            raise NonFinite("weights became non-finite", step)
 
     def step(self, step: int, buffer: ShuffledBuffer) -> dict[str, float] | None:
         """One step; returns the logged row on logging steps."""
         cfg = self.cfg
         if is_check_step(step, cfg):
+            self.check_finite(step)  # resampling draws inputs by their (finite) reconstruction error
             dead = dead_features(self.window_counts, self.window_tokens, cfg.dead_cutoff)
             n = resample_dead(self.sae, self.optimizer, dead, buffer.sample(cfg.resample_inputs), self.sample_gen) if dead.any() else 0
             self.resampled.append((step, n))
@@ -141,6 +203,7 @@ class LayerTrainer:
 
         x = buffer.next_batch()
         out = self.sae(x, cfg.l1_coeff)
+        self.watch_loss(step, out.loss.detach())
         out.loss.backward()
         self.sae.make_decoder_unit_norm_and_project_grad()
         self.optimizer.step()
@@ -156,6 +219,7 @@ class LayerTrainer:
                 self.density_counts += fires
             if step % cfg.log_every and step != cfg.steps - 1:
                 return None
+            self.check_finite(step)  # never log (or pass to MLflow) a NaN curve
             row = {
                 "step": step,
                 "tokens": (step + 1) * cfg.batch_size,
@@ -196,7 +260,7 @@ class LayerTrainer:
         self.curves = list(state["curves"])
         self.resampled = [tuple(r) for r in state["resampled"]]
 
-    def result(self) -> TrainResult:
+    def result(self, nonfinite_rows_dropped: int = 0) -> TrainResult:
         cfg = self.cfg
         density_tokens = (cfg.steps - self.density_from) * cfg.batch_size
         log10_density = torch.log10(self.density_counts.cpu() / density_tokens + 1e-10)
@@ -206,7 +270,47 @@ class LayerTrainer:
             curves=self.curves,
             resampled=self.resampled,
             tokens=cfg.steps * cfg.batch_size,
+            nonfinite_rows_dropped=nonfinite_rows_dropped,
         )
+
+
+class FiniteRows:
+    """A ``RowSource`` that leaves out rows holding NaN/Inf (and counts them), as rows enter training.
+
+    More than ``MAX_NONFINITE_ROW_FRACTION`` of the rows seen so far being non-finite is a broken
+    source (a bad cache, a model overflowing in low precision): a ``UserError`` naming ``label``.
+    """
+
+    def __init__(self, source: RowSource, label: str):
+        self.source, self.label, self.d_in = source, label, source.d_in
+        self.seen = 0
+        self.dropped = 0
+
+    def take(self, n: int) -> torch.Tensor:
+        parts, have = [], 0
+        while have < n:
+            rows = self.source.take(n - have)
+            finite = rows[torch.isfinite(rows).all(-1)]
+            self.seen += len(rows)
+            self.dropped += len(rows) - len(finite)
+            if self.dropped > MAX_NONFINITE_ROW_FRACTION * self.seen:
+                raise UserError(
+                    f"{self.label}: the activations are broken: {self.dropped:,} of the first {self.seen:,} rows hold "
+                    f"NaN/Inf (at most {MAX_NONFINITE_ROW_FRACTION:.0%} allowed); rebuild the activation cache, "
+                    "or when streaming try model.precision fp32"
+                )
+            parts.append(finite)
+            have += len(finite)
+        return torch.cat(parts)
+
+    def state_dict(self) -> dict:
+        inner = self.source.state_dict() if hasattr(self.source, "state_dict") else {}
+        return {"source": inner, "seen": self.seen, "dropped": self.dropped}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["source"]:
+            self.source.load_state_dict(state["source"])
+        self.seen, self.dropped = int(state["seen"]), int(state["dropped"])
 
 
 def _check_steps(cfg: SAEConfig) -> int:
@@ -234,11 +338,13 @@ def use_deterministic_kernels(on: bool) -> None:
 
 def checkpoint_key(cfgs: dict[int, SAEConfig], data: str = "") -> str:
     """Identifies the run a checkpoint belongs to: changed configs or data never resume a stale checkpoint."""
-    text = json.dumps({"data": data, **{str(k): c.model_dump() for k, c in sorted(cfgs.items())}}, sort_keys=True)
+    layers = {str(k): c.model_dump() for k, c in sorted(cfgs.items())}
+    text = json.dumps({"format": CHECKPOINT_FORMAT, "data": data, **layers}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def save_checkpoint(path: Path, step: int, key: str, trainers: dict, buffers: dict, sources: dict, shared=None) -> None:
+    """Everything a resumed run needs to continue bit for bit; the caller checks the state is finite first."""
     state = {
         "key": key,
         "step": step,
@@ -259,11 +365,63 @@ def save_checkpoint(path: Path, step: int, key: str, trainers: dict, buffers: di
     os.replace(tmp, path)  # a kill during the save leaves the previous checkpoint intact
 
 
+def corrupt_checkpoint(path: Path, reason: str) -> UserError:
+    return UserError(f"{path}: corrupt checkpoint ({reason}); delete it to start this training from step 0")
+
+
+def corrupt_checkpoint_reason(path: Path) -> str:
+    """Why torch could not load ``path``, in our words (torch's own messages advise weights_only=False)."""
+    if path.stat().st_size == 0:
+        return "empty file"
+    if zipfile.is_zipfile(path):
+        return "damaged contents"
+    with open(path, "rb") as f:
+        starts_like_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    return "truncated archive" if starts_like_zip else "not a torch checkpoint"
+
+
 def load_checkpoint(path: Path, key: str) -> dict | None:
+    """The saved state if ``path`` is a checkpoint of this run (``key``); None if absent or of another run."""
     if not path.is_file():
         return None
-    state = torch.load(path, weights_only=True)
-    return state if state.get("key") == key else None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception:  # on damage torch raises RuntimeError, OSError, EOFError, UnpicklingError, KeyError...
+        raise corrupt_checkpoint(path, corrupt_checkpoint_reason(path)) from None
+    if not isinstance(state, dict) or "key" not in state:
+        raise corrupt_checkpoint(path, "not a training checkpoint")
+    return state if state["key"] == key else None
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[list[int]]:
+    """Inside, SIGTERM and SIGINT are only recorded in the yielded list, so the loop can stop at the end
+    of a step; the previous handlers come back on exit. Off the main thread (where Python cannot set
+    handlers) nothing changes."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
+def interrupted(signum: int, step: int, checkpoint: Path | None) -> TrainingInterrupted:
+    then = (f"checkpoint saved to {checkpoint}; run the same command again to resume" if checkpoint
+            else "no checkpoint file was given, so nothing is kept")
+    return TrainingInterrupted(f"train: interrupted by {signal.Signals(signum).name} at step {step}; {then}", signum)
+
+
+def diverged(layer: int, cfg: SAEConfig, err: NonFinite, step: int, checkpoint: Path | None,
+             last_saved: int | None) -> UserError:
+    kept = (f"the last good checkpoint ({checkpoint}, step {last_saved}) is kept" if last_saved is not None
+            else "no checkpoint of this run was saved")
+    return UserError(f"train L{layer}: {err.what} at step {step} (lr {cfg.lr:g}, l1_coeff {cfg.l1_coeff:g}): "
+                     f"nothing written; {kept}")
 
 
 def train_saes(
@@ -283,6 +441,10 @@ def train_saes(
     arithmetic and random draws are the same as when trained alone (its generators are its own).
     ``shared`` (such a stream) is saved in checkpoints with the trainers; ``data_key`` names the
     data, so a checkpoint made on other data is not resumed.
+
+    A checkpoint is saved every ``checkpoint_every`` steps and on SIGTERM/SIGINT, which then stop the
+    run with ``TrainingInterrupted``. A NaN/Inf loss or weight stops it with a ``UserError``; no
+    checkpoint is saved past the last finite state.
     """
     first = next(iter(cfgs.values()))
     steps = _check_steps(first)
@@ -295,11 +457,12 @@ def train_saes(
     device = resolve_device(first.device)
     use_deterministic_kernels(any(cfg.deterministic for cfg in cfgs.values()))
     torch.manual_seed(first.seed)
+    rows = {key: FiniteRows(sources[key], f"train L{key}") for key in cfgs}
     trainers, buffers = {}, {}
     for key, cfg in cfgs.items():
-        trainers[key] = LayerTrainer(cfg, sources[key].d_in, device)
+        trainers[key] = LayerTrainer(cfg, rows[key].d_in, device)
         buffers[key] = ShuffledBuffer(
-            sources[key], cfg.buffer_rows, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), device
+            rows[key], cfg.buffer_rows, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), device
         )
     start = 0
     run_key = checkpoint_key(cfgs, data_key)
@@ -313,23 +476,39 @@ def train_saes(
             layer_state = saved["layers"][str(n)]
             trainers[n].load_state_dict(layer_state["trainer"])
             buffers[n].load_state_dict(layer_state["buffer"])
-            if layer_state["source"]:
-                sources[n].load_state_dict(layer_state["source"])
+            rows[n].load_state_dict(layer_state["source"])
         print(f"resuming from {checkpoint} at step {start}")
+    last_saved = start if saved is not None else None
     label = f"train {len(cfgs)} SAEs" if len(cfgs) > 1 else f"train d_sae={first.d_sae}"
-    bar = tqdm(range(start, steps), desc=label, unit="step", disable=not progress, initial=start, total=steps)
-    for step in bar:
-        for key, trainer in trainers.items():
-            row = trainer.step(step, buffers[key])
-            if row is not None and len(trainers) == 1:
-                bar.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}")
-                if on_log:
-                    on_log(row)
-        if checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            save_checkpoint(checkpoint, step + 1, run_key, trainers, buffers, sources, shared)
-        if on_step:
-            on_step(step)
-    return {key: trainer.result() for key, trainer in trainers.items()}
+    layer, step = next(iter(cfgs)), start  # a NonFinite is about the layer and step the loops are at
+    try:
+        with stop_signals_deferred() as received, tqdm(range(start, steps), desc=label, unit="step",
+                                                       disable=not progress, initial=start, total=steps) as bar:
+            for step in bar:
+                for layer, trainer in trainers.items():
+                    row = trainer.step(step, buffers[layer])
+                    if row is not None and len(trainers) == 1:
+                        bar.set_postfix(loss=f"{row['loss']:.3g}", l0=f"{row['l0']:.1f}")
+                        if on_log:
+                            on_log(row)
+                if on_step:
+                    on_step(step)
+                done = step + 1
+                if done == steps:
+                    break  # a signal during the last step: the run is complete, let it finish
+                if checkpoint and (received or (checkpoint_every and done % checkpoint_every == 0)):
+                    for layer, trainer in trainers.items():
+                        trainer.check_finite(step)  # never checkpoint a NaN/Inf state
+                    save_checkpoint(checkpoint, done, run_key, trainers, buffers, rows, shared)
+                    last_saved = done
+                if received:
+                    raise interrupted(received[0], done, checkpoint)
+        for layer, trainer in trainers.items():
+            trainer.check_finite(steps - 1)
+    except NonFinite as err:
+        at = err.step if err.step is not None else step
+        raise diverged(layer, cfgs[layer], err, at, checkpoint, last_saved) from None
+    return {key: trainer.result(rows[key].dropped) for key, trainer in trainers.items()}
 
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -358,7 +537,8 @@ def _save_layer(result: TrainResult, cfg: SAEConfig, layer: int, meta: dict, out
         model_name=meta["model_source"],
         context_size=meta["context_size"],
         dataset=meta["dataset"],
-        extra={"attnsae": {"train": cfg.model_dump(), "trained_tokens": result.tokens, "resampled": result.resampled}},
+        extra={"attnsae": {"train": cfg.model_dump(), "trained_tokens": result.tokens, "resampled": result.resampled,
+                           "nonfinite_rows_dropped": result.nonfinite_rows_dropped}},
     )
     save_sae(result.sae, out_dir, cfg_json, result.log10_density)
     write_curves(curves_path, result.curves)
@@ -370,14 +550,16 @@ def _save_layer(result: TrainResult, cfg: SAEConfig, layer: int, meta: dict, out
     final = result.curves[-1]
     print(
         f"train L{layer}: {result.tokens:,} tokens, final loss {final['loss']:.4g}, L0 {final['l0']:.1f}, "
-        f"resampled {sum(n for _, n in result.resampled)}"
+        f"resampled {sum(n for _, n in result.resampled)}, non-finite rows dropped {result.nonfinite_rows_dropped:,}"
     )
 
 
 def _drop_checkpoint(checkpoint: Path | None) -> None:
-    """A finished run's checkpoint is spent: the SAE folder holds the result."""
-    if checkpoint is not None and checkpoint.is_file():
-        checkpoint.unlink()
+    """A finished run's checkpoint is spent: the SAE folder holds the result. A save that a kill cut short
+    left its temporary file, which nothing else would remove."""
+    if checkpoint is not None:
+        for path in (checkpoint, checkpoint.with_name(checkpoint.name + ".tmp")):
+            path.unlink(missing_ok=True)
 
 
 def _log_params(run, cfg: SAEConfig, layer: int, meta: dict) -> None:
@@ -396,9 +578,9 @@ def train_layer(
     checkpoint_every: int = 0,
 ) -> TrainResult:
     """The stage, from the disk cache: read the layer's activations, train, write the SAE folder and curves."""
-    from attnsae.activations import DiskActivations, layer_dir
+    from attnsae.activations import DiskActivations
 
-    source = DiskActivations(layer_dir(activations_dir, layer))
+    source = DiskActivations(layout.activations_dir(layer, activations_dir))
     _log_params(run, cfg, layer, source.meta)
     result = train_saes({layer: cfg}, {layer: source}, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                         data_key=json.dumps(source.meta, sort_keys=True))[layer]

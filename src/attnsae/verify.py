@@ -7,17 +7,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from attnsae import config
+from attnsae import config, layout
 from attnsae.errors import UserError
-from attnsae.profiles import PUBLISHED_DIR
 
 # ----------------------------------------------------------------------------------------------------------
 # Comparisons (pure)
@@ -170,17 +167,6 @@ def summarize(checks: list[Check], layers: list[int], evaluated: bool) -> tuple[
 # Hashes: DVC's own (dvc_data's tree build, the .dir listing in the DVC cache, the md5 dvc.lock records)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where the pipeline keeps what verify reads (the CLI passes its defaults)."""
-
-    sae_dir: str = "models/sae"
-    published_dir: str = PUBLISHED_DIR
-    metrics_dir: str = "reports/metrics"
-    model_dir: str = "models/base"
-    tokens_dir: str = "data/tokens"
-
-
 def _open_repo():
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
@@ -277,30 +263,26 @@ def check_folder(outputs: Mapping[str, Any], folder: str, layer: int | None, kin
 # Re-evaluation
 
 
-def reevaluate(cfg: config.EvaluateConfig, layout: Layout, layer: int) -> dict[str, Any]:
-    """Evaluate models/sae/L<n> as `evaluate@L` does, writing to a temporary folder (reports/ stays untouched)."""
+def reevaluate(cfg: config.EvaluateConfig, layer: int) -> dict[str, Any]:
+    """Evaluate models/sae/L<n> as `evaluate@L` does, writing nothing (reports/ stays untouched)."""
     from attnsae.evaluate import evaluate_layer
 
-    with tempfile.TemporaryDirectory(prefix="attnsae-verify-") as tmp:
-        return evaluate_layer(cfg, layout.model_dir, layout.tokens_dir, f"{layout.sae_dir}/L{layer}", layer,
-                              Path(tmp) / "metrics.json", Path(tmp) / "density.csv")
+    return evaluate_layer(cfg, layout.MODEL_DIR, layout.TOKENS_DIR, layout.sae_dir(layer), layer, None, None)
 
 
-def check_metrics(cfg: config.EvaluateConfig, layout: Layout, layer: int) -> Check:
-    path = f"{layout.metrics_dir}/L{layer}.json"
-    check = Check(layer, "metrics", path)
-    try:
-        recorded = json.loads(Path(path).read_text())
-    except FileNotFoundError:
+def check_metrics(cfg: config.EvaluateConfig, layer: int) -> Check:
+    from attnsae.evaluate import read_metrics
+
+    path = layout.metrics_file(layer)
+    check = Check(layer, "metrics", str(path))
+    if not path.is_file():
         check.problems.append(f"{path}: missing (git holds the metrics: check out the commit that recorded them)")
         return check
-    except json.JSONDecodeError as err:
-        check.problems.append(f"{path}: not valid JSON ({err})")
-        return check
     try:
-        found = reevaluate(cfg, layout, layer)
+        recorded = read_metrics(path)  # checked before the (long) re-evaluation
+        found = reevaluate(cfg, layer)
     except UserError as err:
-        check.problems.append(f"{layout.sae_dir}/L{layer}: the re-evaluation failed: {err}")
+        check.problems.append(str(err))
         return check
     check.problems = [f"{path}: {problem}" for problem in compare_metrics(recorded, found)]
     compared = sum(key not in IGNORED_KEYS for key in recorded)
@@ -308,7 +290,7 @@ def check_metrics(cfg: config.EvaluateConfig, layout: Layout, layer: int) -> Che
     return check
 
 
-def verify_layers(layers: list[int], evaluate: config.EvaluateConfig | None, layout: Layout = Layout()) -> Iterator[Check]:
+def verify_layers(layers: list[int], evaluate: config.EvaluateConfig | None) -> Iterator[Check]:
     """Every check, in order, as it completes: SAE and published folders per layer, then (with ``evaluate``) the
     evaluation inputs and a re-evaluation per layer. A layer whose SAE does not match dvc.lock is not re-evaluated."""
     sae_ok = {}
@@ -316,7 +298,7 @@ def verify_layers(layers: list[int], evaluate: config.EvaluateConfig | None, lay
     try:
         outputs = _outputs(repo)
         for n in layers:
-            sae_folder, published_folder = f"{layout.sae_dir}/L{n}", f"{layout.published_dir}/L{n}"
+            sae_folder, published_folder = layout.sae_dir(n).as_posix(), layout.published_dir(n).as_posix()
             sae_check, sae_files = check_folder(outputs, sae_folder, n, "hash")
             yield sae_check
             published_check, published_files = check_folder(outputs, published_folder, n, "hash")
@@ -329,14 +311,15 @@ def verify_layers(layers: list[int], evaluate: config.EvaluateConfig | None, lay
             sae_ok[n] = sae_check.ok
         if evaluate is None:
             return
-        inputs = [check_folder(outputs, folder, None, "inputs")[0] for folder in (layout.model_dir, layout.tokens_dir)]
+        inputs = [check_folder(outputs, folder.as_posix(), None, "inputs")[0]
+                  for folder in (layout.MODEL_DIR, layout.TOKENS_DIR)]
     finally:
         repo.close()
     yield from inputs
     for n in layers:
         if not all(c.ok for c in inputs) or not sae_ok[n]:
             reason = "its SAE folder does" if all(c.ok for c in inputs) else "the model or tokens do"
-            yield Check(n, "metrics", f"{layout.metrics_dir}/L{n}.json", skipped=True,
+            yield Check(n, "metrics", str(layout.metrics_file(n)), skipped=True,
                         note=f"not re-evaluated: {reason} not match dvc.lock")
         else:
-            yield check_metrics(evaluate, layout, n)
+            yield check_metrics(evaluate, n)

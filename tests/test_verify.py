@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import REPO, run, stages_run
+from helpers import REPO, run, stages_run
 
 from attnsae import config
 from attnsae.errors import UserError
@@ -168,12 +168,8 @@ def test_verify_rejects_a_layer_outside_the_params(registry):
 # Unit: the artifacts section of dvc.yaml
 
 
-def tiny_params() -> dict:
-    return config.read_params(REPO / "profiles/tiny.yaml")
-
-
-def test_artifacts_name_each_layers_published_folder():
-    section = artifacts_section("tiny", tiny_params())
+def test_artifacts_name_each_layers_published_folder(tiny_params):
+    section = artifacts_section("tiny", tiny_params)
     assert list(section) == ["tiny-sae-L1", "tiny-sae-L2"]
     entry = section["tiny-sae-L2"]
     assert entry["path"] == "models/published/L2"
@@ -182,13 +178,13 @@ def test_artifacts_name_each_layers_published_folder():
     assert "tiny" in entry["labels"] and entry["desc"]
 
 
-def test_rendered_pipeline_keeps_the_pipeline_file_and_adds_its_artifacts():
+def test_rendered_pipeline_keeps_the_pipeline_file_and_adds_its_artifacts(tiny_params):
     pipeline = (REPO / "pipelines/cache.yaml").read_text()
-    rendered = render_pipeline(pipeline, "tiny", tiny_params())
+    rendered = render_pipeline(pipeline, "tiny", tiny_params)
     assert rendered.startswith(pipeline.rstrip())  # comments and formatting of pipelines/*.yaml kept
     parsed = yaml.safe_load(rendered)
     assert parsed["stages"] == yaml.safe_load(pipeline)["stages"]
-    assert parsed["artifacts"] == artifacts_section("tiny", tiny_params())
+    assert parsed["artifacts"] == artifacts_section("tiny", tiny_params)
 
 
 @pytest.mark.parametrize("profile", ["tiny", "quickstart", "gpt2-small"])
@@ -201,11 +197,11 @@ def test_rendered_dvc_yaml_passes_dvcs_schema(profile):
     COMPILED_MULTI_STAGE_SCHEMA(yaml.safe_load(rendered))  # raises on a key or value DVC does not accept
 
 
-def test_profile_names_that_dvc_cannot_use_are_refused():
+def test_profile_names_that_dvc_cannot_use_are_refused(tiny_params):
     with pytest.raises(UserError, match=r"profile name 'my\.profile' cannot name a DVC artifact"):
-        artifacts_section("my.profile", tiny_params())
+        artifacts_section("my.profile", tiny_params)
     with pytest.raises(UserError, match="already has an 'artifacts' section"):
-        render_pipeline("stages: {}\nartifacts: {}\n", "tiny", tiny_params())
+        render_pipeline("stages: {}\nartifacts: {}\n", "tiny", tiny_params)
 
 
 # ----------------------------------------------------------------------------------------------------------

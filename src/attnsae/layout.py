@@ -1,0 +1,87 @@
+"""Where every artifact of the pipeline lands: the one module that owns the repository's paths.
+
+Paths are relative to the repository root, where DVC runs every stage. Each artifact has one writer
+(its stage's module), and that module also owns the function that reads it back:
+
+| artifact | path | written by (stage: function) | read with | read by stages |
+|---|---|---|---|---|
+| params check | `reports/params-check.txt` | `params`: `cli.check_params` | - | every other stage (a dep) |
+| base model | `models/base/` (transformers folder + `attnsae_model.json`) | `model`: `models.prepare_model` | `models.load_bridge`, `models.read_model_info` | all but corpus |
+| corpus | `data/corpus/` (`documents.jsonl` + `manifest.json`; streamed: the manifest only) | `corpus`: `corpus.build_corpus` | `corpus.open_documents`, `corpus.read_manifest` | tokenize, train (stream) |
+| token rows | `data/tokens/` (`train.npy`, `eval.npy`, `meta.json`) | `tokenize`: `tokenization.tokenize_corpus` | `tokenization.load_rows`, `tokenization.read_tokens_meta` | activations, train (stream), evaluate, report |
+| activation cache | `data/activations/L<n>/` (bf16 shards + `meta.json`) | `activations`: `activations.cache_activations` | `activations.DiskActivations` | train@L |
+| SAE | `models/sae/L<n>/` (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`) | `train@L` / `train`: `train.run_train_stage` | `sae.load_sae`, `sae.read_sae_cfg` | evaluate, report, publish |
+| training curves | `reports/curves/L<n>.csv` | `train@L` / `train` | `dvc plots` | - |
+| metrics | `reports/metrics/L<n>.json` | `evaluate@L`: `evaluate.evaluate_layer` | `evaluate.read_metrics` | report, publish, verify |
+| density histogram | `reports/density/L<n>.csv` | `evaluate@L` | `evaluate.read_density` | report |
+| report | `reports/report.md`, `reports/index.html`, `reports/layers.csv` | `report`: `report.build_report` | people; `dvc plots` (frontier) | - |
+| published SAE | `models/published/L<n>/` (SAE + model card) | `publish@L`: `publish.publish_layer` | `sae.load_sae` | `attnsae verify`, other repos |
+| imported SAE | `models/imported/L<n>/` | `import_published@L`: `published_saes.import_published` | `sae.load_sae` | evaluate_published |
+| imported metrics | `reports/imported/{metrics,density}/L<n>.*` | `evaluate_published@L` | `evaluate.read_metrics` | report (`report.compare`) |
+| checkpoints | `checkpoints/train-L<n>[-L<m>...].pt` (outside every DVC output) | train | `train.load_checkpoint` | train (resume) |
+| MLflow store | `mlflow.db`, `mlruns/` | `tracking` | `mlflow ui` | - |
+
+DVC deletes a stage's outputs before it runs the stage, which is why checkpoints live outside them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS_CHECK_FILE = Path("reports/params-check.txt")
+MODEL_DIR = Path("models/base")
+CORPUS_DIR = Path("data/corpus")
+TOKENS_DIR = Path("data/tokens")
+ACTIVATIONS_DIR = Path("data/activations")
+SAE_ROOT = Path("models/sae")
+PUBLISHED_ROOT = Path("models/published")
+IMPORTED_ROOT = Path("models/imported")
+REPORT_DIR = Path("reports")
+CURVES_DIR = REPORT_DIR / "curves"
+METRICS_DIR = REPORT_DIR / "metrics"
+DENSITY_DIR = REPORT_DIR / "density"
+IMPORTED_REPORTS_DIR = REPORT_DIR / "imported"
+CHECKPOINT_DIR = Path("checkpoints")
+
+REPORT_MD = REPORT_DIR / "report.md"
+REPORT_HTML = REPORT_DIR / "index.html"
+LAYERS_CSV = REPORT_DIR / "layers.csv"  # the per-layer table as data: the frontier plot's input
+
+
+def layer_name(layer: int) -> str:
+    """How a layer is spelled in file names, params keys and run names: ``L3``."""
+    return f"L{layer}"
+
+
+def sae_dir(layer: int, root: Path = SAE_ROOT) -> Path:
+    return root / layer_name(layer)
+
+
+def published_dir(layer: int) -> Path:
+    return PUBLISHED_ROOT / layer_name(layer)
+
+
+def imported_dir(layer: int) -> Path:
+    return IMPORTED_ROOT / layer_name(layer)
+
+
+def activations_dir(layer: int, root: Path = ACTIVATIONS_DIR) -> Path:
+    return Path(root) / layer_name(layer)
+
+
+def curves_file(layer: int) -> Path:
+    return CURVES_DIR / f"{layer_name(layer)}.csv"
+
+
+def metrics_file(layer: int, folder: Path = METRICS_DIR) -> Path:
+    return Path(folder) / f"{layer_name(layer)}.json"
+
+
+def density_file(layer: int, folder: Path = DENSITY_DIR) -> Path:
+    return Path(folder) / f"{layer_name(layer)}.csv"
+
+
+def checkpoint_file(layers: list[int]) -> Path:
+    """One checkpoint per set of layers trained together (the stream pipeline trains them all at once)."""
+    return CHECKPOINT_DIR / f"train-{'-'.join(layer_name(n) for n in layers)}.pt"
+

@@ -1,0 +1,221 @@
+"""Every params.yaml value has a range: a value outside it is refused by config.validate with one line that names
+the key path and says what is allowed, instead of a traceback (or a silently useless run) later."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from helpers import REPO
+
+from attnsae import config
+from attnsae.cli import main
+from attnsae.errors import UserError
+
+NAN, INF = float("nan"), float("inf")
+SEED_RANGE = "an integer >= 0 and <= 4294967295"
+
+# The section (key path in params.yaml) each class reads; per_layer.L2 is an entry of tiny.yaml.
+SECTION_CLASSES = {
+    "model": config.ModelConfig,
+    "corpus": config.CorpusConfig,
+    "tokenize": config.TokenizeConfig,
+    "activations": config.ActivationsConfig,
+    "sae": config.SAEConfig,
+    "per_layer.L2": config.LayerOverride,
+    "evaluate": config.EvaluateConfig,
+    "report": config.ReportConfig,
+}
+
+# (key path, bad value, what the message must say): the cases users hit, then every field of every section.
+BAD_VALUES = [
+    # measured by a user: accepted, or a traceback later
+    ("activations.tokens", 0, "must be an integer >= 1 (got 0)"),
+    ("evaluate.max_rows", -1, "must be an integer >= 0 (got -1)"),
+    ("evaluate.density_bins", 0, "must be an integer >= 1 (got 0)"),
+    ("sae.dead_cutoff", NAN, "must be a finite number >= 0 and <= 1 (got nan)"),
+    ("activations.shard_tokens", 0, "must be an integer >= 1 (got 0)"),
+    ("sae.lr", -0.001, "must be a finite number > 0 (got -0.001)"),
+    ("sae.beta1", 1.5, "must be a finite number >= 0 and < 1 (got 1.5)"),
+    ("sae.log_every", 0, "must be an integer >= 1 (got 0)"),
+    ("activations.batch_rows", 0, "must be an integer >= 1 (got 0)"),
+    ("sae.seed", 2**70, f"must be {SEED_RANGE} (got {2**70})"),
+    ("sae.l1_coeff", NAN, "must be a finite number >= 0 (got nan)"),
+    # model
+    ("model.source", "gpt3", "must be one of smollm2-135m, gpt2, tiny-gpt2, gpt2-random (got 'gpt3')"),
+    ("model.seed", -1, f"must be {SEED_RANGE} (got -1)"),
+    ("model.seed", 2**70, f"must be {SEED_RANGE}"),
+    ("model.seed", True, f"must be {SEED_RANGE} (got True)"),
+    ("model.device", "gpu", "must be one of auto, cpu, cuda (got 'gpu')"),
+    ("model.precision", "fp16", "must be one of auto, fp32, bf16 (got 'fp16')"),
+    # corpus
+    ("corpus.sources", [], "must be a list of strings with at least 1 entry (got [])"),
+    ("corpus.sources", "synthetic", "must be a list of strings"),
+    ("corpus.max_documents", -1, "must be an integer >= 0 (got -1)"),
+    ("corpus.synthetic_documents", -5, "must be an integer >= 0 (got -5)"),
+    ("corpus.synthetic_documents", 0, "must be >= 1 when sources lists synthetic (got 0)"),
+    ("corpus.seed", -1, f"must be {SEED_RANGE} (got -1)"),
+    ("corpus.seed", 2**70, f"must be {SEED_RANGE}"),
+    ("corpus.seed", "49", f"must be {SEED_RANGE} (got '49')"),
+    # tokenize
+    ("tokenize.context_size", 1, "must be an integer >= 2 (got 1)"),
+    ("tokenize.context_size", "64", "must be an integer >= 2 (got '64')"),
+    ("tokenize.eval_fraction", 0, "must be a finite number > 0 and < 1 (got 0)"),
+    ("tokenize.eval_fraction", 1, "must be a finite number > 0 and < 1 (got 1)"),
+    ("tokenize.eval_fraction", NAN, "must be a finite number > 0 and < 1 (got nan)"),
+    ("tokenize.max_train_rows", -1, "must be an integer >= 0 (got -1)"),
+    ("tokenize.max_eval_rows", 1.5, "must be an integer >= 0 (got 1.5)"),
+    ("tokenize.seed", 2**70, f"must be {SEED_RANGE}"),
+    ("tokenize.seed", -1, f"must be {SEED_RANGE} (got -1)"),
+    # activations
+    ("activations.source", "ram", "must be one of disk, stream (got 'ram')"),
+    ("activations.tokens", -4096, "must be an integer >= 1 (got -4096)"),
+    ("activations.tokens", 4096.0, "must be an integer >= 1 (got 4096.0)"),
+    # sae
+    ("sae.d_sae", 0, "must be an integer >= 1 (got 0)"),
+    ("sae.d_sae", 256.0, "must be an integer >= 1 (got 256.0)"),
+    ("sae.l1_coeff", -0.01, "must be a finite number >= 0 (got -0.01)"),
+    ("sae.l1_coeff", INF, "must be a finite number >= 0 (got inf)"),
+    ("sae.l1_coeff", "0.01", "must be a finite number >= 0 (got '0.01')"),
+    ("sae.dead_cutoff", 1.5, "must be a finite number >= 0 and <= 1 (got 1.5)"),
+    ("sae.lr", 0, "must be a finite number > 0 (got 0)"),
+    ("sae.lr", INF, "must be a finite number > 0 (got inf)"),
+    ("sae.beta1", NAN, "must be a finite number >= 0 and < 1 (got nan)"),
+    ("sae.beta2", 1.0, "must be a finite number >= 0 and < 1 (got 1.0)"),
+    ("sae.beta2", -0.5, "must be a finite number >= 0 and < 1 (got -0.5)"),
+    ("sae.batch_size", 0, "must be an integer >= 1 (got 0)"),
+    ("sae.train_tokens", 0, "must be an integer >= 1 (got 0)"),
+    ("sae.warmup_steps", -1, "must be an integer >= 0 (got -1)"),
+    ("sae.resample_every", 0, "must be an integer >= 1 (got 0)"),
+    ("sae.max_resamples", -1, "must be an integer >= 0 (got -1)"),
+    ("sae.dead_window", 0, "must be an integer >= 1 (got 0)"),
+    ("sae.resample_inputs", 0, "must be an integer >= 1 (got 0)"),
+    ("sae.buffer_rows", -1, "must be an integer >= 1 (got -1)"),
+    ("sae.log_every", 2.5, "must be an integer >= 1 (got 2.5)"),
+    ("sae.seed", -1, f"must be {SEED_RANGE} (got -1)"),
+    ("sae.device", "tpu", "must be one of auto, cpu, cuda (got 'tpu')"),
+    ("sae.deterministic", "yes", "must be true or false (got 'yes')"),
+    # sae: rules between fields (tiny.yaml: batch_size 512, resample_every 50)
+    ("sae.dead_window", 60, "must be <= resample_every (50) (got 60)"),
+    ("sae.train_tokens", 100, "must be >= batch_size (512) (got 100)"),
+    ("sae.buffer_rows", 1000, "must be >= 2 x batch_size (1024) (got 1000)"),
+    # per_layer: the same ranges as sae, named by the entry's own key path
+    ("per_layer.L2.d_sae", 0, "must be an integer >= 1 (got 0)"),
+    ("per_layer.L2.l1_coeff", NAN, "must be a finite number >= 0 (got nan)"),
+    ("per_layer.L2.l1_coeff", -0.5, "must be a finite number >= 0 (got -0.5)"),
+    ("per_layer.L2.dead_cutoff", INF, "must be a finite number >= 0 and <= 1 (got inf)"),
+    ("per_layer.L2.dead_cutoff", 2, "must be a finite number >= 0 and <= 1 (got 2)"),
+    # evaluate
+    ("evaluate.batch_rows", 0, "must be an integer >= 1 (got 0)"),
+    ("evaluate.batch_rows", "8", "must be an integer >= 1 (got '8')"),
+    ("evaluate.dense_threshold", 0, "must be a finite number > 0 and <= 1 (got 0)"),
+    ("evaluate.dense_threshold", 1.5, "must be a finite number > 0 and <= 1 (got 1.5)"),
+    ("evaluate.dense_threshold", NAN, "must be a finite number > 0 and <= 1 (got nan)"),
+    ("evaluate.device", "gpu", "must be one of auto, cpu, cuda (got 'gpu')"),
+    # report, profile
+    ("report.compare", "", "must be auto, published, none, or a folder of L<n>.json metrics files (got '')"),
+    ("profile", 3, "must be a non-empty name (got 3)"),
+]
+
+
+def with_value(params: dict, key_path: str, value) -> dict:
+    """``params`` with one value set (in place)."""
+    *parents, last = key_path.split(".")
+    target = params
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    return params
+
+
+def validation_error(params: dict) -> str:
+    with pytest.raises(UserError) as err:
+        config.validate(params)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(("key_path", "value", "expected"), BAD_VALUES, ids=lambda v: str(v)[:40])
+def test_bad_value_refused_in_one_line_naming_key_and_range(tiny_params, key_path, value, expected):
+    message = validation_error(with_value(tiny_params, key_path, value))
+    assert message.startswith(f"{config.PARAMS_FILE}: bad value for '{key_path}': "), message
+    assert expected in message, message
+
+
+def test_table_covers_every_field_of_every_section():
+    covered = {section: set() for section in SECTION_CLASSES}
+    for key_path, _, _ in BAD_VALUES:
+        section, _, field = key_path.rpartition(".")
+        if section in covered:
+            covered[section].add(field)
+    for section, cls in SECTION_CLASSES.items():
+        assert covered[section] == set(cls.model_fields), section
+
+
+def test_tiny_profile_is_valid_as_the_table_starts_from_it(tiny_params):
+    config.validate(tiny_params)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / config.PROFILES_DIR).glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_profile_validates(path):
+    config.validate(config.read_params(path))
+
+
+def test_a_bad_shared_value_is_refused_even_where_every_layer_overrides_it(tiny_params):
+    params = with_value(tiny_params, "sae.l1_coeff", NAN)
+    params["per_layer"] = {"L1": {"l1_coeff": 0.01}, "L2": {"l1_coeff": 0.02}}
+    assert "bad value for 'sae.l1_coeff': must be a finite number" in validation_error(params)
+
+
+def test_unlisted_per_layer_entries_are_validated_too(tiny_params):
+    params = with_value(tiny_params, "per_layer.L7", {"d_sae": -1})  # layer 7 is not in 'layers'
+    assert "bad value for 'per_layer.L7.d_sae': must be an integer >= 1 (got -1)" in validation_error(params)
+
+
+@pytest.mark.parametrize("key", ["X3", "L03", "3", "l3"])
+def test_per_layer_entry_names_are_checked(tiny_params, key):
+    params = with_value(tiny_params, f"per_layer.{key}", {})
+    assert f"unknown key 'per_layer.{key}' (entries are named L<n>, like L3)" in validation_error(params)
+
+
+@pytest.mark.parametrize(
+    ("key_path", "value", "expected"),
+    [
+        ("per_layer", [1, 2], "'per_layer' must be a mapping of L<n> entries, got list"),
+        ("layers", [], "'layers' must be a non-empty list of layer numbers"),
+        ("layers", [1, 1], "'layers' lists a layer twice"),
+        ("layers", [1, 2, 3], "'per_layer' has no entry 'L3'"),
+        ("sae", [1], "'sae' must be a mapping, got list"),
+        ("reports", {}, "unknown section 'reports' (allowed: activations, corpus"),
+    ],
+)
+def test_bad_structure_refused_in_one_line(tiny_params, key_path, value, expected):
+    assert expected in validation_error(with_value(tiny_params, key_path, value))
+
+
+@pytest.mark.parametrize("section", ["model", "corpus", "tokenize", "activations", "layers", "sae", "evaluate"])
+def test_missing_required_section_named(tiny_params, section):
+    del tiny_params[section]
+    assert f"missing section '{section}'" in validation_error(tiny_params)
+
+
+def test_optional_sections_may_be_left_out(tiny_params):
+    del tiny_params["report"], tiny_params["profile"]
+    config.validate(tiny_params)
+
+
+def test_corpus_seed_defaults_to_49_and_is_read(tiny_params):
+    assert config.corpus_config(tiny_params).seed == 49  # tiny.yaml does not set it
+    assert config.corpus_config(with_value(tiny_params, "corpus.seed", 7)).seed == 7
+
+
+def test_plan_with_a_bad_value_exits_with_one_line(tiny_params, tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(with_value(tiny_params, "sae.lr", -0.001)))
+    result = CliRunner().invoke(main, ["plan", "--params", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [
+        "Error: params.yaml: bad value for 'sae.lr': must be a finite number > 0 (got -0.001)"
+    ]
