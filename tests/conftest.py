@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_PROFILE, copy_project_files, read_tiny_params, run
+from helpers import TINY_PROFILE, pipeline_repository, read_tiny_params, run
 
 
 @pytest.fixture(scope="session")
@@ -20,15 +20,10 @@ def tiny_pipeline(tmp_path_factory):
     that commits, pushes or corrupts files works on a copy.
     """
     root = tmp_path_factory.mktemp("repo")
-    copy_project_files(root)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    run(["git", "init", "-q"], root, env)
-    run(["dvc", "init", "-q"], root, env)
-    run(["attnsae", "profile", "tiny"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-q", "-m", "tiny"], root, env)
+    pipeline_repository(root, env, "tiny")
     first = run(["dvc", "repro"], root, env)
     return root, env, first
 

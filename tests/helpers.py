@@ -35,6 +35,19 @@ def copy_project_files(root: Path) -> None:
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
 
 
+def pipeline_repository(root: Path, env: dict, profile: str, commit: bool = True) -> None:
+    """A fresh git + DVC repository at ``root`` with ``profile`` active (params.yaml and dvc.yaml written),
+    committed unless ``commit`` is False (a test that edits the params first)."""
+    root.mkdir(parents=True, exist_ok=True)
+    copy_project_files(root)
+    run(["git", "init", "-q"], root, env)
+    run(["dvc", "init", "-q"], root, env)
+    run(["attnsae", "profile", profile], root, env)
+    if commit:
+        run(["git", "add", "-A"], root, env)
+        run(["git", "commit", "-q", "-m", profile], root, env)
+
+
 def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 

@@ -31,27 +31,27 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from attnsae import layout
-from attnsae import config, files
+from helpers import OFFLINE_ENV, read_tiny_params
+
+from attnsae import config, files, layout
+from attnsae.activations import shard_name
 from attnsae.cli import main
 from attnsae.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 ATTNSAE = Path(sys.executable).with_name("attnsae")
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
-               "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
 LAYER = 1
 
-MODEL = "models/base"
-CORPUS = "data/corpus"
-TOKENS = "data/tokens"
-ACTIVATIONS = "data/activations"
-SAE = f"models/sae/L{LAYER}"
-METRICS = f"reports/metrics/L{LAYER}.json"
-DENSITY = f"reports/density/L{LAYER}.csv"
-CURVES = f"reports/curves/L{LAYER}.csv"
-CHECKPOINT = f"checkpoints/train-L{LAYER}.pt"
-SHARD = f"{ACTIVATIONS}/L{LAYER}/shard_00001.safetensors"
+# The pipeline's own paths (layout.py), relative to the copy the test corrupts.
+MODEL = str(layout.MODEL_DIR)
+CORPUS = str(layout.CORPUS_DIR)
+TOKENS = str(layout.TOKENS_DIR)
+ACTIVATIONS = str(layout.ACTIVATIONS_DIR)
+SAE = str(layout.sae_dir(LAYER))
+METRICS = str(layout.metrics_file(LAYER))
+DENSITY = str(layout.density_file(LAYER))
+CURVES = str(layout.curves_file(LAYER))
+CHECKPOINT = str(layout.checkpoint_file([LAYER]))
+SHARD = str(layout.activations_dir(LAYER) / shard_name(1))
 
 # Each command with every path it reads or writes pointing into the copy (report reads the default paths).
 COMMANDS = {
@@ -67,7 +67,7 @@ COMMANDS = {
 
 def tiny_params() -> dict:
     """The tiny profile cut down to one layer and a few hundred rows."""
-    params = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    params = read_tiny_params()
     params.update(layers=[LAYER], per_layer={f"L{LAYER}": {}})
     params["corpus"]["synthetic_documents"] = 40
     params["tokenize"].update(context_size=32, max_eval_rows=8)
@@ -199,7 +199,7 @@ DOCUMENTS = f"{CORPUS}/documents.jsonl"
 TOKENS_META = f"{TOKENS}/meta.json"
 TRAIN_NPY = f"{TOKENS}/train.npy"
 EVAL_NPY = f"{TOKENS}/eval.npy"
-ACT_META = f"{ACTIVATIONS}/L{LAYER}/meta.json"
+ACT_META = str(layout.activations_dir(LAYER) / "meta.json")
 SAE_CFG = f"{SAE}/cfg.json"
 SAE_WEIGHTS = f"{SAE}/sae_weights.safetensors"
 VOCAB = 257  # tiny-gpt2's byte-level vocabulary

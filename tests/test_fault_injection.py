@@ -39,7 +39,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from helpers import copy_project_files, run
+from helpers import pipeline_repository, run
 
 pytestmark = pytest.mark.integration
 
@@ -396,14 +396,8 @@ def faulted(tiny_pipeline, tmp_path_factory):
     began = time.monotonic()
     base = tmp_path_factory.mktemp("faults")
     root = base / "repo"
-    root.mkdir()
-    copy_project_files(root)
     env = {**ref_env, "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
-    run(["git", "init", "-q"], root, env)
-    run(["dvc", "init", "-q"], root, env)
-    run(["attnsae", "profile", "tiny"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-q", "-m", "tiny"], root, env)
+    pipeline_repository(root, env, "tiny")  # as the reference (the tiny_pipeline fixture) was made
 
     order = execution_order(ref_output)
     faults = plan_faults(order, random.Random(SEED))

@@ -359,7 +359,7 @@ def test_metrics_missing_a_key_and_garbled_density_are_one_line(tmp_path):
     with pytest.raises(UserError, match=r"L2.json: metrics file lacks 'kl_score'"):
         read_metrics(tmp_path / "L2.json")
     for text, fragment in (("x,y\n1,2\n", "expected the header"), ("log10_density,features\n-1.0,a\n", "line 2"),
-                           (b"\xff\xfe", "not a UTF-8 text file")):
+                           (b"\xff\xfe", r"not UTF-8 text \(byte 0\); the file is corrupt")):
         path = tmp_path / "L2.csv"
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(UserError, match=fragment):

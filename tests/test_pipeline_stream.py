@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from attnsae.sae import load_sae
-from helpers import REPO, copy_project_files, run, stages_run
+from helpers import REPO, pipeline_repository, run, stages_run
 
 pytestmark = pytest.mark.integration
 
@@ -17,12 +17,8 @@ def test_gpt2_small_profile_streams_end_to_end_on_tiny_gpt2(tmp_path):
     import os
 
     root = tmp_path / "repo"
-    root.mkdir()
-    copy_project_files(root)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    run(["git", "init", "-q"], root, env)
-    run(["dvc", "init", "-q"], root, env)
-    run(["attnsae", "profile", "gpt2-small"], root, env)
+    pipeline_repository(root, env, "gpt2-small", commit=False)
     assert "attnsae train --stream --all-layers" in (root / "dvc.yaml").read_text()
 
     params = yaml.safe_load((root / "params.yaml").read_text())

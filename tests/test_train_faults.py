@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import read_tiny_params
 from safetensors.torch import load_file, save_file
 
 from attnsae import layout
@@ -40,7 +41,6 @@ from attnsae.train import (
     train_saes,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 LAYER = 3
 D_IN = 16
 CACHE_ROWS = 3000
@@ -297,7 +297,7 @@ CLI_STEPS = 3000
 def cli_workspace(folder: Path) -> Path:
     """A working folder for `attnsae train --layer 3` with the default paths: params.yaml, data/activations."""
     folder.mkdir()
-    params = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
+    params = read_tiny_params()
     params["layers"] = [LAYER]
     params["per_layer"] = {f"L{LAYER}": {}}
     params["sae"].update(d_sae=64, batch_size=64, train_tokens=64 * CLI_STEPS, buffer_rows=512, resample_every=1000,

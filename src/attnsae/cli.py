@@ -8,7 +8,6 @@ through ``tracking``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import sys
 from pathlib import Path
@@ -17,9 +16,8 @@ import click
 
 from attnsae import config, layout
 from attnsae.errors import UserError
+from attnsae.files import DISK_FULL
 
-# A full disk or a file-size limit can hit any write; the writers say which file when they can.
-_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
 
 
 def one_line_errors(fn):
@@ -36,10 +34,11 @@ def one_line_errors(fn):
             click.echo(f"Error: {err}", err=True)
             sys.exit(128 + signum)
         except OSError as err:
-            if err.errno not in _NO_SPACE:
+            # A full disk or a file-size limit can hit any write; the writers name the output when they can.
+            if err.errno not in DISK_FULL:
                 raise
             where = f"{err.filename}: " if err.filename else ""
-            raise click.ClickException(f"{where}{_NO_SPACE[err.errno]} (free space, then run the command again)") from None
+            raise click.ClickException(f"{where}{DISK_FULL[err.errno]} (free space, then run the command again)") from None
 
     return wrapper
 

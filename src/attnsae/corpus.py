@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, model_validator
 
 from attnsae.config import CorpusConfig
 from attnsae.errors import UserError
-from attnsae.files import atomic_dir, check_sha256, read_json_as, read_text_file
+from attnsae.files import atomic_dir, check_sha256, missing_file, read_json_as, read_text_file
 
 DOCUMENTS_FILE = "documents.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -158,7 +158,7 @@ def open_documents(corpus_dir: str | Path) -> Callable[[], Iterator[str]]:
 def read_documents(corpus_dir: str | Path) -> Iterator[str]:
     path = Path(corpus_dir) / DOCUMENTS_FILE
     if not path.is_file():
-        raise UserError(f"{path}: missing; run `attnsae corpus` first")
+        raise missing_file(path, written_by="corpus")
     yield from _jsonl_texts(path)
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from attnsae.activations import flatten_heads, rows_as_tensor, unflatten_heads
 from attnsae.config import EvaluateConfig
 from attnsae.errors import UserError
-from attnsae.files import read_json_object, write_json_atomic, write_text_atomic
+from attnsae.files import read_json_object, read_text_file, write_json_atomic, write_text_atomic
 from attnsae.models import hook_z_name, load_bridge, read_model_info, resolve_device
 from attnsae.sae import SAE, load_sae
 from attnsae.tokenization import load_rows
@@ -281,12 +281,7 @@ def density_csv(hist: dict[str, list[float]]) -> str:
 
 def read_density(path: str | Path) -> list[tuple[float, int]]:
     """(bin centre, features) rows of a density CSV; a corrupt file is one line naming it."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; run `attnsae evaluate` first") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file (corrupt density histogram)") from None
+    lines = read_text_file(path, written_by="evaluate").splitlines()
     if not lines or tuple(lines[0].split(",")) != DENSITY_HEADER:
         raise UserError(f"{path}: not a density histogram (expected the header {','.join(DENSITY_HEADER)})")
     rows = []

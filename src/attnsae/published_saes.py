@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from attnsae import layout, paper
-from attnsae.errors import UserError
+from attnsae.errors import UserError, innermost_cause
 from attnsae.files import sha256_file
 from attnsae.models import MODEL_SHAPES, hook_z_name
 from attnsae.sae import SAE, WEIGHT_SHAPES, sae_cfg, save_sae
@@ -213,13 +213,6 @@ def check_state_dict(state: Any, d_in: int, d_sae: int, name: str) -> dict[str, 
 # Side effects: download, load, write
 
 
-def download_error_reason(err: BaseException) -> str:
-    """The innermost cause's first line: huggingface_hub wraps the refused connection or the HTTP status."""
-    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
-        err = err.__cause__ or err.__context__
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-
-
 def check_reachable(endpoint: str, timeout: float = REACH_TIMEOUT_S) -> None:
     """Fail in one line, within seconds, when nothing answers at ``endpoint``: huggingface_hub would retry a
     refused connection five times with backoff (about 23 s) before giving up."""
@@ -254,7 +247,7 @@ def download(endpoint: str, revision: str, name: str, folder: Path) -> Path:
         return Path(hf_hub_download(REPO, name, revision=revision, endpoint=endpoint, local_dir=folder))
     except Exception as err:  # its own errors, httpx's and OSError: each means the file did not arrive
         raise UserError(f"could not download {name} from {endpoint} (revision {revision[:12]}): "
-                        f"{download_error_reason(err)}") from None
+                        f"{innermost_cause(err, limit=200)}") from None
     finally:
         hub_logger.setLevel(level)
 

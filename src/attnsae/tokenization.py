@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from attnsae.config import TokenizeConfig
 from attnsae.errors import UserError
-from attnsae.files import atomic_dir, read_json_as, write_npy
+from attnsae.files import atomic_dir, missing_file, read_json_as, write_npy
 
 SPLITS = ("train", "eval")
 META_FILE = "meta.json"
@@ -238,7 +238,7 @@ def load_rows(tokens_dir: str | Path, split: str, vocab_size: int | None = None)
     if not path.is_file():
         if split == "train" and read_tokens_meta(tokens_dir).get("streamed"):
             raise UserError(f"{tokens_dir}: the corpus is streamed, so train rows are made during training (use --stream)")
-        raise UserError(f"{path}: missing; run `attnsae tokenize` first")
+        raise missing_file(path, written_by="tokenize")
     try:
         rows = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError):  # truncated, garbled, or an object array (never loaded: pickle)

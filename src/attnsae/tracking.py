@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from attnsae.errors import UserError
+from attnsae.errors import UserError, innermost_cause
 from attnsae.repository import dvc_md5, dvc_state, git_state, main_repository, project_root
 
 PIPELINE_KEY_TAG = "attnsae.pipeline_key"
@@ -123,7 +123,7 @@ def _server_problem(uri: str) -> str | None:
         response = http_request(get_default_host_creds(uri), PROBE_ENDPOINT, "POST", json={"max_results": 1},
                                 max_retries=0, backoff_factor=0, timeout=PROBE_TIMEOUT_S, raise_on_status=False)
     except MlflowException as err:
-        return _reason(err)
+        return innermost_cause(err)
     if response.status_code in (401, 403):
         return f"HTTP {response.status_code}: it refuses the credentials in MLFLOW_TRACKING_TOKEN/USERNAME/PASSWORD"
     if response.status_code != 200 or not response.headers.get("Content-Type", "").startswith("application/json"):
@@ -142,7 +142,7 @@ def _sqlite_problem(db: Path) -> str | None:
             with open(db, "rb") as f:
                 header = f.read(len(SQLITE_HEADER))
         except OSError as err:
-            return _reason(err)
+            return innermost_cause(err)
         if header and header != SQLITE_HEADER:  # an empty file is an empty SQLite database
             return "not a SQLite database"
     folder = next(p for p in db.absolute().parents if p.exists())  # SQLite writes its journal next to the file
@@ -159,18 +159,6 @@ def _store_error(uri: str, state: str, reason: str) -> UserError:
     return UserError(f"{name} {state} ({reason}); {fix}, or set {MODE_VARIABLE}=optional to run without logging")
 
 
-def _reason(err: BaseException) -> str:
-    """The innermost cause of a store failure in a few words (MLflow wraps it in pages of context):
-    'connection refused', 'database or disk is full', 'file is not a database', 'timed out', ..."""
-    seen = [err]
-    while (cause := seen[-1].__cause__ or seen[-1].__context__) is not None and cause not in seen:
-        seen.append(cause)
-    inner = seen[-1]
-    text = (inner.strerror if isinstance(inner, OSError) and inner.strerror else str(inner)) or type(inner).__name__
-    line = text.strip().splitlines()[0] if text.strip() else type(inner).__name__
-    return (line[:1].lower() + line[1:])[:300]
-
-
 @contextlib.contextmanager
 def _store_errors(uri: str) -> Iterator[None]:
     """A failing store (down, full, corrupt, read-only) ends the stage in one line naming it."""
@@ -180,7 +168,7 @@ def _store_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except (MlflowException, SQLAlchemyError, sqlite3.Error, OSError) as err:
-        raise _store_error(uri, "failed", _reason(err)) from err
+        raise _store_error(uri, "failed", innermost_cause(err)) from err
 
 
 def _prepare_mlflow() -> None:
