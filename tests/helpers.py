@@ -28,10 +28,13 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 
 def copy_project_files(root: Path) -> None:
-    """What a pipeline repository needs from this one: the profiles, the pipelines, and the code its stages
-    list as deps (src/attnsae; the code that runs is the installed package, built from the same files)."""
+    """What a pipeline repository needs from this one: the profiles, the pipelines, the code its stages
+    list as deps (src/attnsae; the code that runs is the installed package, built from the same files), and
+    an empty labels folder (the report's dep: nobody has rated this repository's dashboards yet)."""
     for name in ("pipelines", "profiles"):
         shutil.copytree(REPO / name, root / name)
+    (root / "labels").mkdir()
+    shutil.copy(REPO / "labels" / "README.md", root / "labels" / "README.md")
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
 
 

@@ -24,6 +24,8 @@ SECTION_CLASSES = {
     "sae": config.SAEConfig,
     "per_layer.L2": config.LayerOverride,
     "evaluate": config.EvaluateConfig,
+    "dashboards": config.DashboardsConfig,
+    "dashboards.tags": config.TagThresholds,
     "report": config.ReportConfig,
 }
 
@@ -112,6 +114,28 @@ BAD_VALUES = [
     ("evaluate.dense_threshold", 1.5, "must be a finite number > 0 and <= 1 (got 1.5)"),
     ("evaluate.dense_threshold", NAN, "must be a finite number > 0 and <= 1 (got nan)"),
     ("evaluate.device", "gpu", "must be one of auto, cpu, cuda (got 'gpu')"),
+    # dashboards
+    ("dashboards.max_rows", -1, "must be an integer >= 0 (got -1)"),
+    ("dashboards.max_rows", 8, "must be 0 (all) or >= evaluate.max_rows (16), so the dashboards see the rows"),
+    ("dashboards.batch_rows", 0, "must be an integer >= 1 (got 0)"),
+    ("dashboards.first_n", -1, "must be an integer >= 0 (got -1)"),
+    ("dashboards.features", [3, 3], "must be distinct feature ids >= 0 (got [3, 3])"),
+    ("dashboards.features", [-1], "must be distinct feature ids >= 0 (got [-1])"),
+    ("dashboards.features", "3", "must be a list of integers (got '3')"),
+    ("dashboards.top_k", 0, "must be an integer >= 1 (got 0)"),
+    ("dashboards.intervals", 0, "must be an integer >= 1 (got 0)"),
+    ("dashboards.interval_examples", -1, "must be an integer >= 0 (got -1)"),
+    ("dashboards.histogram_bins", 0, "must be an integer >= 1 (got 0)"),
+    ("dashboards.logit_tokens", 0, "must be an integer >= 1 (got 0)"),
+    ("dashboards.probe_prompts", 0, "must be an integer >= 1 (got 0)"),
+    ("dashboards.null_directions", 0, "must be an integer >= 1 (got 0)"),
+    ("dashboards.null_percentile", 101, "must be a finite number >= 0 and <= 100 (got 101)"),
+    ("dashboards.null_percentile", NAN, "must be a finite number >= 0 and <= 100 (got nan)"),
+    ("dashboards.seed", -1, f"must be {SEED_RANGE} (got -1)"),
+    ("dashboards.device", "gpu", "must be one of auto, cpu, cuda (got 'gpu')"),
+    ("dashboards.tags", [0.3], "must be a mapping"),
+    *[(f"dashboards.tags.{tag}", 1.5, "must be a finite number >= -1 and <= 1 (got 1.5)")
+      for tag in config.TagThresholds.model_fields],
     # report, profile
     ("report.compare", "", "must be auto, published, none, or a folder of L<n>.json metrics files (got '')"),
     ("profile", 3, "must be a non-empty name (got 3)"),

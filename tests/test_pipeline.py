@@ -30,8 +30,8 @@ def pipeline(tiny_pipeline):
 def test_first_repro_runs_every_stage(pipeline):
     root, _, first = pipeline
     assert stages_run(first) == {
-        "params", "model", "corpus", "tokenize", "activations", "train@1", "train@2", "evaluate@1", "evaluate@2", "report",
-        "publish@1", "publish@2",
+        "params", "model", "corpus", "tokenize", "activations", "train@1", "train@2", "evaluate@1", "evaluate@2",
+        "dashboards@1", "dashboards@2", "report", "publish@1", "publish@2",
     }
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert {"model", "train@1", "evaluate@2", "report"} <= set(lock["stages"])
@@ -132,13 +132,16 @@ def test_second_repro_does_nothing_and_one_layer_change_retrains_only_it(pipelin
     params["per_layer"]["L2"] = {"l1_coeff": 0.05}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run(["dvc", "repro"], root, env)
-    assert stages_run(third) == {"params", "train@2", "evaluate@2", "report", "publish@2"}
+    assert stages_run(third) == {"params", "train@2", "evaluate@2", "dashboards@2", "report", "publish@2"}
 
 
 @pytest.mark.parametrize("module, stages", [
     ("train.py", {"train@1", "train@2"}),
-    ("evaluate.py", {"evaluate@1", "evaluate@2", "report", "publish@1", "publish@2"}),  # report and publish read its files
-    ("sae.py", {"train@1", "train@2", "evaluate@1", "evaluate@2", "report", "publish@1", "publish@2"}),
+    # report and publish read evaluate's files; dashboards reads the SAE's layer with it
+    ("evaluate.py", {"evaluate@1", "evaluate@2", "dashboards@1", "dashboards@2", "report", "publish@1", "publish@2"}),
+    ("sae.py", {"train@1", "train@2", "evaluate@1", "evaluate@2", "dashboards@1", "dashboards@2", "report", "publish@1",
+                "publish@2"}),
+    ("families.py", {"dashboards@1", "dashboards@2", "report"}),  # report reads the dashboards' files
 ])
 def test_a_changed_byte_of_code_makes_exactly_its_stages_stale(pipeline, module, stages):
     """dvc.lock vouches for the code: a stage whose code changed is stale, every other stage is not. (What

@@ -25,6 +25,7 @@ COMMAND_MODULES = {
     "activations": ("activations",),
     "train": ("train",),
     "evaluate": ("evaluate",),
+    "dashboards": ("dashboards",),
     "report": ("report",),
     "publish": ("publish",),
     "import": ("published_saes",),

@@ -31,17 +31,18 @@ def test_gpt2_small_profile_streams_end_to_end_on_tiny_gpt2(tmp_path):
     params["sae"].update(d_sae=128, batch_size=256, train_tokens=256 * 24, warmup_steps=4, resample_every=10,
                          dead_window=5, max_resamples=1, resample_inputs=512, buffer_rows=2048, log_every=4)
     params["evaluate"].update(batch_rows=8, max_rows=8)
+    params["dashboards"].update(batch_rows=8, first_n=4, probe_prompts=4, null_directions=32)
     params["report"]["compare"] = "none"  # the published table is GPT-2 Small's, not tiny-gpt2's
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # Importing the published SAEs needs the hub and the real GPT-2: not part of the tiny run.
     pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
-    for stage in ("import_published", "evaluate_published"):
+    for stage in ("import_published", "evaluate_published", "dashboards_published"):
         del pipeline["stages"][stage]
     (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
 
     output = run(["dvc", "repro"], root, env)
     assert stages_run(output) == {"params", "model", "corpus", "tokenize", "train", "evaluate@1", "evaluate@3",
-                                  "report", "publish@1", "publish@3"}
+                                  "dashboards@1", "dashboards@3", "report", "publish@1", "publish@3"}
     assert "fed 2 SAEs" in output
     assert not (root / "data" / "activations").exists()
     # the text is never stored: the corpus is a manifest, the tokens are the eval rows

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from click.testing import CliRunner
 
 from attnsae import config
@@ -42,3 +44,18 @@ def test_plan_prints_every_layer_and_an_estimate():
     params = 10 * (2 * 768 * 24576 + 24576 + 768) + 2 * (2 * 768 * 49152 + 49152 + 768)
     checkpoint = params * 12 + 12 * 1_572_864 * 768 * 2
     assert f"size of one training checkpoint (SAEs, Adam state, shuffled buffers): {checkpoint / 2**30:.1f} GiB" in result.output
+
+
+def test_plan_adds_the_dashboards_cost():
+    result = CliRunner().invoke(main, ["plan", "--params", str(PROFILES / "gpt2-small.yaml"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("dashboards:")))
+    # every held-out row (tokenize.max_eval_rows 2560 x 128): the dashboards read what evaluate reads, and more
+    assert lines[start].startswith("dashboards: 327,680 tokens per layer (2,560 evaluation rows), 30 cards")
+    per_layer = lines[start + 1 : start + 13]
+    assert [line.split(":")[0].strip() for line in per_layer] == [f"L{n}" for n in range(12)]
+    # the model runs to layer L only: layer 11's forward costs 12 times layer 0's
+    model = [float(line.split("model ")[1].split(",")[0]) for line in per_layer]
+    assert model[11] == pytest.approx(12 * model[0], rel=0.01)
+    assert "memory of one layer: 100.0 MiB of firings at L0 20" in lines[start + 13]

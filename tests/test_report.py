@@ -23,7 +23,9 @@ from helpers import REPO
 
 from attnsae import comparison, publish, report
 from attnsae.cli import main
+from attnsae.dashboards import content_hash
 from attnsae.errors import UserError
+from attnsae.labels import import_labels
 from attnsae.sae import SAE, load_sae, sae_cfg, save_sae
 
 # design.md 2, transcribed by hand (a second, independent copy of the anchor table).
@@ -60,7 +62,7 @@ def metrics_for(layer: int, model: dict, **values) -> dict:
 
 def make_run(root: Path, model: dict, metrics: dict[int, dict]) -> dict[str, Path]:
     """The folders the report stage reads: pinned model info, token metadata, metrics, density."""
-    dirs = {name: root / name for name in ("model", "tokens", "metrics", "density", "sae", "out")}
+    dirs = {name: root / name for name in ("model", "tokens", "metrics", "density", "sae", "out", "dashboards", "labels")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     info = {**model, "vocab_size": 50257, "bos_token_id": 0, "sha256": {}}
@@ -77,7 +79,8 @@ def make_run(root: Path, model: dict, metrics: dict[int, dict]) -> dict[str, Pat
 
 def build(dirs: dict[str, Path], layers: list[int], compare: str) -> str:
     return report.build_report(layers, dirs["out"], compare, metrics_dir=dirs["metrics"], density_dir=dirs["density"],
-                               model_dir=dirs["model"], tokens_dir=dirs["tokens"], sae_root=dirs["sae"]).markdown
+                               model_dir=dirs["model"], tokens_dir=dirs["tokens"], sae_root=dirs["sae"],
+                               dashboards_root=dirs["dashboards"], labels_root=dirs["labels"]).markdown
 
 
 def table_rows(markdown: str, first_cell: str) -> list[list[str]]:
@@ -221,8 +224,45 @@ def test_report_provenance(tmp_path):
     assert "- evaluation tokens: L3: 4,096; L10: 2,048" in markdown
     assert re.search(r"- git commit: (\w+|none)", markdown)
     rows = table_rows(markdown, "layer | d_sae")
-    assert rows[0] == ["layer", "d_sae", "L0", "loss recovered", "dead", "explained var."]  # no reference columns
+    assert rows[0] == ["layer", "d_sae", "L0", "loss recovered", "dead", "explained var.", "% alive interpretable"]
+    assert [row[-1] for row in rows[2:]] == ["not rated", "not rated"]  # no dashboards, no ratings
     assert "report.compare: none" in markdown
+
+
+def write_dashboard(dirs: dict[str, Path], layer: int, tags: list[list[str]], first_alive: list[int],
+                    listed: list[int]) -> str:
+    """A layer's features.json with what the report reads (tags per feature, the cards and why they have one)."""
+    doc = {"format": "attnsae-dashboards", "version": 1, "layer": layer,
+           "tag_definitions": {"induction": {}, "previous_token": {}},
+           "summary": {"tags": tags},
+           "cards": [{"feature": f, "reason": "first_n"} for f in first_alive] +
+                    [{"feature": f, "reason": "listed"} for f in listed]}
+    doc["content_hash"] = content_hash(doc)
+    path = dirs["dashboards"] / f"L{layer}" / "features.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(doc))
+    return doc["content_hash"]
+
+
+def test_interpretable_column_counts_only_peoples_ratings_of_the_first_alive(tmp_path):
+    dirs = make_run(tmp_path, SMOLLM2, {3: metrics_for(3, SMOLLM2), 10: metrics_for(10, SMOLLM2)})
+    tags = [["induction"], [], ["induction", "previous_token"], ["previous_token"], []]
+    page = write_dashboard(dirs, 3, tags, first_alive=[0, 2, 3], listed=[4])
+    write_dashboard(dirs, 10, tags, first_alive=[0, 1], listed=[])
+    ratings = [{"feature": f, "answer": a, "family": "", "note": "", "date": "2026-11-30"}
+               for f, a in ((0, "yes"), (2, "no"), (3, "unsure"), (4, "yes"))]  # 4 has a card but is not first_n
+    exported = tmp_path / "labels-L3.json"
+    exported.write_text(json.dumps({"format": "attnsae-labels", "version": 1, "layer": 3, "content_hash": page,
+                                    "rater": "ada", "ratings": ratings}))
+    import_labels(exported, dirs["dashboards"], dirs["labels"])
+    markdown = build(dirs, [3, 10], "none")
+    rows = table_rows(markdown, "layer | d_sae")
+    assert [row[-1] for row in rows[2:]] == ["33% (1/3 rated)", "not rated"]  # unsure is rated, not yes
+    tag_rows = table_rows(markdown, "layer | induction")
+    assert tag_rows[0] == ["layer", "induction", "previous_token", "untagged"]
+    assert tag_rows[2] == ["3", "2", "2", "2"] and tag_rows[3] == ["10", "2", "2", "2"]
+    page_html = (dirs["out"] / "index.html").read_text()
+    assert 'href="../dashboards/L3/index.html"' in page_html and 'href="../dashboards/L10/index.html"' in page_html
 
 
 def test_report_refuses_published_for_smollm2(tmp_path):

@@ -50,6 +50,20 @@ params_option = click.option(
 layer_option = click.option("--layer", required=True, help="Layer number, e.g. 3 or L3.")
 
 
+def sae_on_tokens_options(command):
+    """--layer, --model, --tokens, --sae: any hook_z SAE folder, read on the pinned model's evaluation tokens."""
+    for option in reversed([
+        click.option("--layer", default=None, help="Layer number, e.g. 3 or L3 [default: the layer in the SAE's cfg.json]."),
+        click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True),
+        click.option("--tokens", "tokens_dir", default=str(layout.TOKENS_DIR), show_default=True),
+        click.option("--sae", "sae_dir", default=None,
+                     help=f"Any hook_z SAE folder in the SAELens format (ours, imported, SAELens) "
+                          f"[default: {layout.SAE_ROOT}/L<layer>]"),
+    ]):
+        command = option(command)
+    return command
+
+
 def chosen_layers(layer_args: tuple[str, ...], all_layers: list[int] | None, known: list[int] | None = None,
                   known_from: str = "") -> list[int]:
     """The layers named by repeatable --layer options, or ``all_layers`` (--all-layers); each at most once and,
@@ -98,8 +112,8 @@ def main() -> None:
     """attnsae: sparse autoencoders on attention outputs (hook_z), trained, evaluated and reproduced.
 
     The stages run in this order (dvc repro runs them for you):
-    params (check-params) -> model -> corpus -> tokenize -> activations -> train@L -> evaluate@L -> report,
-    publish@L;
+    params (check-params) -> model -> corpus -> tokenize -> activations -> train@L -> evaluate@L ->
+    dashboards@L -> report, publish@L;
     streaming profiles (gpt2-small) store no text, tokens or activations, train every layer in one
     stage from one model pass, and also import and evaluate the published SAEs.
     """
@@ -261,11 +275,7 @@ def train(
 
 @main.command()
 @params_option
-@click.option("--layer", default=None, help="Layer number, e.g. 3 or L3 [default: the layer in the SAE's cfg.json].")
-@click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True)
-@click.option("--tokens", "tokens_dir", default=str(layout.TOKENS_DIR), show_default=True)
-@click.option("--sae", "sae_dir", default=None,
-              help=f"Any hook_z SAE folder in the SAELens format (ours, imported, SAELens) [default: {layout.SAE_ROOT}/L<layer>]")
+@sae_on_tokens_options
 @click.option("--max-rows", type=click.IntRange(min=0), default=None,
               help="Evaluate on the first N eval rows (0: all) [default: params evaluate.max_rows].")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=None,
@@ -316,6 +326,94 @@ def evaluate(
     click.echo(f"evaluate L{n}: {metrics['model']}" + ("" if out else " (not written: pass --out to keep it)"))
     for line in format_metrics(metrics):
         click.echo(line)
+
+
+@main.command()
+@params_option
+@sae_on_tokens_options
+@click.option("--out", default=None,
+              help=f"Folder for features.json and index.html [default: {layout.DASHBOARDS_DIR}/L<layer>]")
+@click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+@one_line_errors
+def dashboards(params_path: str, layer: str | None, model_dir: str, tokens_dir: str, sae_dir: str | None,
+               out: str | None, no_mlflow: bool) -> None:
+    """Feature dashboards for one layer's SAE: features.json and a static page (params: dashboards, evaluate.max_rows).
+
+    Reads the held-out evaluation rows. Every feature gets its density, maximum and family tags; the first
+    dashboards.first_n alive features (and dashboards.features) get a card: top examples, activation intervals,
+    histogram, logit effects, head attribution and DFA by source position for every shown example. Only the
+    pipeline's own SAE logs to the layer's MLflow run.
+    """
+    from attnsae.dashboards import build_dashboards
+    from attnsae.evaluate import sae_layer
+    from attnsae.sae import read_sae_cfg
+
+    params = config.read_params(params_path)
+    if layer is None and sae_dir is None:
+        raise UserError("name the SAE: --layer (our models/sae/L<layer>) or --sae FOLDER")
+    n = sae_layer(read_sae_cfg(sae_dir), sae_dir) if layer is None else config.parse_layer(layer)
+    own = sae_dir is None or Path(sae_dir).resolve() == layout.sae_dir(n).resolve()
+    out = out or str(layout.dashboards_dir(n))
+    if not own and Path(out).resolve() == layout.dashboards_dir(n).resolve():
+        raise UserError(f"{out} belongs to the dashboards@{n} stage (it shows {layout.sae_dir(n)}); "
+                        f"write {sae_dir}'s dashboards elsewhere with --out")
+    sae_dir = sae_dir or str(layout.sae_dir(n))
+    cfg = config.dashboards_config(params)
+    config.check_dashboards_rows(params)
+    log = own and logging_on(no_mlflow)
+    with tracked(params, n, "dashboards", log) as run:
+        summary = build_dashboards(cfg, config.evaluate_config(params).max_rows, model_dir, tokens_dir, sae_dir, n, out)
+        if run is not None:
+            run.log_dashboards(cfg.model_dump(), summary, out)
+    tags = ", ".join(f"{tag} {count}" for tag, count in summary["tag_counts"].items())
+    click.echo(f"dashboards L{n}: {out}/index.html: {summary['cards']} cards, {summary['alive']:,} of "
+               f"{summary['d_sae']:,} features alive, {summary['seconds']:.0f} s")
+    click.echo(f"  tags: {tags}; untagged {summary['untagged']:,}")
+
+
+@main.command(name="head-scores")
+@params_option
+@layer_option
+@click.option("--min-score", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Head induction score that makes a head an induction head.")
+@click.option("--min-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of a feature's decoder weight on those heads that puts the feature on them.")
+@one_line_errors
+def head_scores(params_path: str, layer: str, min_score: float, min_share: float) -> None:
+    """Check the induction tags against the model: each head's induction score on repeated random tokens, and the
+    share of features tagged induction among features whose decoder weight sits on the induction heads versus the
+    others (reads models/base, models/sae/L<layer> and its dashboards; writes nothing)."""
+    from attnsae.calibration import check_induction
+
+    n = config.parse_layer(layer)
+    cfg = config.dashboards_config(config.read_params(params_path))
+    check = check_induction(layout.MODEL_DIR, layout.sae_dir(n), layout.features_file(n), n, cfg.probe_prompts,
+                            cfg.seed, min_score, min_share)
+    for line in check.lines(n, min_score, min_share):
+        click.echo(line)
+
+
+@main.group()
+def labels() -> None:
+    """People's ratings of dashboard cards: labels/L<n>.csv, which fill the report's "% alive interpretable"."""
+
+
+@labels.command(name="import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--dashboards", "dashboards_root", default=str(layout.DASHBOARDS_DIR), show_default=True,
+              help="Folder of the L<n> dashboards the ratings were made on.")
+@click.option("--labels", "labels_root", default=str(layout.LABELS_DIR), show_default=True)
+@one_line_errors
+def labels_import(file: str, dashboards_root: str, labels_root: str) -> None:
+    """Check a labels file exported from a layer page's rating mode and add it to labels/L<n>.csv.
+
+    The file must name the layer, the content hash of the page as the pipeline has it now, and only features
+    that have a card; anything else stops the import with one line, and nothing is written.
+    """
+    from attnsae.labels import import_labels
+
+    path, written = import_labels(file, Path(dashboards_root), Path(labels_root))
+    click.echo(f"labels import: {written} ratings from {file} -> {path}")
 
 
 @main.command()

@@ -23,7 +23,8 @@ from attnsae.errors import UserError
 PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
 PIPELINES_DIR = "pipelines"
-SECTIONS = ("profile", "model", "corpus", "tokenize", "activations", "layers", "sae", "per_layer", "evaluate", "report")
+SECTIONS = ("profile", "model", "corpus", "tokenize", "activations", "layers", "sae", "per_layer", "evaluate", "dashboards",
+            "report")
 
 ModelSource = Literal["smollm2-135m", "gpt2", "tiny-gpt2", "gpt2-random"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -146,6 +147,51 @@ class EvaluateConfig(Section):
     device: Device = "auto"
 
 
+# A share of activation mass or of firing, or a difference of two (families.py gives each tag's formula).
+TagThreshold = Annotated[float, Field(ge=-1, le=1)]
+
+
+class TagThresholds(Section):
+    """The score a feature needs for each family tag (and it must also beat ``null_percentile`` of the null)."""
+
+    induction: TagThreshold = 0.5
+    previous_token: TagThreshold = 0.6
+    duplicate_token: TagThreshold = 0.2
+    successor: TagThreshold = 0.3
+    name_mover: TagThreshold = 0.3
+    local_context: TagThreshold = 0.3
+    high_level_context: TagThreshold = 0.3
+    current_token: TagThreshold = 0.5
+    bos_sink: TagThreshold = 0.5
+
+
+class DashboardsConfig(Section):
+    """The `dashboards@L` stage: which tokens it reads, which features get cards, what each card holds."""
+
+    max_rows: int = Field(0, ge=0)  # evaluation rows read (0: all); must cover evaluate.max_rows (the alive set)
+    batch_rows: int = Field(8, ge=1)
+    first_n: int = Field(30, ge=0)  # cards for the first N alive features, as the post rated
+    features: list[int] = Field(default_factory=list)  # and cards for these feature ids
+    top_k: int = Field(20, ge=1)  # top activating examples per card
+    intervals: int = Field(10, ge=1)  # equal-width activation bins between 0 and the max
+    interval_examples: int = Field(5, ge=0)  # random examples per bin
+    histogram_bins: int = Field(40, ge=1)
+    logit_tokens: int = Field(20, ge=1)  # top and bottom tokens of the logit effect
+    probe_prompts: int = Field(32, ge=1)  # per probe family
+    null_directions: int = Field(256, ge=1)  # random encoder directions behind each tag's null baseline
+    null_percentile: float = Field(99.0, ge=0, le=100)
+    seed: Seed = 0  # probes, null directions, interval samples
+    tags: TagThresholds = Field(default_factory=TagThresholds)
+    device: Device = "auto"
+
+    @field_validator("features")
+    @classmethod
+    def _feature_ids(cls, value: list[int]) -> list[int]:
+        if any(f < 0 for f in value) or len(set(value)) != len(value):
+            raise ValueError("must be distinct feature ids >= 0")
+        return value
+
+
 class ReportConfig(Section):
     """What the report's per-layer table is compared against (src/attnsae/comparison.py).
 
@@ -169,7 +215,7 @@ class ReportConfig(Section):
 _BOUNDS = {annotated_types.Ge: (">=", "ge"), annotated_types.Gt: (">", "gt"), annotated_types.Le: ("<=", "le"),
            annotated_types.Lt: ("<", "lt")}
 _KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "text",
-          list[str]: "a list of strings"}
+          list[str]: "a list of strings", list[int]: "a list of integers"}
 
 
 def _field_info(cls: type[Section], name: str) -> FieldInfo:
@@ -185,6 +231,8 @@ def allowed_values(info: FieldInfo) -> str:
     """What a field accepts, in words: 'an integer >= 1', 'a finite number >= 0 and < 1', 'one of cpu, cuda'."""
     if get_origin(info.annotation) is Literal:
         return "one of " + ", ".join(get_args(info.annotation))
+    if _is_section(info.annotation):
+        return f"a mapping of {', '.join(info.annotation.model_fields)}"
     limits = []
     for constraint in info.metadata:
         if type(constraint) in _BOUNDS:
@@ -193,6 +241,10 @@ def allowed_values(info: FieldInfo) -> str:
         elif isinstance(constraint, annotated_types.MinLen):
             limits.append(f"with at least {constraint.min_length} entr{'y' if constraint.min_length == 1 else 'ies'}")
     return " ".join([_KINDS[info.annotation], " and ".join(limits)]).strip()
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Section)
 
 
 def _format_error(cls: type[Section], where: str, err: ValidationError) -> str:
@@ -206,6 +258,9 @@ def _format_error(cls: type[Section], where: str, err: ValidationError) -> str:
         return f"{PARAMS_FILE}: unknown key '{key}'"
     if first["type"] == "missing":
         return f"{PARAMS_FILE}: missing key '{key}'"
+    while len(loc) > 1 and loc[0] in cls.model_fields and _is_section(cls.model_fields[str(loc[0])].annotation):
+        cls = cls.model_fields[str(loc[0])].annotation  # a nested section: the field is the inner one's
+        loc = loc[1:]
     if raised is not None:
         requirement = str(raised)
     elif loc and loc[0] in cls.model_fields:
@@ -281,6 +336,11 @@ def evaluate_config(params: dict[str, Any]) -> EvaluateConfig:
     return parse_section(EvaluateConfig, _section(params, "evaluate"), "evaluate")
 
 
+def dashboards_config(params: dict[str, Any]) -> DashboardsConfig:
+    # Optional: params files written before the section existed get the defaults.
+    return parse_section(DashboardsConfig, params.get("dashboards", {}), "dashboards")
+
+
 def report_config(params: dict[str, Any]) -> ReportConfig:
     # Optional: params files written before the section existed keep working with the default.
     return parse_section(ReportConfig, params.get("report", {}), "report")
@@ -346,11 +406,22 @@ def validate(params: dict[str, Any]) -> None:
     file is known good before anything uses it."""
     _check_section_names(params, PARAMS_FILE)
     _check_profile_label(params)
-    for load in (model_config, corpus_config, tokenize_config, activations_config, evaluate_config, report_config):
+    for load in (model_config, corpus_config, tokenize_config, activations_config, evaluate_config, dashboards_config,
+                 report_config):
         load(params)
     layers(params)
     for key in _per_layer(params):
         sae_config(params, _entry_layer(key))
+    check_dashboards_rows(params)
+
+
+def check_dashboards_rows(params: dict[str, Any]) -> None:
+    """The dashboards read the rows evaluate reads (and maybe more): those rows decide which features are alive."""
+    rows, alive_rows = dashboards_config(params).max_rows, evaluate_config(params).max_rows
+    if rows and (alive_rows == 0 or rows < alive_rows):
+        needed = f">= evaluate.max_rows ({alive_rows})" if alive_rows else "0 (all), as evaluate.max_rows is 0 (all)"
+        raise UserError(f"{PARAMS_FILE}: bad value for 'dashboards.max_rows': must be 0 (all) or {needed}, so the "
+                        f"dashboards see the rows that decide which features are alive (got {rows})")
 
 
 def list_profiles(root: Path) -> list[str]:

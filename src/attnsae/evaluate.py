@@ -27,7 +27,7 @@ from attnsae.activations import flatten_heads, rows_as_tensor, unflatten_heads
 from attnsae.config import EvaluateConfig
 from attnsae.errors import UserError
 from attnsae.files import read_json_object, read_text_file, write_json_atomic, write_text_atomic
-from attnsae.models import hook_z_name, load_bridge, read_model_info, resolve_device
+from attnsae.models import ModelInfo, hook_z_name, load_bridge, read_model_info, resolve_device
 from attnsae.sae import SAE, load_sae
 from attnsae.tokenization import load_rows
 
@@ -191,6 +191,18 @@ def sae_layer(sae_cfg: dict, sae_dir: str | Path, layer: int | None = None) -> i
     return int(match.group(1))
 
 
+def load_sae_for_model(sae_dir: str | Path, model_dir: str | Path, layer: int | None) -> tuple[SAE, int, ModelInfo]:
+    """An SAE folder checked against the pinned model: (SAE, its layer, the model's info). ``layer`` None: the
+    layer in its cfg.json."""
+    sae, sae_cfg = load_sae(sae_dir)
+    layer = sae_layer(sae_cfg, sae_dir, layer)
+    info = read_model_info(model_dir)
+    info.check_layer(layer)
+    if sae.d_in != info.d_in:
+        raise UserError(f"{sae_dir}: SAE d_in {sae.d_in} does not match {info.name} hook_z width {info.d_in}")
+    return sae, layer, info
+
+
 def evaluate_layer(
     cfg: EvaluateConfig,
     model_dir: str | Path,
@@ -205,12 +217,7 @@ def evaluate_layer(
     ``layer`` None: the layer in the SAE's cfg.json. Writes the metrics JSON and the density CSV where
     given (None: not written) and returns the metrics.
     """
-    sae, sae_cfg = load_sae(sae_dir)
-    layer = sae_layer(sae_cfg, sae_dir, layer)
-    info = read_model_info(model_dir)
-    info.check_layer(layer)
-    if sae.d_in != info.d_in:
-        raise UserError(f"{sae_dir}: SAE d_in {sae.d_in} does not match {info.name} hook_z width {info.d_in}")
+    sae, layer, info = load_sae_for_model(sae_dir, model_dir, layer)
     rows = load_rows(tokens_dir, "eval", vocab_size=info.vocab_size)  # checked before the model loads
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]

@@ -14,6 +14,8 @@ Paths are relative to the repository root, where DVC runs every stage. Each arti
 | training curves | `reports/curves/L<n>.csv` | `train@L` / `train` | `dvc plots` | - |
 | metrics | `reports/metrics/L<n>.json` | `evaluate@L`: `evaluate.evaluate_layer` | `evaluate.read_metrics` | report, publish, verify |
 | density histogram | `reports/density/L<n>.csv` | `evaluate@L` | `evaluate.read_density` | report |
+| dashboards | `reports/dashboards/L<n>/` (`features.json` + `index.html`) | `dashboards@L`: `dashboards.build_dashboards` | `dashboards.read_features` | report |
+| labels | `labels/L<n>.csv` (git-tracked, people's ratings) | `attnsae labels import`: `labels.import_labels` | `labels.read_labels` | report |
 | report | `reports/report.md`, `reports/index.html`, `reports/layers.csv` | `report`: `report.build_report` | people; `dvc plots` (frontier) | - |
 | published SAE | `models/published/L<n>/` (SAE + model card) | `publish@L`: `publish.publish_layer` | `sae.load_sae` | `attnsae verify`, other repos |
 | imported SAE | `models/imported/L<n>/` | `import_published@L`: `published_saes.import_published` | `sae.load_sae` | evaluate_published |
@@ -41,6 +43,8 @@ CURVES_DIR = REPORT_DIR / "curves"
 METRICS_DIR = REPORT_DIR / "metrics"
 DENSITY_DIR = REPORT_DIR / "density"
 IMPORTED_REPORTS_DIR = REPORT_DIR / "imported"
+DASHBOARDS_DIR = REPORT_DIR / "dashboards"
+LABELS_DIR = Path("labels")
 CHECKPOINT_DIR = Path("checkpoints")
 
 REPORT_MD = REPORT_DIR / "report.md"
@@ -79,6 +83,22 @@ def metrics_file(layer: int, folder: Path = METRICS_DIR) -> Path:
 
 def density_file(layer: int, folder: Path = DENSITY_DIR) -> Path:
     return Path(folder) / f"{layer_name(layer)}.csv"
+
+
+def dashboards_dir(layer: int, root: Path = DASHBOARDS_DIR) -> Path:
+    return Path(root) / layer_name(layer)
+
+
+def features_file(layer: int, root: Path = DASHBOARDS_DIR) -> Path:
+    return dashboards_dir(layer, root) / "features.json"
+
+
+def dashboard_page(layer: int, root: Path = DASHBOARDS_DIR) -> Path:
+    return dashboards_dir(layer, root) / "index.html"
+
+
+def labels_file(layer: int, root: Path = LABELS_DIR) -> Path:
+    return Path(root) / f"{layer_name(layer)}.csv"
 
 
 def checkpoint_file(layers: list[int]) -> Path:

@@ -5,6 +5,11 @@ backward 8); the LM forward costs 2 FLOP per parameter per token, once per token
 layers when they share one pass (the activation cache's tokens for a disk cache). The time estimate
 divides FLOPs by matmul throughput measured on this device at the SAE's shape: real steps reach a
 fraction of that (82% for the CPU SAE step in BENCHMARKS.md), so read it as optimistic.
+
+The dashboards (dashboards.py) of layer L over T tokens: the model up to layer L twice at most (the pass, then
+the rows that hold shown examples), 2 * n_params * (L+1)/n_layers * T each; the SAE's and the null's encoders,
+2 * d_in * (d_sae + null) * T, and the family statistics' reads of every firing feature, at most as much again.
+Memory: 16 bytes per nonzero activation (16 * L0 * T) plus one batch's activations (batch tokens x d_sae x 4 B).
 """
 
 from __future__ import annotations
@@ -130,4 +135,35 @@ def describe_plan(params: dict[str, Any], device: torch.device) -> list[str]:
         lines.append(f"time at the {name} matmul roofline (optimistic; see BENCHMARKS.md for achieved fractions): {human_duration((sae_flop + shared) / rate)}")
     if cache.source == "disk":
         lines.append(f"disk for the activation cache (bf16): {human_bytes(tokens * d_in * 2 * len(layer_plans))}")
+    lines += dashboards_lines(params, layer_plans, shape, rates["fp32"])
+    return lines
+
+
+DASHBOARD_L0 = 20  # the post's L0, for the memory estimate before any SAE exists
+FIRING_BYTES = 16  # row, position, feature (int32 each) and value (float32)
+
+
+def dashboards_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, fp32_rate: float) -> list[str]:
+    """What the dashboards@L stages cost: FLOPs and time per layer, and the memory bound of one."""
+    cfg = config.dashboards_config(params)
+    tokenize = config.tokenize_config(params)
+    rows = min(r for r in (cfg.max_rows, tokenize.max_eval_rows) if r) if cfg.max_rows or tokenize.max_eval_rows else 0
+    if not rows:
+        return ["dashboards: every evaluation row (neither dashboards.max_rows nor tokenize.max_eval_rows caps it): "
+                "cost unknown until `attnsae tokenize` has run"]
+    tokens = rows * tokenize.context_size
+    lines = [f"dashboards: {tokens:,} tokens per layer ({rows:,} evaluation rows), {cfg.first_n} cards + "
+             f"{len(cfg.features)} listed, {cfg.null_directions} null directions"]
+    total = 0.0
+    for lp in layer_plans:
+        forward = 2 * lm_forward_flop(shape.n_params, tokens, 1) * (lp.layer + 1) / shape.n_layers
+        encoders = 2 * 2.0 * shape.d_in * (lp.d_sae + cfg.null_directions) * tokens
+        total += forward + encoders
+        lines.append(f"  L{lp.layer}: {(forward + encoders) / 1e12:.2f} TFLOP (model {forward / 1e12:.2f}, "
+                     f"encoders and family statistics {encoders / 1e12:.2f})")
+    widest = max(lp.d_sae for lp in layer_plans)
+    batch = cfg.batch_rows * tokenize.context_size * widest * 4
+    lines.append(f"  all layers: {total / 1e12:.2f} TFLOP, {human_duration(total / fp32_rate)} at the fp32 matmul "
+                 f"roofline; memory of one layer: {human_bytes(FIRING_BYTES * DASHBOARD_L0 * tokens)} of firings at "
+                 f"L0 {DASHBOARD_L0} + {human_bytes(batch)} per batch")
     return lines

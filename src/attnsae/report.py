@@ -1,7 +1,12 @@
 """The `report` stage: the per-layer table as Markdown and a self-contained HTML page.
 
-Reads ``reports/metrics``, ``reports/density``, ``models/base``, ``data/tokens`` and ``models/sae``; writes
-``reports/report.md``, ``reports/index.html`` and ``reports/layers.csv`` (``build_report``). Every path: layout.py.
+Reads ``reports/metrics``, ``reports/density``, ``reports/dashboards``, ``labels``, ``models/base``, ``data/tokens``
+and ``models/sae``; writes ``reports/report.md``, ``reports/index.html`` and ``reports/layers.csv``
+(``build_report``). Every path: layout.py.
+
+The table's "% alive interpretable" comes from people only: the ratings in ``labels/L<n>.csv`` (made in a layer
+page's rating mode, added with `attnsae labels import`) of the features that have a card because they are among
+the first ``dashboards.first_n`` alive ones. Family tags are counted in a table of their own and never fill it.
 
 Everything comes from files the earlier stages wrote (metrics JSON, density CSV, model, token and SAE
 metadata); nothing is recomputed here. Our numbers stand next to a reference chosen by
@@ -16,14 +21,17 @@ import csv
 import html
 import io
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from attnsae import layout
 from attnsae.comparison import Reference, difference, resolve_reference
+from attnsae.dashboards import read_features
 from attnsae.evaluate import numeric_metrics, read_density, read_metrics
 from attnsae.files import write_text_atomic
+from attnsae.labels import interpretable, read_labels
 from attnsae.models import read_model_info
 from attnsae.repository import git_state, project_root
 from attnsae.sae import attnsae_metadata, read_sae_cfg
@@ -57,6 +65,24 @@ OTHER_COLUMNS = [
 class LayerResult:
     metrics: dict
     density: list[tuple[float, int]]
+    dashboard: "LayerDashboard | None" = None
+
+
+@dataclass
+class LayerDashboard:
+    """What the report takes from a layer's dashboards and its people's ratings."""
+
+    page: Path  # the layer page, relative to the report's folder
+    rated_features: int  # the first_n alive features, which the ratings are counted over
+    tag_counts: dict[str, int]
+    untagged: int
+    yes: int
+    rated: int
+
+    def interpretable_cell(self) -> str:
+        if not self.rated:
+            return "not rated"
+        return f"{self.yes / self.rated:.0%} ({self.yes}/{self.rated} rated)"
 
 
 @dataclass(frozen=True)
@@ -70,10 +96,34 @@ class Column:
         return " ".join(part for part in (self.group, self.sub) if part)
 
 
-def read_layer(metrics_dir: Path, density_dir: Path, layer: int) -> LayerResult:
+def read_dashboard(layer: int, dashboards_root: Path, labels_root: Path, out_dir: Path) -> LayerDashboard | None:
+    """The layer's tag counts and ratings, or None when it has no dashboards."""
+    path = layout.features_file(layer, dashboards_root)
+    if not path.is_file():
+        return None
+    doc = read_features(path)
+    first_alive = [card["feature"] for card in doc["cards"] if card["reason"] == "first_n"]
+    ratings = [r for r in read_labels(layer, labels_root) or [] if r.content_hash == doc["content_hash"]]
+    yes, rated = interpretable(ratings, first_alive)
+    tags = doc["summary"]["tags"]
+    page = layout.dashboard_page(layer, dashboards_root)
+    return LayerDashboard(
+        page=Path(_relative_link(page, out_dir)), rated_features=len(first_alive),
+        tag_counts={tag: sum(tag in t for t in tags) for tag in doc["tag_definitions"]},
+        untagged=sum(not t for t in tags), yes=yes, rated=rated,
+    )
+
+
+def _relative_link(target: Path, start: Path) -> str:
+    return Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
+
+
+def read_layer(metrics_dir: Path, density_dir: Path, layer: int, dashboards_root: Path, labels_root: Path,
+               out_dir: Path) -> LayerResult:
     density_path = layout.density_file(layer, density_dir)
     density = read_density(density_path) if density_path.exists() else []
-    return LayerResult(read_metrics(layout.metrics_file(layer, metrics_dir)), density)
+    return LayerResult(read_metrics(layout.metrics_file(layer, metrics_dir)), density,
+                       read_dashboard(layer, dashboards_root, labels_root, out_dir))
 
 
 def fmt(value, pattern: str | Callable[[float], str]) -> str:
@@ -98,10 +148,14 @@ def comparison_columns(reference: Reference | None) -> list[Column]:
     def delta(key, pattern):
         return lambda r: fmt(difference(r.metrics.get(key), reference.get(r.metrics["layer"], key)), pattern)
 
+    def rated(r: LayerResult) -> str:
+        return r.dashboard.interpretable_cell() if r.dashboard else "not rated"
+
     columns = [Column("layer", "", ours("layer", "{}"))]
     if reference is None:
         columns.append(Column("d_sae", "", ours("d_sae", "{}")))
-        return columns + [Column(title, "", ours(key, p)) for key, title, p, _ in COMPARED_COLUMNS]
+        columns += [Column(title, "", ours(key, p)) for key, title, p, _ in COMPARED_COLUMNS]
+        return columns + [Column(INTERPRETABLE, "", rated)]
     columns += [Column("d_sae", "ours", ours("d_sae", "{}")), Column("d_sae", reference.label, theirs("d_sae", "{}"))]
     for key, title, pattern, diff_pattern in COMPARED_COLUMNS:
         columns += [
@@ -109,7 +163,20 @@ def comparison_columns(reference: Reference | None) -> list[Column]:
             Column(title, reference.label, theirs(key, pattern)),
             Column(title, "Δ", delta(key, diff_pattern)),
         ]
-    return columns
+    # No Δ: other people rated other features on another interface.
+    return columns + [Column(INTERPRETABLE, "ours", rated),
+                      Column(INTERPRETABLE, reference.label, theirs("alive_interpretable", "{:.0%}"))]
+
+
+def tag_columns(results: list[LayerResult]) -> list[Column]:
+    """layer, then the number of features with each family tag, then those with none."""
+    tags = next((list(r.dashboard.tag_counts) for r in results if r.dashboard), [])
+
+    def count(tag):
+        return lambda r: fmt(r.dashboard.tag_counts.get(tag) if r.dashboard else None, "{:,}")
+
+    return [Column("layer", "", lambda r: str(r.metrics["layer"])), *(Column(t, "", count(t)) for t in tags),
+            Column("untagged", "", lambda r: fmt(r.dashboard.untagged if r.dashboard else None, "{:,}"))]
 
 
 def other_columns() -> list[Column]:
@@ -259,10 +326,17 @@ def plots(results: list[LayerResult], reference: Reference | None = None) -> dic
 # ---------------------------------------------------------------------------------------------------
 # The two documents.
 
+INTERPRETABLE = "% alive interpretable"
 DEFINITIONS = (
     "Metrics on the held-out split. Loss recovered = (CE zeroed - CE with SAE) / (CE zeroed - CE clean), "
     "with hook_z set to zero for \"zeroed\". Dead = features that never fire on the evaluation tokens "
-    "(count in the list above)."
+    "(count in the list above). % alive interpretable = ratings of yes / ratings made, by people, of the first "
+    "30 alive features on each layer's dashboard page (labels/L<n>.csv); \"not rated\" until someone rates them."
+)
+TAGS_NOTE = (
+    "Features per family tag, measured by probes and corpus statistics against a null baseline of random "
+    "directions (README: family tags). A feature may have several tags or none. Tags are evidence for raters; "
+    "they never count as a rating."
 )
 DELTA = "Δ = ours minus the reference (dead: in percentage points)."
 
@@ -283,8 +357,27 @@ def markdown_report(results: list[LayerResult], prov: dict, reference: Reference
         f"## Per layer\n\n{definitions(reference)}\n\n{note_lines}\n\n"
         f"{markdown_table(results, comparison_columns(reference))}\n\n"
         f"## Other metrics\n\n{markdown_table(results, other_columns())}\n\n"
-        "Plots (L0 against loss recovered, feature density histograms): index.html.\n"
+        f"{tags_markdown(results)}"
+        "Plots (L0 against loss recovered, feature density histograms) and links to the dashboards: index.html.\n"
     )
+
+
+def tags_markdown(results: list[LayerResult]) -> str:
+    if not any(r.dashboard for r in results):
+        return ""
+    pages = ", ".join(f"[{layout.layer_name(r.metrics['layer'])}]({r.dashboard.page.as_posix()})"
+                      for r in results if r.dashboard)
+    return f"## Family tags\n\n{TAGS_NOTE}\n\n{markdown_table(results, tag_columns(results))}\n\nDashboards: {pages}\n\n"
+
+
+def tags_html(results: list[LayerResult]) -> str:
+    if not any(r.dashboard for r in results):
+        return ""
+    esc = html.escape
+    links = "".join(f'<li><a href="{esc(r.dashboard.page.as_posix())}">{layout.layer_name(r.metrics["layer"])}</a>: '
+                    f"{r.dashboard.rated_features} cards to rate</li>" for r in results if r.dashboard)
+    return (f'<h2>Feature dashboards</h2><ul id="dashboards">{links}</ul>'
+            f"<h2>Family tags</h2><p>{esc(TAGS_NOTE)}</p>{html_table('tags', results, tag_columns(results))}")
 
 
 def html_page(
@@ -314,6 +407,7 @@ img {{ max-width: 100%; }}
 {html_table("layers", results, comparison_columns(reference))}
 <h2>Other metrics</h2>
 {html_table("more", results, other_columns())}
+{tags_html(results)}
 <h2>L0 against loss recovered</h2>
 <img alt="L0 against loss recovered" src="data:image/png;base64,{images['frontier']}">
 <h2>Feature density</h2>
@@ -353,9 +447,12 @@ def build_report(
     model_dir: str | Path = layout.MODEL_DIR,
     tokens_dir: str | Path = layout.TOKENS_DIR,
     sae_root: str | Path | None = layout.SAE_ROOT,
+    dashboards_root: str | Path = layout.DASHBOARDS_DIR,
+    labels_root: str | Path = layout.LABELS_DIR,
 ) -> Report:
     """The stage: write report.md, index.html and layers.csv into ``out_dir`` from the earlier stages' files."""
-    results = [read_layer(Path(metrics_dir), Path(density_dir), layer) for layer in layers]
+    results = [read_layer(Path(metrics_dir), Path(density_dir), layer, Path(dashboards_root), Path(labels_root),
+                          Path(out_dir)) for layer in layers]
     info = read_model_info(model_dir)
     reference, compare_note = resolve_reference(compare, layers, info.source, info.name, info.n_layers, info.d_in)
     prov = provenance(Path(model_dir), Path(tokens_dir), results, Path(sae_root) if sae_root else None, reference)

@@ -36,7 +36,7 @@ from attnsae.repository import dvc_md5, dvc_state, git_state, main_repository, p
 
 PIPELINE_KEY_TAG = "attnsae.pipeline_key"
 LAYER_TAG = "attnsae.layer"
-STAGE_TAG = "attnsae.stage"  # train or evaluate: which stage's execution a child run records
+STAGE_TAG = "attnsae.stage"  # train, evaluate or dashboards: which stage's execution a child run records
 SUPERSEDED_TAG = "attnsae.superseded_by"  # on a deleted earlier attempt: the run that replaced it
 EXPERIMENT = "attnsae"
 DVC_MD5_TAG = "attnsae.dvc_md5"  # the md5 dvc.lock records for the layer's SAE folder
@@ -393,7 +393,7 @@ def _logs(method):
 
 
 class LayerRun:
-    """The child run of one stage execution (train or evaluate) of one layer."""
+    """The child run of one stage execution (train, evaluate or dashboards) of one layer."""
 
     def __init__(self, client, run_id: str, store: str, tags: dict[str, str] | None = None):
         self.client, self.run_id, self.store, self.tags = client, run_id, store, tags or {}
@@ -497,6 +497,17 @@ class LayerRun:
         self.log_metrics({k: v for k, v in metrics.items() if k != "layer"})
         self.log_artifact(metrics_file)
         self.tag_evaluated_sae(sae_dir)
+
+
+    def log_dashboards(self, params: dict[str, Any], summary: dict[str, Any], folder: str | Path) -> None:
+        """What the dashboards stage logs: its config as ``dashboards.*`` params, the family-tag counts, alive and
+        card counts, the stage's seconds, and the content hash the ratings of its page are tied to."""
+        self.log_params({f"dashboards.{k}": v for k, v in params.items()})
+        self.log_metrics({f"dashboards/tag_{tag}": n for tag, n in summary["tag_counts"].items()}
+                         | {"dashboards/untagged": summary["untagged"], "dashboards/alive": summary["alive"],
+                            "dashboards/cards": summary["cards"], "dashboards/seconds": summary["seconds"]})
+        self.set_tags({"attnsae.dashboard_hash": summary["content_hash"]})
+        self.log_artifact(Path(folder) / "features.json", "dashboards")
 
 
 def _relative(path: Path) -> str:
