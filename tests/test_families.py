@@ -58,12 +58,17 @@ def test_source_shares_match_attribution_dfa_at_any_chunk_size(tiny_batch, monke
     rows, positions, features = (acts > 0).nonzero(as_tuple=True)
     assert len(rows) > 100
     sources = torch.stack([positions, positions.clamp_min(1) - 1, torch.zeros_like(positions)], dim=1)
-    expected = reference_shares(t, sae, n_heads, rows, positions, features).gather(1, sources)
+    shares = reference_shares(t, sae, n_heads, rows, positions, features)
+    expected = shares.gather(1, sources)
+    far = [float(shares[n, 1 : max(1, int(d) - 3)].sum()) for n, d in enumerate(positions)]  # 1 <= s < d - 3
     w_heads = attribution.encoder_by_head(sae, n_heads)
     for chunk in (1 << 22, 500, 1):  # one chunk; several features and triples per chunk; one float (1 each)
         monkeypatch.setattr(families, "CHUNK_ELEMENTS", chunk)
         got = families.source_shares(t, w_heads, rows, positions, features, sources)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        with_far = families.source_shares(t, w_heads, rows, positions, features, sources, far_before=3)
+        torch.testing.assert_close(with_far[:, :3], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(with_far[:, 3], torch.tensor(far), atol=1e-5, rtol=1e-5)
 
 
 def test_positive_shares_known_answer():
@@ -75,6 +80,7 @@ def slow_corpus_scores(t, sae, n_heads, acts) -> dict[str, torch.Tensor]:
     """CorpusFamilyStats' formulas, written out feature by feature from attribution.dfa."""
     n_rows, seq, d_sae = acts.shape
     scores = {tag: torch.zeros(d_sae) for tag in families.CORPUS_TAGS}
+    far = torch.zeros(d_sae)
     for f in range(d_sae):
         a = acts[:, 1:, f]
         fire = a > 0
@@ -86,14 +92,18 @@ def slow_corpus_scores(t, sae, n_heads, acts) -> dict[str, torch.Tensor]:
             for tag, sources in (("previous_token", positions - 1), ("current_token", positions),
                                  ("bos_sink", torch.zeros_like(positions))):
                 scores[tag][f] = (weights * shares[torch.arange(len(rows)), sources]).sum() / weights.sum()
+            beyond = torch.tensor([float(shares[n, 1 : max(1, int(d) - families.FAR_SOURCES)].sum())
+                                   for n, d in enumerate(positions)])
+            far[f] = (weights * beyond).sum() / weights.sum()
         density = fire.float().mean()
 
         def persistence(lag):
             starts = fire[:, :-lag].sum() if seq - 1 > lag else 0
             return (fire[:, :-lag] & fire[:, lag:]).sum() / starts if starts else torch.tensor(0.0)
 
-        scores["local_context"][f] = persistence(families.LOCAL_LAG) - max(persistence(families.DOCUMENT_LAG), density)
-        scores["high_level_context"][f] = persistence(families.DOCUMENT_LAG) - density
+        local = persistence(families.LOCAL_LAG) - max(persistence(families.DOCUMENT_LAG), density)
+        scores["local_context"][f] = local * (1 - far[f] - scores["bos_sink"][f])
+        scores["high_level_context"][f] = (persistence(families.DOCUMENT_LAG) - density) * far[f]
     return scores
 
 
@@ -109,6 +119,29 @@ def test_corpus_stats_match_slow_reference_whatever_the_chunks_and_batches(tiny_
     for tag in families.CORPUS_TAGS:
         torch.testing.assert_close(got[tag], expected[tag], atol=1e-5, rtol=1e-5, msg=tag)
     torch.testing.assert_close(stats.max_activation.float(), acts[:, 1:].amax((0, 1)))
+
+
+def test_high_level_context_needs_sources_far_back():
+    """The same firing (every token from 30 on, in one 80-token row) read from 20 back or from the previous token."""
+    seq = 160
+    far_back, previous = torch.zeros(seq, seq), torch.zeros(seq, seq)
+    previous[0, 0] = far_back[0, 0] = 1
+    previous[torch.arange(1, seq), torch.arange(seq - 1)] = 1
+    far_back[torch.arange(1, seq), (torch.arange(1, seq) - 20).clamp_min(0)] = 1
+    sae = SAE(1, 1)
+    with torch.no_grad():
+        sae.W_enc.fill_(1.0)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    acts = torch.zeros(1, seq, 1)
+    acts[0, 30:110, 0] = 1.0  # R(64) = 16 pairs / 66 firings with d + 64 in the row, density = 80 / 159
+    got = {}
+    for name, pattern in (("far", far_back), ("previous", previous)):
+        stats = families.CorpusFamilyStats(sae, 1)
+        stats.add(one_head_tensors(pattern), acts)
+        got[name] = stats.scores()["high_level_context"][0]
+    assert got["far"] == pytest.approx(16 / 66 - 80 / 159, abs=1e-6)  # every share from 20 back: F = 1
+    assert got["previous"] == pytest.approx(0.0, abs=1e-6)
 
 
 def one_head_tensors(pattern: torch.Tensor) -> attribution.LayerTensors:
@@ -141,9 +174,11 @@ def test_corpus_scores_known_answers():
     assert scores["previous_token"][0] == pytest.approx(1.0)
     assert scores["current_token"][0] == 0 and scores["bos_sink"][0] == 0
     assert scores["bos_sink"][2] == pytest.approx(acts[0, 1, 2] / acts[0, 1:, 2].sum())  # d = 1: d - 1 is BOS
-    # bursts: R(4) = 4 pairs of 8 in each of 2 bursts ... = 8 / 16, R(64) = 0, density = 16 / 79
-    assert scores["local_context"][1] == pytest.approx(8 / 16 - 16 / 79, abs=1e-6)
-    assert scores["high_level_context"][1] == pytest.approx(-16 / 79, abs=1e-6)
+    # bursts: R(4) = 4 pairs of 8 in each of 2 bursts ... = 8 / 16, R(64) = 0, density = 16 / 79; the feature reads
+    # the previous token (nothing far back), which is BOS for its first firing (1 of 16 equal activations)
+    assert scores["bos_sink"][1] == pytest.approx(1 / 16)
+    assert scores["local_context"][1] == pytest.approx((8 / 16 - 16 / 79) * (1 - 1 / 16), abs=1e-6)
+    assert scores["high_level_context"][1] == pytest.approx(0.0, abs=1e-6)
     assert scores["local_context"][2] == pytest.approx(0.0, abs=1e-6)  # fires everywhere: not context
     assert scores["high_level_context"][2] == pytest.approx(0.0, abs=1e-6)
 

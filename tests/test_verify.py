@@ -31,8 +31,9 @@ from attnsae.verify import (
     summarize,
 )
 
-# What the README tells a new user to pull: the SAE folders, and what `attnsae verify` re-evaluates them on.
-PULL = ["dvc", "pull", "model", "tokenize", "train", "publish"]
+# What the README tells a new user to pull: the SAE folders, their dashboards (the report reads them), and what
+# `attnsae verify` re-evaluates them on.
+PULL = ["dvc", "pull", "model", "tokenize", "train", "publish", "dashboards"]
 WEIGHTS = "models/sae/L1/sae_weights.safetensors"
 
 
@@ -78,7 +79,8 @@ def test_push_sends_every_output_but_the_activation_cache(registry):
     activations = outs.pop("data/activations")
     assert not in_storage(registry.storage, activations)
     assert not any(in_storage(registry.storage, f["md5"]) for f in dir_listing(registry.origin, activations))
-    for path in ("models/base", "data/corpus", "data/tokens", "models/sae/L1", "models/published/L2"):
+    for path in ("models/base", "data/corpus", "data/tokens", "models/sae/L1", "models/published/L2",
+                 "reports/dashboards/L1"):
         assert in_storage(registry.storage, outs[path]), path
         assert all(in_storage(registry.storage, f["md5"]) for f in dir_listing(registry.origin, outs[path])), path
     assert not (registry.clone / "data/activations").exists()

@@ -37,6 +37,8 @@ CORPUS_TAGS = tuple(tag for tag in TAGS if tag not in PROBE_TAGS)
 
 # Firing persistence R(k) = P(fires at d+k | fires at d) within a row: a few tokens on (local) and far on (document).
 LOCAL_LAG, DOCUMENT_LAG = 4, 64
+# Attended distance: a source more than this many positions back is "far" (the context tags' second factor).
+FAR_SOURCES = 16
 
 # Repeat lengths of the induction probe, cycled over its prompts (BOS + R + R is at most 65 tokens). Length 2 is
 # left out: there the induction source d-1 is also the previous token, so a previous-token feature would score.
@@ -119,14 +121,18 @@ TAG_DEFINITIONS: dict[str, dict[str, str]] = {
                  "END = the final token, IO = the name that appears once",
     },
     "local_context": {
-        "formula": f"R({LOCAL_LAG}) - max(R({DOCUMENT_LAG}), density), R(k) = P(fires at d+k | fires at d) within a "
-                   "row, density = firing frequency (tokens d >= 1 of the dashboard tokens)",
+        "formula": f"(R({LOCAL_LAG}) - max(R({DOCUMENT_LAG}), density)) * (1 - F - B), R(k) = P(fires at d+k | fires "
+                   "at d) within a row, density = firing frequency (tokens d >= 1 of the dashboard tokens), "
+                   f"F = activation-weighted mean of the share of p from sources more than {FAR_SOURCES} positions "
+                   f"back (s < d - {FAR_SOURCES}, s >= 1), B = the bos_sink score; {_SHARE}",
         "source": "corpus",
         "probe": "",
     },
     "high_level_context": {
-        "formula": f"R({DOCUMENT_LAG}) - density, R(k) = P(fires at d+k | fires at d) within a row, density = firing "
-                   "frequency (tokens d >= 1 of the dashboard tokens)",
+        "formula": f"(R({DOCUMENT_LAG}) - density) * F, R(k) = P(fires at d+k | fires at d) within a row, density = "
+                   "firing frequency (tokens d >= 1 of the dashboard tokens), F = activation-weighted mean of the "
+                   f"share of p from sources more than {FAR_SOURCES} positions back (s < d - {FAR_SOURCES}, s >= 1); "
+                   f"{_SHARE}",
         "source": "corpus",
         "probe": "",
     },
@@ -155,8 +161,9 @@ NULL_DESCRIPTION = ("each null direction is a uniformly random direction with th
 
 
 def source_shares(t: attribution.LayerTensors, w_heads: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                  features: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-    """p(s) (module docstring) of N (row, position, feature) triples at K given sources each: [N, K].
+                  features: torch.Tensor, sources: torch.Tensor, far_before: int | None = None) -> torch.Tensor:
+    """p(s) (module docstring) of N (row, position, feature) triples at K given sources each: [N, K]. With
+    ``far_before``, one more column: the summed share of the far sources, 1 <= s < d - far_before.
 
     The same DFA as ``attribution.dfa``, summed over heads, but computed from v . W_enc^h once per batch and
     feature ([B, S, H] per feature) instead of once per triple, and in chunks: no intermediate tensor holds more
@@ -164,7 +171,8 @@ def source_shares(t: attribution.LayerTensors, w_heads: torch.Tensor, rows: torc
     """
     n_rows, seq, n_heads, _ = t.v.shape
     pattern = t.pattern.permute(0, 2, 3, 1)  # [B, dest, src, H]: one gather per triple reads a contiguous block
-    out = torch.zeros(sources.shape, dtype=t.v.dtype, device=t.v.device)
+    out = torch.zeros(len(sources), sources.shape[1] + (far_before is not None), dtype=t.v.dtype, device=t.v.device)
+    source_index = torch.arange(seq, device=t.v.device)
     firing, feature_index = torch.unique(features, return_inverse=True)
     block_size = max(1, CHUNK_ELEMENTS // (n_rows * seq * n_heads))
     for start in range(0, len(firing), block_size):
@@ -173,7 +181,11 @@ def source_shares(t: attribution.LayerTensors, w_heads: torch.Tensor, rows: torc
         in_block = ((feature_index >= start) & (feature_index < start + len(block))).nonzero().squeeze(1)
         for part in in_block.split(max(1, CHUNK_ELEMENTS // (seq * n_heads))):
             by_source = (pattern[rows[part], positions[part]] * reads[rows[part], feature_index[part] - start]).sum(-1)
-            out[part] = positive_shares(by_source).gather(1, sources[part])
+            shares = positive_shares(by_source)
+            out[part, : sources.shape[1]] = shares.gather(1, sources[part])
+            if far_before is not None:
+                far = (source_index >= 1) & (source_index < positions[part, None] - far_before)
+                out[part, -1] = (shares * far).sum(1)
     return out
 
 
@@ -208,6 +220,7 @@ class CorpusFamilyStats:
         self.mass = zeros()  # sum of activations over firing tokens
         self.max_activation = zeros()  # the probe scores' floor (probe_scores)
         self.share_mass = {tag: zeros() for tag in self.SHARE_SOURCES}  # sum of a * p(source)
+        self.far_mass = zeros()  # sum of a * (share of p from sources more than FAR_SOURCES back)
         self.fires = zeros()
         self.tokens = 0
         self.pairs = {lag: zeros() for lag in (LOCAL_LAG, DOCUMENT_LAG)}  # fires at d and at d + lag
@@ -229,18 +242,20 @@ class CorpusFamilyStats:
         rows, positions, features = fire.nonzero(as_tuple=True)
         positions = positions + 1
         sources = torch.stack([positions - 1, positions, torch.zeros_like(positions)], dim=1)
-        shares = source_shares(t, self.w_heads, rows, positions, features, sources)
+        shares = source_shares(t, self.w_heads, rows, positions, features, sources, far_before=FAR_SOURCES)
         weighted = shares * acts[rows, positions - 1, features][:, None]
         for column, tag in enumerate(self.SHARE_SOURCES):
             self.share_mass[tag].index_add_(0, features, weighted[:, column].double())
+        self.far_mass.index_add_(0, features, weighted[:, -1].double())
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Corpus tag -> [d_sae] float scores (``TAG_DEFINITIONS``)."""
         density = self.fires / max(self.tokens, 1)
         local, document = (_ratio(self.pairs[lag], self.starts[lag]) for lag in (LOCAL_LAG, DOCUMENT_LAG))
         scores = {tag: _ratio(self.share_mass[tag], self.mass) for tag in self.SHARE_SOURCES}
-        scores["local_context"] = local - torch.maximum(document, density)
-        scores["high_level_context"] = document - density
+        far = _ratio(self.far_mass, self.mass)  # how far back the feature reads: the attended distance
+        scores["local_context"] = (local - torch.maximum(document, density)) * (1 - far - scores["bos_sink"])
+        scores["high_level_context"] = (document - density) * far
         return {tag: scores[tag].float().cpu() for tag in CORPUS_TAGS}
 
 
