@@ -10,7 +10,7 @@ when no source attributes positively). Position 0 of every row and probe is BOS 
 BOS token has itself as its only source, so every share there is 1 and says nothing about the feature.
 
 Corpus tags (``CorpusFamilyStats``) are exact activation-weighted statistics over every firing token of the
-dashboard tokens; probe tags (``build_probes``, ``probe_scores``) come from prompts generated deterministically
+dashboard tokens; probe tags (``build_probes``, ``probe_scores_many``) come from prompts generated deterministically
 from the model's tokenizer. A feature gets a tag when its score reaches the tag's threshold (params
 ``dashboards.tags``) and its percentile against the null baseline (``null_encoder``: the same score for random
 encoder directions) reaches ``dashboards.null_percentile``.
@@ -218,7 +218,7 @@ class CorpusFamilyStats:
         self.w_heads = attribution.encoder_by_head(sae, n_heads)
         zeros = lambda: torch.zeros(sae.d_sae, dtype=torch.float64, device=self.w_heads.device)  # noqa: E731
         self.mass = zeros()  # sum of activations over firing tokens
-        self.max_activation = zeros()  # the probe scores' floor (probe_scores)
+        self.max_activation = zeros()  # the probe scores' floor (probe_scores_many)
         self.share_mass = {tag: zeros() for tag in self.SHARE_SOURCES}  # sum of a * p(source)
         self.far_mass = zeros()  # sum of a * (share of p from sources more than FAR_SOURCES back)
         self.fires = zeros()
@@ -477,7 +477,13 @@ class _ContrastScore:
 @torch.inference_mode()
 def probe_scores_many(bridge, layer: int, saes: list[SAE], probes: list[ProbeSet], batch_rows: int,
                       floors: list[torch.Tensor | None] | None = None) -> list[dict[str, torch.Tensor]]:
-    """``probe_scores`` of several encoders (an SAE and its null, each with its floor) from one model pass."""
+    """Probe tag -> [d_sae] scores (``TAG_DEFINITIONS``) of several encoders (an SAE and its null) from one model
+    pass over the probes; 0 for a feature that never fires on the tag's probe.
+
+    ``floors`` (per encoder, [d_sae]: pass ``CorpusFamilyStats.max_activation``, the feature's largest activation on
+    the dashboard tokens) are the least activation mass a score is divided by: a feature that barely fires on a
+    probe then scores near 0 instead of anywhere in [-1, 1] on the strength of one faint firing. None: no floor.
+    """
     n_heads = bridge.cfg.n_heads
     floors = [torch.zeros(sae.d_sae) if floor is None else floor for sae, floor in
               zip(saes, floors or [None] * len(saes))]
@@ -495,17 +501,6 @@ def probe_scores_many(bridge, layer: int, saes: list[SAE], probes: list[ProbeSet
         for result, each in zip(results, scorers):
             result[probe.tag] = each.score().float().cpu()
     return results
-
-
-def probe_scores(bridge, layer: int, sae: SAE, probes: list[ProbeSet], batch_rows: int,
-                 floor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Probe tag -> [d_sae] scores (``TAG_DEFINITIONS``); 0 for a feature that never fires on the tag's probe.
-
-    ``floor`` [d_sae] (pass ``CorpusFamilyStats.max_activation``, the feature's largest activation on the dashboard
-    tokens) is the least activation mass a score is divided by: a feature that barely fires on a probe then
-    scores near 0 instead of anywhere in [-1, 1] on the strength of one faint firing. None: no floor.
-    """
-    return probe_scores_many(bridge, layer, [sae], probes, batch_rows, [floor])[0]
 
 
 @torch.inference_mode()
