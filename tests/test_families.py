@@ -121,18 +121,29 @@ def test_corpus_stats_match_slow_reference_whatever_the_chunks_and_batches(tiny_
     torch.testing.assert_close(stats.max_activation.float(), acts[:, 1:].amax((0, 1)))
 
 
-def test_high_level_context_needs_sources_far_back():
-    """The same firing (every token from 30 on, in one 80-token row) read from 20 back or from the previous token."""
-    seq = 160
-    far_back, previous = torch.zeros(seq, seq), torch.zeros(seq, seq)
-    previous[0, 0] = far_back[0, 0] = 1
-    previous[torch.arange(1, seq), torch.arange(seq - 1)] = 1
-    far_back[torch.arange(1, seq), (torch.arange(1, seq) - 20).clamp_min(0)] = 1
-    sae = SAE(1, 1)
+def attending_back(seq: int, distance: int) -> torch.Tensor:
+    """A one-head pattern [dest, src]: each position attends to the one ``distance`` back (BOS when there is none)."""
+    pattern = torch.zeros(seq, seq)
+    positions = torch.arange(seq)
+    pattern[positions, (positions - distance).clamp_min(0)] = 1
+    return pattern
+
+
+def identity_sae(d_sae: int) -> SAE:
+    """d_sae features that each read the one input unit with weight 1 and no biases: DFA = the pattern."""
+    sae = SAE(1, d_sae)
     with torch.no_grad():
         sae.W_enc.fill_(1.0)
         sae.b_enc.zero_()
         sae.b_dec.zero_()
+    return sae
+
+
+def test_high_level_context_needs_sources_far_back():
+    """The same firing (every token from 30 on, in one 80-token row) read from 20 back or from the previous token."""
+    seq = 160
+    far_back, previous = attending_back(seq, 20), attending_back(seq, 1)
+    sae = identity_sae(1)
     acts = torch.zeros(1, seq, 1)
     acts[0, 30:110, 0] = 1.0  # R(64) = 16 pairs / 66 firings with d + 64 in the row, density = 80 / 159
     got = {}
@@ -155,14 +166,8 @@ def one_head_tensors(pattern: torch.Tensor) -> attribution.LayerTensors:
 def test_corpus_scores_known_answers():
     """Feature 0 reads a head that attends to the previous token; 1 fires in bursts of 8 tokens; 2 on every token."""
     seq = 80
-    shift = torch.zeros(seq, seq)
-    shift[0, 0] = 1
-    shift[torch.arange(1, seq), torch.arange(seq - 1)] = 1
-    sae = SAE(1, 3)
-    with torch.no_grad():
-        sae.W_enc.fill_(1.0)
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
+    shift = attending_back(seq, 1)
+    sae = identity_sae(3)
     acts = torch.zeros(1, seq, 3)
     acts[0, 2:, 0] = torch.rand(seq - 2) + 0.1  # any activation: every DFA share is on d - 1
     burst = (torch.arange(seq) % 40 >= 1) & (torch.arange(seq) % 40 <= 8)

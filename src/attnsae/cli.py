@@ -83,6 +83,11 @@ def chosen_layers(layer_args: tuple[str, ...], all_layers: list[int] | None, kno
     return layers
 
 
+def is_pipeline_sae(sae_dir: str | None, layer: int) -> bool:
+    """Whether --sae names the pipeline's own SAE of the layer (or is left out): only its results are the stage's."""
+    return sae_dir is None or Path(sae_dir).resolve() == layout.sae_dir(layer).resolve()
+
+
 def profile_label(params: dict) -> str:
     """The profile's name, a label for MLflow runs only (no stage's output depends on it)."""
     return str(params.get("profile", "custom"))
@@ -306,7 +311,7 @@ def evaluate(
     n = sae_layer(read_sae_cfg(sae_dir), sae_dir) if layer is None else config.parse_layer(layer)
     overrides = {k: v for k, v in (("max_rows", max_rows), ("batch_rows", batch_rows)) if v is not None}
     cfg = config.evaluate_config(params).model_copy(update=overrides)
-    own = sae_dir is None or Path(sae_dir).resolve() == layout.sae_dir(n).resolve()
+    own = is_pipeline_sae(sae_dir, n)
     pipeline_files = {layout.metrics_file(n).resolve(), layout.density_file(n).resolve()}
     if not own:
         for given in (out, density):
@@ -352,7 +357,7 @@ def dashboards(params_path: str, layer: str | None, model_dir: str, tokens_dir: 
     if layer is None and sae_dir is None:
         raise UserError("name the SAE: --layer (our models/sae/L<layer>) or --sae FOLDER")
     n = sae_layer(read_sae_cfg(sae_dir), sae_dir) if layer is None else config.parse_layer(layer)
-    own = sae_dir is None or Path(sae_dir).resolve() == layout.sae_dir(n).resolve()
+    own = is_pipeline_sae(sae_dir, n)
     out = out or str(layout.dashboards_dir(n))
     if not own and Path(out).resolve() == layout.dashboards_dir(n).resolve():
         raise UserError(f"{out} belongs to the dashboards@{n} stage (it shows {layout.sae_dir(n)}); "

@@ -424,10 +424,15 @@ def build_dashboards(cfg: DashboardsConfig, eval_max_rows: int, model_dir: str |
 
 
 def summarize(doc: dict, seconds: float) -> dict:
-    counts = {tag: sum(tag in t for t in doc["summary"]["tags"]) for tag in families.TAGS}
+    counts, untagged = tag_counts(doc)
     return {"layer": doc["layer"], "cards": len(doc["cards"]), "alive": doc["alive"]["count"], "d_sae": doc["d_sae"],
-            "tag_counts": counts, "untagged": sum(not t for t in doc["summary"]["tags"]),
-            "content_hash": doc["content_hash"], "seconds": seconds}
+            "tag_counts": counts, "untagged": untagged, "content_hash": doc["content_hash"], "seconds": seconds}
+
+
+def tag_counts(doc: dict) -> tuple[dict[str, int], int]:
+    """How many features carry each tag of the document, and how many carry none."""
+    tags = doc["summary"]["tags"]
+    return {tag: sum(tag in t for t in tags) for tag in doc["tag_definitions"]}, sum(not t for t in tags)
 
 
 def read_features(path: str | Path) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from attnsae import layout
 from attnsae.comparison import Reference, difference, resolve_reference
-from attnsae.dashboards import read_features
+from attnsae.dashboards import read_features, tag_counts
 from attnsae.evaluate import numeric_metrics, read_density, read_metrics
 from attnsae.files import write_text_atomic
 from attnsae.labels import interpretable, read_labels
@@ -103,15 +103,11 @@ def read_dashboard(layer: int, dashboards_root: Path, labels_root: Path, out_dir
         return None
     doc = read_features(path)
     first_alive = [card["feature"] for card in doc["cards"] if card["reason"] == "first_n"]
-    ratings = [r for r in read_labels(layer, labels_root) or [] if r.content_hash == doc["content_hash"]]
-    yes, rated = interpretable(ratings, first_alive)
-    tags = doc["summary"]["tags"]
+    yes, rated = interpretable(read_labels(layer, labels_root) or [], first_alive, doc["content_hash"])
+    counts, untagged = tag_counts(doc)
     page = layout.dashboard_page(layer, dashboards_root)
-    return LayerDashboard(
-        page=Path(_relative_link(page, out_dir)), rated_features=len(first_alive),
-        tag_counts={tag: sum(tag in t for t in tags) for tag in doc["tag_definitions"]},
-        untagged=sum(not t for t in tags), yes=yes, rated=rated,
-    )
+    return LayerDashboard(page=Path(_relative_link(page, out_dir)), rated_features=len(first_alive),
+                          tag_counts=counts, untagged=untagged, yes=yes, rated=rated)
 
 
 def _relative_link(target: Path, start: Path) -> str:
