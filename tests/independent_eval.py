@@ -28,6 +28,7 @@ Metrics, as design.md 4 and the main path define them:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,9 +99,28 @@ def independent_hook_z(model, layer: int, rows: np.ndarray) -> torch.Tensor:
     return z if bias is None else z - bias
 
 
-def sae_features(weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """f = ReLU((x - b_dec) @ W_enc + b_enc), written out from the SAE's weights."""
-    return torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"])
+def read_sae_folder(folder: str | Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The weights of a saved SAE folder and its k (topk only), read with json and safetensors alone."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(folder) / "cfg.json").read_text())
+    weights = load_file(str(Path(folder) / "sae_weights.safetensors"))
+    return weights, cfg["k"] if cfg["architecture"] == "topk" else None
+
+
+def sae_features(weights: Mapping[str, torch.Tensor], x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Written out from the SAE's weights: pre = (x - b_dec) @ W_enc + b_enc, then
+    - standard: ReLU(pre);
+    - topk (``k``): ReLU(pre) where pre ranks among the row's k largest, 0 elsewhere;
+    - jumprelu (a ``threshold`` tensor): ReLU(pre) where pre > threshold, 0 elsewhere."""
+    pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+    keep = torch.ones_like(pre, dtype=torch.bool)
+    if k is not None:
+        ranks = pre.argsort(dim=-1, descending=True).argsort(dim=-1)
+        keep = ranks < k
+    if "threshold" in weights:
+        keep = pre > weights["threshold"]
+    return torch.relu(pre) * keep
 
 
 def sae_reconstruction(weights: Mapping[str, torch.Tensor], f: torch.Tensor) -> torch.Tensor:
@@ -122,12 +142,13 @@ def independent_metrics(
     rows: np.ndarray,
     batch_rows: int | None = None,
     fold_value_bias: bool = True,
+    k: int | None = None,
 ) -> dict[str, float]:
     """Clean, SAE-spliced and zero-ablated CE, loss recovered and L0 of the SAE at hook_z of ``layer``.
 
     ``rows``: token ids [n, ctx], BOS at position 0 (the same rows the main path evaluates).
     ``fold_value_bias=False`` applies the SAE to raw z instead (wrong for GPT-2; tests use it to show
-    that the comparison can tell the difference).
+    that the comparison can tell the difference). ``k`` and a ``threshold`` weight: as ``sae_features``.
     """
     weights = {name: t.detach().float().cpu() for name, t in weights.items()}
     bias = folded_value_bias(model, layer) if fold_value_bias else None
@@ -142,7 +163,7 @@ def independent_metrics(
     def splice_sae(z_raw: torch.Tensor) -> torch.Tensor:
         nonlocal active_features, positions
         hook_z = z_raw - shift  # the main path's hook_z (per-head bias folded away for GPT-2)
-        f = sae_features(weights, hook_z.reshape(-1, hook_z.shape[-1]))
+        f = sae_features(weights, hook_z.reshape(-1, hook_z.shape[-1]), k)
         active_features += (f > 0).sum().item()
         positions += f.shape[0]
         return sae_reconstruction(weights, f).reshape(hook_z.shape) + shift

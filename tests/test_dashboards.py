@@ -24,13 +24,15 @@ CFG = DashboardsConfig(first_n=4, features=[5], top_k=4, intervals=3, interval_e
                        logit_tokens=5, probe_prompts=2, null_directions=8, batch_rows=3)
 
 
-@pytest.fixture(scope="module")
-def case(tiny_model_dir, one_thread):
-    """(bridge, info, sae, rows, doc): the stage's document for a random SAE on 7 rows with document breaks."""
+@pytest.fixture(scope="module", params=["standard", "topk"])
+def case(request, tiny_model_dir, one_thread):
+    """(bridge, info, sae, rows, doc): the stage's document for a random SAE on 7 rows with document breaks,
+    a standard (ReLU) SAE or a TopK one keeping 6 of its 24 features."""
     model_dir = tiny_model_dir(seed=0)
     bridge, info = load_bridge(model_dir, torch.device("cpu"))
     generator = torch.Generator().manual_seed(3)
-    sae = SAE(info.d_in, 24, generator=generator).requires_grad_(False)
+    k = 6 if request.param == "topk" else None
+    sae = SAE(info.d_in, 24, generator=generator, kind=request.param, k=k).requires_grad_(False)
     with torch.no_grad():
         sae.b_enc.uniform_(-0.3, 0.1, generator=generator)  # some features fire often, some rarely, some never
         sae.b_dec.normal_(0.0, 0.1, generator=generator)
@@ -50,8 +52,9 @@ def dense_reference(bridge, sae, rows):
     _, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
     z, pattern, v = (cache[n].float() for n in names)
     x = z.reshape(len(rows), rows.shape[1], -1)
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    return z, pattern, v, pre.detach(), torch.relu(pre).detach()
+    pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
+    kept = pre.argsort(dim=-1, descending=True).argsort(dim=-1) < sae.k if sae.kind == "topk" else True
+    return z, pattern, v, pre, torch.relu(pre) * kept
 
 
 def test_summary_matches_dense_activations(case):

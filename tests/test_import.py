@@ -539,7 +539,7 @@ def test_fine_tuned_scaling_factor_is_folded_into_w_dec(tmp_path):
     "edit, fragments",
     [
         ({"architecture": "gated"}, ["architecture 'gated'", "allowed: standard"]),
-        ({"architecture": "jumprelu"}, ["architecture 'jumprelu'"]),
+        ({"architecture": "topk"}, ["a topk SAE needs 'k', a positive integer, got None"]),
         ({"activation_fn_str": "topk"}, ["activation_fn 'topk'", "allowed: relu"]),
         ({"normalize_activations": True}, ["normalize_activations 'expected_average_only_in'", "allowed: none"]),
         ({"normalize_activations": "layer_norm"}, ["normalize_activations 'layer_norm'"]),
@@ -547,7 +547,7 @@ def test_fine_tuned_scaling_factor_is_folded_into_w_dec(tmp_path):
         ({"hook_point_head_index": 3}, ["hook_head_index 3", "allowed: null"]),
         ({"d_in": "8"}, ["'d_in' must be a positive integer", "'8'"]),
     ],
-    ids=["gated", "jumprelu", "topk", "norm-flag", "layer-norm", "reshape", "one-head", "d_in-text"],
+    ids=["gated", "topk-without-k", "topk-activation", "norm-flag", "layer-norm", "reshape", "one-head", "d_in-text"],
 )
 def test_configurations_we_cannot_evaluate_are_refused(tmp_path, edit, fragments):
     folder = write_folder(tmp_path / "sae", {**OLD_CFG, **edit}, small_state())

@@ -25,13 +25,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from helpers import strong_layernorm  # noqa: E402
-from independent_eval import folded_value_bias, independent_hook_z, independent_metrics, load_hf_model  # noqa: E402
+from independent_eval import (  # noqa: E402
+    folded_value_bias,
+    independent_hook_z,
+    independent_metrics,
+    load_hf_model,
+    read_sae_folder,
+)
 
 from attnsae.config import EvaluateConfig  # noqa: E402
 from attnsae.evaluate import evaluate_sae  # noqa: E402
 from attnsae.files import sha256_file  # noqa: E402
 from attnsae.models import META_FILE, load_bridge, read_model_info  # noqa: E402
-from attnsae.sae import SAE  # noqa: E402
+from attnsae.sae import SAE, load_sae, sae_cfg, save_sae  # noqa: E402
 
 TOL = 1e-4  # the acceptance tolerance; measured differences are ~1e-5 or less
 KINK_MARGIN = 1e-3  # how far every SAE pre-activation is kept from 0 (see keep_pre_activations_off_zero)
@@ -164,6 +170,58 @@ def test_tiny_gpt2_main_and_independent_agree(tiny: TinyCase):
     with torch.no_grad():
         hf_loss = tiny.hf(tokens, labels=tokens).loss.item()
     assert independent["ce_clean"] == pytest.approx(hf_loss, abs=1e-5)
+
+
+def as_kind(sae: SAE, kind: str, hook_z: torch.Tensor) -> tuple[SAE, int | None]:
+    """The soft-threshold SAE as another kind with a different function, kept as far from its kinks:
+    - topk: the k largest of each row, k chosen where the ranking is clear of float noise;
+    - jumprelu: thresholds t, b_enc raised by t, so the same features pass (pre + t > t) with values raised by t.
+    """
+    if kind == "standard":
+        return sae, None
+    # k from d_in / 4 to d_in / 3: fewer than the ~d_in / 3 that fire in the standard SAE (or TopK would keep
+    # them all), enough that loss recovered is not a large ratio of small numbers
+    pre = sae.pre_activation(hook_z).detach()
+    k = widest_topk_gap(pre, sae.d_in // 4, sae.d_in // 3) if kind == "topk" else None
+    other = SAE(sae.d_in, sae.d_sae, kind=kind, k=k)
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(other, name).copy_(getattr(sae, name))
+        if kind == "jumprelu":
+            t = torch.linspace(0.05, 0.5, sae.d_sae)
+            other.threshold.copy_(t)
+            other.b_enc.add_(t)
+    return other, k
+
+
+def widest_topk_gap(pre: torch.Tensor, smallest: int, largest: int) -> int:
+    """The k in [``smallest``, ``largest``] whose k-th and (k+1)-th largest pre-activations are furthest apart on every row,
+    so which features are kept is not float noise (the gap must exceed KINK_MARGIN)."""
+    ordered = pre.sort(dim=-1, descending=True).values
+    gaps = (ordered[:, :-1] - ordered[:, 1:]).min(dim=0).values  # [k - 1]: the smallest gap over rows
+    gaps[: smallest - 1] = -torch.inf
+    gaps[largest:] = -torch.inf
+    k = int(gaps.argmax()) + 1
+    assert gaps[k - 1] > KINK_MARGIN, gaps.max()
+    return k
+
+
+@pytest.mark.parametrize("kind", ["topk", "jumprelu"])
+def test_tiny_gpt2_saved_kinds_agree(tiny: TinyCase, kind: str, tmp_path):
+    """Each kind saved to a folder: evaluate reads it with load_sae, the independent side with json and
+    safetensors alone, and they agree as closely as for the standard SAE."""
+    hook_z = independent_hook_z(tiny.hf, TINY_LAYER, tiny.rows).reshape(-1, tiny.info.d_in)
+    sae, k = as_kind(tiny.sae, kind, hook_z)
+    save_sae(sae, tmp_path / "sae", sae_cfg(d_in=sae.d_in, d_sae=sae.d_sae, hook_name="h", layer=TINY_LAYER,
+                                            model_name="m", context_size=16, dataset="d", kind=kind, k=k), None)
+    loaded, _ = load_sae(tmp_path / "sae")
+    main, _ = evaluate_sae(tiny.bridge, loaded, TINY_LAYER, tiny.rows, TINY_EVAL, CPU)
+    weights, saved_k = read_sae_folder(tmp_path / "sae")
+    independent = independent_metrics(tiny.hf, weights, TINY_LAYER, tiny.rows, k=saved_k)
+    assert_agree(main, independent)
+    assert abs(main["ce_sae"] - tiny.main["ce_sae"]) > 1e-3  # a different function from the standard SAE
+    if kind == "topk":
+        assert 0 < main["l0"] <= k < tiny.main["l0"]
 
 
 def test_ignoring_the_value_bias_fold_is_caught(tiny: TinyCase):

@@ -142,6 +142,41 @@ BAD_VALUES = [
 ]
 
 
+# (architecture, key path, bad value, message): the settings of the other architectures, checked on tiny.yaml
+# switched to that architecture (``as_architecture``).
+ARCHITECTURE_BAD_VALUES = [
+    ("standard", "sae.architecture", "gated", "must be one of standard, topk, batchtopk, jumprelu (got 'gated')"),
+    ("standard", "sae.l1_coeff", None, "must be set for architecture standard (got None)"),
+    ("standard", "sae.k", 20, "must be left out: it applies to architecture topk, batchtopk, and this is standard"),
+    ("topk", "sae.l1_coeff", 0.1, "must be left out: it applies to architecture standard, and this is topk (got 0.1)"),
+    ("topk", "sae.k", 0, "must be an integer >= 1 (got 0)"),
+    ("topk", "sae.k", None, "must be set for architecture topk (got None)"),
+    ("topk", "sae.auxk_alpha", -1.0, "must be a finite number >= 0 (got -1.0)"),
+    ("topk", "sae.aux_k", -1, "must be an integer >= 0 (got -1)"),
+    ("topk", "sae.auxk_dead_tokens", 0, "must be an integer >= 1 (got 0)"),
+    ("batchtopk", "sae.threshold_ema_rate", 0.0, "must be a finite number > 0 and <= 1 (got 0.0)"),
+    ("topk", "sae.threshold_ema_rate", 0.5, "must be left out: it applies to architecture batchtopk, and this is topk"),
+    ("jumprelu", "sae.l0_coeff", NAN, "must be a finite number >= 0 (got nan)"),
+    ("jumprelu", "sae.jumprelu_bandwidth", 0, "must be a finite number > 0 (got 0)"),
+    ("jumprelu", "sae.jumprelu_init_threshold", -0.1, "must be a finite number >= 0 (got -0.1)"),
+    ("jumprelu", "sae.sparsity_warmup_steps", -1, "must be an integer >= 0 (got -1)"),
+    ("topk", "per_layer.L2.k", 0, "must be an integer >= 1 (got 0)"),
+    ("jumprelu", "per_layer.L2.l0_coeff", -1.0, "must be a finite number >= 0 (got -1.0)"),
+]
+
+
+def as_architecture(params: dict, architecture: str) -> dict:
+    """``params`` (in place) training ``architecture``, with its required settings and no L1 penalty."""
+    if architecture == "standard":
+        return params
+    required = {"topk": {"k": 8}, "batchtopk": {"k": 8}, "jumprelu": {"l0_coeff": 1e-3}}[architecture]
+    params["sae"] = {k: v for k, v in params["sae"].items() if k != "l1_coeff"} | {"architecture": architecture,
+                                                                                    **required}
+    params["per_layer"] = {key: {k: v for k, v in entry.items() if k != "l1_coeff"}
+                           for key, entry in params["per_layer"].items()}
+    return params
+
+
 def with_value(params: dict, key_path: str, value) -> dict:
     """``params`` with one value set (in place)."""
     *parents, last = key_path.split(".")
@@ -167,9 +202,29 @@ def test_bad_value_refused_in_one_line_naming_key_and_range(tiny_params, key_pat
     assert expected in message, message
 
 
+@pytest.mark.parametrize(("architecture", "key_path", "value", "expected"), ARCHITECTURE_BAD_VALUES,
+                         ids=lambda v: str(v)[:40])
+def test_architecture_settings_refused_in_one_line(tiny_params, architecture, key_path, value, expected):
+    message = validation_error(with_value(as_architecture(tiny_params, architecture), key_path, value))
+    assert message.startswith(f"{config.PARAMS_FILE}: bad value for '{key_path}': "), message
+    assert expected in message, message
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
+def test_each_architecture_gets_its_reference_settings(tiny_params, architecture):
+    config.validate(as_architecture(tiny_params, architecture))
+    cfg = config.sae_config(tiny_params, 2)
+    assert {k: getattr(cfg, k) for k in config.ARCHITECTURE_SETTINGS[architecture]} == {
+        **config.ARCHITECTURE_SETTINGS[architecture], **{"topk": {"k": 8}, "batchtopk": {"k": 8},
+                                                          "jumprelu": {"l0_coeff": 1e-3}}[architecture]}
+    assert set(cfg.recipe()) == set(config.SAEConfig.model_fields) - {
+        key for settings in config.ARCHITECTURE_SETTINGS.values() for key in settings
+    } | set(config.ARCHITECTURE_SETTINGS[architecture])
+
+
 def test_table_covers_every_field_of_every_section():
     covered = {section: set() for section in SECTION_CLASSES}
-    for key_path, _, _ in BAD_VALUES:
+    for key_path, _, _ in BAD_VALUES + [row[1:] for row in ARCHITECTURE_BAD_VALUES]:
         section, _, field = key_path.rpartition(".")
         if section in covered:
             covered[section].add(field)

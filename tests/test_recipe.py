@@ -220,6 +220,22 @@ def test_dead_features_are_resampled_at_the_first_check_and_revived():
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-2, rtol=0.0), (norms - 1).abs().max()
 
 
+def test_a_check_with_nothing_dead_leaves_the_batches_alone(monkeypatch):
+    """Drawing resampling inputs moves the buffer's generator, so a check that finds no dead feature must draw
+    none: otherwise every later batch differs from the recipe's (the committed quickstart SAEs would change)."""
+    from attnsae.activations import ShuffledBuffer
+
+    draws = []
+    sample = ShuffledBuffer.sample
+    monkeypatch.setattr(ShuffledBuffer, "sample", lambda self, n: draws.append(n) or sample(self, n))
+    cfg = dying_cfg(l1_coeff=0.0)  # no penalty: nothing dies
+    result = train_sae(cfg, PlantedDictionary(seed=0), progress=False)
+    assert result.resampled == [(60, 0), (120, 0), (180, 0)] and draws == []
+    draws.clear()
+    dying = train_sae(dying_cfg(), PlantedDictionary(seed=0), progress=False)
+    assert len(draws) == sum(1 for _, n in dying.resampled if n)  # one draw per check that revives something
+
+
 def test_deterministic_switch_is_applied_and_recorded():
     """sae.deterministic turns on torch's deterministic kernels for the run; its value is in the config
     that is logged to MLflow (cfg.model_dump()) and written into cfg.json."""

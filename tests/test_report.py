@@ -348,8 +348,22 @@ def test_card_front_matter_from_metrics(tmp_path):
         assert values[mtype] == pytest.approx(metrics[key], abs=1e-6), key
     assert "4,096 tokens" in results["dataset"]["name"]
     assert "| Loss recovered | 1.052 |" in card and "| Dead features | 25.0% (over 4,096 tokens) |" in card
-    assert "d_in 8, d_sae 16" in card and "training tokens: 65,536" in card and "L1 coefficient: 0.4" in card
+    assert "d_in 8, d_sae 16" in card and "training: standard, L1 coefficient 0.4; 65,536 tokens" in card
+    assert "architecture: `f = ReLU(pre)`, with" in card
     assert 'SAE.load_from_disk("path/to/this/folder"' in card and "load_sae(" in card
+
+
+def test_card_names_the_architecture_and_its_sparsity_setting(tmp_path):
+    cfg = sae_cfg(d_in=8, d_sae=16, hook_name="blocks.3.attn.hook_z", layer=3, model_name="smollm2-135m",
+                  context_size=128, dataset="d", kind="topk", k=4,
+                  extra={"attnsae": {"train": {"architecture": "topk", "k": 4}, "trained_tokens": 1024}})
+    card = publish.card_text(cfg, metrics_for(3, SMOLLM2, d_sae=16, l0=4.0, loss_recovered=0.9))
+    assert "on each token's 4 largest pre-activations, 0 elsewhere (SAELens `topk`, k = 4)" in card
+    assert "training: topk, k 4; 1,024 tokens" in card
+    jumprelu = {**cfg, "architecture": "jumprelu", "attnsae": {"train": {"architecture": "batchtopk", "k": 4}}}
+    card = publish.card_text(jumprelu, metrics_for(3, SMOLLM2, d_sae=16, l0=4.0, loss_recovered=0.9))
+    assert "`f = ReLU(pre) * (pre > threshold)`, one threshold per feature" in card
+    assert "training: batchtopk, k 4; n/a tokens" in card
 
 
 def test_card_other_sources():

@@ -92,13 +92,43 @@ class ActivationsConfig(Section):
 DSae = Annotated[int, Field(ge=1)]
 L1Coeff = Annotated[float, Field(ge=0)]
 DeadCutoff = Annotated[float, Field(ge=0, le=1)]  # a firing frequency
+K = Annotated[int, Field(ge=1)]  # active features per token
+L0Coeff = Annotated[float, Field(ge=0)]
+
+Architecture = Literal["standard", "topk", "batchtopk", "jumprelu"]
+# Each architecture's own settings and their reference values (README: architectures gives the sources). None
+# means required. A setting of another architecture is refused, so a params file says what it trains.
+ARCHITECTURE_SETTINGS: dict[str, dict[str, Any]] = {
+    "standard": {"l1_coeff": None},
+    "topk": {"k": None, "auxk_alpha": 1 / 32, "aux_k": 0, "auxk_dead_tokens": 10_000_000},
+    "batchtopk": {"k": None, "auxk_alpha": 1 / 32, "aux_k": 0, "auxk_dead_tokens": 10_000_000,
+                  "threshold_ema_rate": 0.01},
+    "jumprelu": {"l0_coeff": None, "jumprelu_bandwidth": 0.001, "jumprelu_init_threshold": 0.001,
+                 "sparsity_warmup_steps": 0},
+}
 
 
 class SAEConfig(Section):
-    """The training recipe of design.md 3; per-layer values override these in ``per_layer``."""
+    """The training recipe of design.md 3 (architecture standard) or one of its successors (objectives.py);
+    per-layer values override these in ``per_layer``."""
 
+    architecture: Architecture = "standard"
     d_sae: DSae
-    l1_coeff: L1Coeff
+    l1_coeff: L1Coeff | None = None  # standard: the L1 penalty
+    # topk, batchtopk: features kept per token (batchtopk: on average over the batch), the weight of the
+    # dead-feature auxiliary loss, how many dead features it uses (0: d_in // 2), and how many tokens without
+    # firing make a feature dead
+    k: K | None = None
+    auxk_alpha: Annotated[float, Field(ge=0)] | None = None
+    aux_k: Annotated[int, Field(ge=0)] | None = None
+    auxk_dead_tokens: Annotated[int, Field(ge=1)] | None = None
+    threshold_ema_rate: Annotated[float, Field(gt=0, le=1)] | None = None  # batchtopk: of its inference threshold
+    # jumprelu: the L0 penalty, the straight-through rectangle's width, the thresholds' start, and the steps over
+    # which l0_coeff rises linearly from 0 (in units of inputs scaled to unit mean squared norm)
+    l0_coeff: L0Coeff | None = None
+    jumprelu_bandwidth: Annotated[float, Field(gt=0)] | None = None
+    jumprelu_init_threshold: Annotated[float, Field(ge=0)] | None = None
+    sparsity_warmup_steps: Annotated[int, Field(ge=0)] | None = None
     dead_cutoff: DeadCutoff = 1e-6
     lr: float = Field(1.2e-3, gt=0)
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -118,6 +148,27 @@ class SAEConfig(Section):
     # CPU training is deterministic either way.
     deterministic: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_settings(cls, data: Any) -> Any:
+        """Fill in the architecture's reference values; refuse another architecture's settings."""
+        if not isinstance(data, dict) or data.get("architecture", "standard") not in ARCHITECTURE_SETTINGS:
+            return data  # the field's own validation names the bad value
+        architecture = data.get("architecture", "standard")
+        own = ARCHITECTURE_SETTINGS[architecture]
+        for key in sorted({k for settings in ARCHITECTURE_SETTINGS.values() for k in settings} - set(own)):
+            if data.get(key) is not None:
+                users = ", ".join(a for a, settings in ARCHITECTURE_SETTINGS.items() if key in settings)
+                raise RuleBroken(key, data[key], f"left out: it applies to architecture {users}, "
+                                                 f"and this is {architecture}")
+        filled = {**data}
+        for key, default in own.items():
+            if filled.get(key) is None:
+                if default is None:
+                    raise RuleBroken(key, None, f"set for architecture {architecture}")
+                filled[key] = default
+        return filled
+
     @model_validator(mode="after")
     def _consistent(self) -> "SAEConfig":
         if self.dead_window > self.resample_every:
@@ -132,10 +183,21 @@ class SAEConfig(Section):
     def steps(self) -> int:
         return self.train_tokens // self.batch_size
 
+    def sparsity(self) -> str:
+        """The setting that sets the sparsity, as 'name value' (what a frontier sweeps)."""
+        name = {"standard": "l1_coeff", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coeff"}[self.architecture]
+        return f"{name} {getattr(self, name):g}"
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings this SAE trains with, leaving out other architectures' (all None)."""
+        return self.model_dump(exclude_none=True)
+
 
 class LayerOverride(Section):
     d_sae: DSae | None = None
     l1_coeff: L1Coeff | None = None
+    k: K | None = None
+    l0_coeff: L0Coeff | None = None
     dead_cutoff: DeadCutoff | None = None
 
 

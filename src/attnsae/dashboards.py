@@ -212,7 +212,7 @@ def attribute_examples(bridge, sae: SAE, layer: int, rows: np.ndarray, refs: lis
         tokens = rows_as_tensor(rows[chunk], device)
         t = attribution.capture_layer(bridge, tokens, layer)
         pre = attribution.pre_activations(sae, t.x).view(len(chunk), tokens.shape[1], -1)
-        acts = torch.relu(pre)
+        acts = sae.activation(pre)  # the SAE's own activation function (ReLU, TopK or JumpReLU)
         todo = [r for row in chunk for r in by_row[row]]
         index = {row: i for i, row in enumerate(chunk)}
         b = torch.tensor([index[r.row] for r in todo], device=device)

@@ -106,6 +106,23 @@ def card_metadata(cfg: dict, metrics: dict) -> dict:
     return front
 
 
+# The saved kind's activation, in the card's words (sae.py computes them).
+ACTIVATIONS = {
+    "standard": "`f = ReLU(pre)`",
+    "topk": "`f = ReLU(pre)` on each token's {k} largest pre-activations, 0 elsewhere (SAELens `topk`, k = {k})",
+    "jumprelu": "`f = ReLU(pre) * (pre > threshold)`, one threshold per feature (SAELens `jumprelu`)",
+}
+SPARSITY_LABELS = {"l1_coeff": "L1 coefficient", "k": "k", "l0_coeff": "L0 coefficient"}  # config.SPARSITY_SETTINGS, in words
+
+
+def _sparsity(recipe: dict) -> str:
+    """The setting that set the SAE's sparsity, from its training recipe ('L1 coefficient 0.8', 'k 20')."""
+    for key, name in SPARSITY_LABELS.items():
+        if key in recipe:
+            return f"{name} {_fmt(recipe[key], '{:g}')}"
+    return "sparsity setting unknown"
+
+
 def _fmt(value, pattern: str) -> str:
     return "n/a" if _number(value) is None else pattern.format(value)
 
@@ -116,7 +133,7 @@ def card_text(cfg: dict, metrics: dict) -> str:
     source, hook = cfg_value(cfg, "model_name"), cfg_value(cfg, "hook_name")
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     trained = train.get("trained_tokens")
-    l1 = train.get("train", {}).get("l1_coeff")
+    recipe = train.get("train", {})
     eval_tokens = metrics.get("eval_tokens")
     values = {key: _fmt(metrics.get(key), pattern) for key, _, _, pattern in CARD_METRICS}
     if metrics.get("dead_fraction_tokens"):  # the dead fraction means little without its sample size
@@ -136,8 +153,9 @@ log10 feature densities), with `reshape_activations: "hook_z"`.
 - base model: {BASE_MODELS.get(source) or source} (attnsae model source `{source}`)
 - hook: `{hook}`
 - d_in {d_in}, d_sae {d_sae} ({d_sae / d_in:g}x)
-- architecture: `f = ReLU((x - b_dec) @ W_enc + b_enc)`, `x_hat = f @ W_dec + b_dec`, decoder rows unit norm
-- training tokens: {_fmt(trained, '{:,}')}; L1 coefficient: {_fmt(l1, '{:g}')}
+- architecture: {ACTIVATIONS[cfg_value(cfg, 'architecture', 'standard')].format(k=cfg.get('k'))}, with
+  `pre = (x - b_dec) @ W_enc + b_enc` and `x_hat = f @ W_dec + b_dec`
+- training: {recipe.get('architecture', 'standard')}, {_sparsity(recipe)}; {_fmt(trained, '{:,}')} tokens
 - training data: {cfg_value(cfg, 'dataset_path') or 'unknown'}, {cfg_value(cfg, 'context_size')} tokens per row, BOS first
 
 {MODEL_NOTES.get(source, '')}

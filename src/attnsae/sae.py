@@ -1,8 +1,17 @@
-"""The sparse autoencoder of the recipe (design.md 3) and its on-disk format (SAELens's folder layout).
+"""The sparse autoencoder and its on-disk format (SAELens's folder layout).
 
-    f     = ReLU((x - b_dec) @ W_enc + b_enc)
+Every SAE encodes the same pre-activation and decodes the same way; the activation function is what
+its ``kind`` (SAELens's inference ``architecture``) names:
+
+    pre   = (x - b_dec) @ W_enc + b_enc
+    f     = ReLU(pre)                          standard (the recipe of design.md 3)
+          = ReLU(pre) on each row's k largest  topk
+          = ReLU(pre) * (pre > threshold)      jumprelu (threshold per feature)
     x_hat = f @ W_dec + b_dec
-    loss  = mean_batch(sum_dims((x_hat - x)^2)) + l1_coeff * mean_batch(sum_features(f))
+
+The recipe's loss is mean_batch(sum_dims((x_hat - x)^2)) + l1_coeff * mean_batch(sum_features(f)); the
+other architectures' training (BatchTopK, JumpReLU's straight-through threshold) lives in objectives.py,
+and each saves as one of these kinds.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 WEIGHT_SHAPES = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",)}
+KINDS = ("standard", "topk", "jumprelu")  # SAELens's inference architectures that attnsae computes
+THRESHOLD = "threshold"  # jumprelu's extra tensor [d_sae]
 
 
 @dataclass
@@ -34,31 +45,51 @@ class SAEOutput:
     loss: torch.Tensor
 
 
+def row_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """ReLU of each row's k largest pre-activations, zero elsewhere (SAELens's TopK activation)."""
+    top = pre.topk(min(k, pre.shape[-1]), dim=-1)
+    return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+
+
 class SAE(nn.Module):
-    def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None):
+    def __init__(self, d_in: int, d_sae: int, generator: torch.Generator | None = None, kind: str = "standard",
+                 k: int | None = None):
         super().__init__()
-        self.d_in, self.d_sae = d_in, d_sae
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+        if (kind == "topk") != (k is not None):
+            raise ValueError("k is given exactly when kind is topk")
+        self.d_in, self.d_sae, self.kind, self.k = d_in, d_sae, kind, k
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if kind == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(d_sae))
         nn.init.kaiming_uniform_(self.W_enc, generator=generator)
         nn.init.kaiming_uniform_(self.W_dec, generator=generator)
         with torch.no_grad():
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True)
 
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.kind == "topk":
+            return row_topk(pre, self.k)
+        if self.kind == "jumprelu":
+            return torch.relu(pre) * (pre > self.threshold)
+        return torch.relu(pre)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        return self.activation(self.pre_activation(x))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor, l1_coeff: float = 0.0) -> SAEOutput:
         f = self.encode(x)
-        x_hat = self.decode(f)
-        mse = (x_hat - x).pow(2).sum(-1).mean()
-        l1 = f.sum(-1).mean()
-        return SAEOutput(x_hat=x_hat, features=f, mse=mse, l1=l1, loss=mse + l1_coeff * l1)
+        return reconstruction_loss(self, x, f, l1_coeff)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -75,6 +106,14 @@ class SAE(nn.Module):
             parallel = (self.W_dec.grad * unit).sum(-1, keepdim=True)
             self.W_dec.grad -= parallel * unit
         self.W_dec.copy_(unit)
+
+
+def reconstruction_loss(sae: SAE, x: torch.Tensor, f: torch.Tensor, l1_coeff: float = 0.0) -> SAEOutput:
+    """Decode ``f`` and score it: summed squared error and L1, each a mean over the batch."""
+    x_hat = sae.decode(f)
+    mse = (x_hat - x).pow(2).sum(-1).mean()
+    l1 = f.sum(-1).mean()
+    return SAEOutput(x_hat=x_hat, features=f, mse=mse, l1=l1, loss=mse + l1_coeff * l1)
 
 
 def cosine_warmup_lr(step_since_reset: int, lr: float, warmup_steps: int) -> float:
@@ -99,6 +138,8 @@ def sae_cfg(
     context_size: int,
     dataset: str,
     extra: dict[str, Any] | None = None,
+    kind: str = "standard",
+    k: int | None = None,
 ) -> dict[str, Any]:
     metadata = {
         "model_name": model_name,
@@ -110,8 +151,10 @@ def sae_cfg(
         "model_from_pretrained_kwargs": {},
         **(extra or {}),
     }
+    by_kind = {"k": k, "rescale_acts_by_decoder_norm": False} if kind == "topk" else {}
     return {
-        "architecture": "standard",
+        "architecture": kind,
+        **by_kind,
         "d_in": d_in,
         "d_sae": d_sae,
         "dtype": "float32",
@@ -136,7 +179,7 @@ def save_sae(sae: SAE, folder: str | Path, cfg: dict[str, Any], log10_density: t
     whose feature density nobody measured, such as imported ones.
     """
     with atomic_dir(folder) as tmp:
-        state = {name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous() for name in WEIGHT_SHAPES}
+        state = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in sae.state_dict().items()}
         write_safetensors(tmp / WEIGHTS_FILE, state)
         if log10_density is not None:
             density = log10_density.detach().to("cpu", torch.float32).contiguous()
@@ -157,9 +200,9 @@ METADATA_KEYS = ("model_name", "hook_name", "hook_layer")
 METADATA_SECTIONS = ("metadata", "meta")
 # Tensors that multiply the feature activations before decoding (older SAELens always stored one of ones).
 SCALING_TENSORS = ("scaling_factor", "finetuning_scaling_factor")
-# What the recipe's SAE computes; anything else would be evaluated wrongly, so it is refused.
+# What attnsae's SAE computes; anything else would be evaluated wrongly, so it is refused.
 SUPPORTED = {
-    "architecture": ("standard",),
+    "architecture": KINDS,
     "activation_fn": ("relu",),
     "normalize_activations": ("none",),
     "reshape_activations": ("none", "hook_z"),
@@ -185,6 +228,9 @@ def upgrade_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
         out["normalize_activations"] = "expected_average_only_in" if out["normalize_activations"] else "none"
     if "reshape_activations" not in out and str(out.get("hook_name", "")).endswith("_z"):
         out["reshape_activations"] = "hook_z"  # before SAELens 6, a hook name ending in _z switched it on
+    kwargs = out.get("activation_fn_kwargs")
+    if out.get("activation_fn") == "topk" and isinstance(kwargs, dict) and "k" in kwargs:
+        out.update(architecture="topk", activation_fn="relu", k=kwargs["k"])  # before SAELens 6: an activation
     return out
 
 
@@ -219,8 +265,15 @@ def check_supported(cfg: dict[str, Any], path: Path) -> None:
         if value not in allowed:
             raise UserError(
                 f"{path}: {key} {value!r} is not supported (allowed: {', '.join(allowed)}); "
-                "attnsae evaluates standard ReLU SAEs on unnormalised activations only"
+                "attnsae evaluates standard, topk and jumprelu SAEs on unnormalised activations only"
             )
+    if cfg_value(cfg, "architecture", "standard") == "topk":
+        k = cfg.get("k")
+        if not _is_int(k) or k <= 0:
+            raise UserError(f"{path}: a topk SAE needs 'k', a positive integer, got {k!r}")
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            raise UserError(f"{path}: rescale_acts_by_decoder_norm true is not supported (allowed: false; "
+                            "SAELens folds the decoder norms into the encoder when it saves)")
     head = cfg_value(cfg, "hook_head_index")
     if head is not None:
         raise UserError(f"{path}: hook_head_index {head!r} is not supported (allowed: null, all heads concatenated)")
@@ -260,6 +313,7 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
     - a feature scaling tensor s: (f * s) @ W_dec = f @ (s[:, None] * W_dec), so W_dec rows absorb it;
     - apply_b_dec_to_input false: x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc).
 
+    Both leave the pre-activations unchanged, so they hold for every kind (topk's choice, jumprelu's mask).
     The returned cfg then describes the returned SAE (apply_b_dec_to_input true, no scaling factor).
     """
     folder = Path(folder)
@@ -269,18 +323,18 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
         raise UserError(f"{folder}: missing {WEIGHTS_FILE}")
     state = read_safetensors(path)
     dims = {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"]}
-    for name, shape_names in WEIGHT_SHAPES.items():
+    kind = cfg_value(cfg, "architecture", "standard")
+    shapes = {**WEIGHT_SHAPES, THRESHOLD: ("d_sae",)} if kind == "jumprelu" else WEIGHT_SHAPES
+    for name, shape_names in shapes.items():
         expected = tuple(dims[s] for s in shape_names)
         if name not in state:
-            raise UserError(f"{path}: missing tensor '{name}' (expected {', '.join(WEIGHT_SHAPES)})")
+            raise UserError(f"{path}: missing tensor '{name}' (expected {', '.join(shapes)})")
         if tuple(state[name].shape) != expected:
             raise UserError(f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, cfg.json says {expected}")
-    unexpected = sorted(set(state) - set(WEIGHT_SHAPES) - set(SCALING_TENSORS))
+    unexpected = sorted(set(state) - set(shapes) - set(SCALING_TENSORS))
     if unexpected:
-        raise UserError(
-            f"{path}: unexpected tensor '{unexpected[0]}' (a standard ReLU SAE has {', '.join(WEIGHT_SHAPES)})"
-        )
-    weights = {k: state[k].float() for k in WEIGHT_SHAPES}
+        raise UserError(f"{path}: unexpected tensor '{unexpected[0]}' (a {kind} SAE has {', '.join(shapes)})")
+    weights = {k: state[k].float() for k in shapes}
     scale = _feature_scale(state, cfg["d_sae"], path)
     if scale is not None:
         weights["W_dec"] = weights["W_dec"] * scale[:, None]
@@ -293,7 +347,7 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
         shift = (weights["b_dec"].double() @ weights["W_enc"].double()).float()  # in fp64: one rounding only
         weights["b_enc"] = weights["b_enc"] + shift
         cfg["apply_b_dec_to_input"] = True
-    sae = SAE(cfg["d_in"], cfg["d_sae"])
+    sae = SAE(cfg["d_in"], cfg["d_sae"], kind=kind, k=cfg.get("k") if kind == "topk" else None)
     sae.load_state_dict(weights)
     return sae, cfg
 

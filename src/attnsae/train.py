@@ -43,12 +43,13 @@ from attnsae.config import SAEConfig
 from attnsae.errors import UserError
 from attnsae.files import write_text_atomic
 from attnsae.models import resolve_device
+from attnsae.objectives import make_objective
 from attnsae.sae import SAE, cosine_warmup_lr
 
 RESAMPLE_ENCODER_SCALE = 0.2  # new encoder columns: this times the mean norm of alive columns
 CURVE_FIELDS = ("step", "tokens", "loss", "mse", "l1", "l0", "explained_variance", "dead_fraction", "lr")
 MAX_NONFINITE_ROW_FRACTION = 0.01  # more NaN/Inf activation rows than this means the activations are broken
-CHECKPOINT_FORMAT = 2  # part of the checkpoint key: a checkpoint of another layout is not resumed
+CHECKPOINT_FORMAT = 3  # part of the checkpoint key: a checkpoint of another layout is not resumed
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -149,7 +150,8 @@ class LayerTrainer:
 
     def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.sae = SAE(d_in, cfg.d_sae, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+        self.objective = make_objective(cfg, d_in, device)
+        self.sae = self.objective.new_sae(torch.Generator().manual_seed(cfg.seed)).to(device)
         self.optimizer = make_optimizer(self.sae, cfg)
         self.sample_gen = torch.Generator().manual_seed(cfg.seed + 2)
         self.window_counts = torch.zeros(cfg.d_sae, device=device)
@@ -189,7 +191,10 @@ class LayerTrainer:
         if is_check_step(step, cfg):
             self.check_finite(step)  # resampling draws inputs by their (finite) reconstruction error
             dead = dead_features(self.window_counts, self.window_tokens, cfg.dead_cutoff)
-            n = resample_dead(self.sae, self.optimizer, dead, buffer.sample(cfg.resample_inputs), self.sample_gen) if dead.any() else 0
+            n = 0
+            if dead.any():  # drawing inputs moves the buffer's generator: only when there is something to revive
+                inputs = self.objective.scaled(buffer.sample(cfg.resample_inputs))
+                n = resample_dead(self.sae, self.optimizer, dead, inputs, self.sample_gen)
             self.resampled.append((step, n))
             if n:
                 self.last_warmup_start = step
@@ -202,12 +207,16 @@ class LayerTrainer:
             group["lr"] = lr
 
         x = buffer.next_batch()
-        out = self.sae(x, cfg.l1_coeff)
+        if step == 0:
+            self.objective.prepare(self.sae, x)
+        x = self.objective.scaled(x)
+        out = self.objective.loss(self.sae, x, step)
         self.watch_loss(step, out.loss.detach())
         out.loss.backward()
         self.sae.make_decoder_unit_norm_and_project_grad()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.objective.after_step(self.sae, out)
 
         with torch.no_grad():
             fired = out.features > 0
@@ -224,7 +233,7 @@ class LayerTrainer:
                 "step": step,
                 "tokens": (step + 1) * cfg.batch_size,
                 "loss": out.loss.item(),
-                "mse": out.mse.item(),
+                "mse": out.mse.item() / self.objective.input_scale ** 2,  # in the units of the activations
                 "l1": out.l1.item(),
                 "l0": fired.sum(-1).float().mean().item(),
                 "explained_variance": explained_variance(x, out.x_hat),
@@ -239,6 +248,7 @@ class LayerTrainer:
             "sae": {k: v.cpu() for k, v in self.sae.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "sample_gen": self.sample_gen.get_state(),
+            "objective": self.objective.state_dict(),
             "window_counts": self.window_counts.cpu(),
             "window_tokens": self.window_tokens,
             "density_counts": self.density_counts.cpu(),
@@ -252,6 +262,7 @@ class LayerTrainer:
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sample_gen.set_state(state["sample_gen"])
+        self.objective.load_state_dict(state["objective"])
         self.window_counts = state["window_counts"].to(self.device)
         self.window_tokens = int(state["window_tokens"])
         self.density_counts = state["density_counts"].to(self.device)
@@ -265,7 +276,7 @@ class LayerTrainer:
         density_tokens = (cfg.steps - self.density_from) * cfg.batch_size
         log10_density = torch.log10(self.density_counts.cpu() / density_tokens + 1e-10)
         return TrainResult(
-            sae=self.sae.cpu(),
+            sae=self.objective.inference_sae(self.sae).cpu(),
             log10_density=log10_density,
             curves=self.curves,
             resampled=self.resampled,
@@ -338,7 +349,7 @@ def use_deterministic_kernels(on: bool) -> None:
 
 def checkpoint_key(cfgs: dict[int, SAEConfig], data: str = "") -> str:
     """Identifies the run a checkpoint belongs to: changed configs or data never resume a stale checkpoint."""
-    layers = {str(k): c.model_dump() for k, c in sorted(cfgs.items())}
+    layers = {str(k): c.recipe() for k, c in sorted(cfgs.items())}
     text = json.dumps({"format": CHECKPOINT_FORMAT, "data": data, **layers}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -420,7 +431,7 @@ def diverged(layer: int, cfg: SAEConfig, err: NonFinite, step: int, checkpoint: 
              last_saved: int | None) -> UserError:
     kept = (f"the last good checkpoint ({checkpoint}, step {last_saved}) is kept" if last_saved is not None
             else "no checkpoint of this run was saved")
-    return UserError(f"train L{layer}: {err.what} at step {step} (lr {cfg.lr:g}, l1_coeff {cfg.l1_coeff:g}): "
+    return UserError(f"train L{layer}: {err.what} at step {step} (lr {cfg.lr:g}, {cfg.sparsity()}): "
                      f"nothing written; {kept}")
 
 
@@ -537,7 +548,9 @@ def _save_layer(result: TrainResult, cfg: SAEConfig, layer: int, meta: dict, out
         model_name=meta["model_source"],
         context_size=meta["context_size"],
         dataset=meta["dataset"],
-        extra={"attnsae": {"train": cfg.model_dump(), "trained_tokens": result.tokens, "resampled": result.resampled,
+        kind=result.sae.kind,
+        k=result.sae.k,
+        extra={"attnsae": {"train": cfg.recipe(), "trained_tokens": result.tokens, "resampled": result.resampled,
                            "nonfinite_rows_dropped": result.nonfinite_rows_dropped}},
     )
     save_sae(result.sae, out_dir, cfg_json, result.log10_density)
@@ -564,7 +577,7 @@ def _drop_checkpoint(checkpoint: Path | None) -> None:
 
 def _log_params(run, cfg: SAEConfig, layer: int, meta: dict) -> None:
     if run is not None:
-        run.log_params({"layer": layer, "hook_name": meta["hook_name"], "model": meta["model"], **cfg.model_dump()})
+        run.log_params({"layer": layer, "hook_name": meta["hook_name"], "model": meta["model"], **cfg.recipe()})
 
 
 def train_layer(
