@@ -29,12 +29,17 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 def copy_project_files(root: Path) -> None:
     """What a pipeline repository needs from this one: the profiles, the pipelines, the code its stages
-    list as deps (src/attnsae; the code that runs is the installed package, built from the same files), and
-    an empty labels folder (the report's dep: nobody has rated this repository's dashboards yet)."""
+    list as deps (src/attnsae; the code that runs is the installed package, built from the same files), an
+    empty labels folder and an empty frontier table (the report's deps: nobody has rated this repository's
+    dashboards or run its frontier yet)."""
+    from attnsae.frontier import frontier_csv
+
     for name in ("pipelines", "profiles"):
         shutil.copytree(REPO / name, root / name)
     (root / "labels").mkdir()
     shutil.copy(REPO / "labels" / "README.md", root / "labels" / "README.md")
+    (root / "reports").mkdir()
+    (root / "reports" / "frontier.csv").write_text(frontier_csv([]))
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
 
 

@@ -48,6 +48,7 @@ TOKENS = str(layout.TOKENS_DIR)
 ACTIVATIONS = str(layout.ACTIVATIONS_DIR)
 SAE = str(layout.sae_dir(LAYER))
 METRICS = str(layout.metrics_file(LAYER))
+HELDOUT_METRICS = str(layout.heldout_metrics_file(LAYER))
 DENSITY = str(layout.density_file(LAYER))
 CURVES = str(layout.curves_file(LAYER))
 CHECKPOINT = str(layout.checkpoint_file([LAYER]))
@@ -103,7 +104,7 @@ def tree(tmp_path_factory) -> Path:
         # train_layer drops its checkpoint when done; train_saes keeps the last one, a real one to corrupt.
         train_saes({LAYER: sae_cfg}, {LAYER: DiskActivations(layout.activations_dir(LAYER, ACTIVATIONS))}, progress=False,
                    checkpoint=Path(CHECKPOINT), checkpoint_every=2)
-        evaluate_layer(config.evaluate_config(params), MODEL, TOKENS, SAE, LAYER, METRICS, DENSITY)
+        evaluate_layer(config.evaluate_config(params), MODEL, TOKENS, SAE, LAYER, METRICS, DENSITY, HELDOUT_METRICS)
     assert (root / SHARD).is_file() and (root / CHECKPOINT).is_file()
     return root
 
@@ -256,6 +257,11 @@ ROWS = [
     Row("metrics", "truncated", "report", METRICS, truncate),
     Row("metrics", "not UTF-8", "report", METRICS, not_utf8),
     Row("metrics", "missing key", "report", METRICS, without("l0")),
+    Row("metrics", "negative standard error", "report", METRICS, with_value("l0_se", -0.5)),
+    Row("held-out metrics", "truncated", "report", HELDOUT_METRICS, truncate),
+    Row("held-out metrics", "wrong type", "report", HELDOUT_METRICS, with_value("sources", "npm:brown")),
+    Row("held-out metrics", "missing key", "report", HELDOUT_METRICS,
+        json_edit(lambda data: {"layer": LAYER, "split": "heldout", "sources": ["npm:brown"]})),
     Row("density", "not UTF-8", "report", DENSITY, not_utf8),
     Row("density", "garbled", "report", DENSITY, random_bytes),
     Row("checkpoint", "truncated", "train", CHECKPOINT, truncate),

@@ -15,24 +15,37 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from attnsae.activations import capture_z  # noqa: E402
-from attnsae.config import TokenizeConfig  # noqa: E402
+from attnsae.config import EvaluateConfig, TokenizeConfig  # noqa: E402
 from attnsae.corpus import synthetic_documents  # noqa: E402
 from attnsae.errors import UserError  # noqa: E402
 from attnsae.evaluate import (  # noqa: E402
+    SE_METRICS,
     Totals,
+    block_inputs,
+    bootstrap_se,
     density_histogram,
     evaluate_sae,
     explained_variance_from_sums,
     finish,
     kl_div,
-    loss_recovered,
+    log_probs,
+    logits_from_block,
+    summed_metrics,
     token_ce,
 )
 from attnsae.models import hook_z_name, read_model_info  # noqa: E402
 from attnsae.sae import SAE  # noqa: E402
+from attnsae.tokenization import tokenize_corpus  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # Pure functions
+
+
+def loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
+    """summed_metrics' loss recovered for one row of one prediction with these CEs."""
+    sums = {"ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero, "kl_sae": 0.0, "kl_zero": 1.0, "l0": 0.0,
+            "predictions": 1, "tokens": 1}
+    return float(summed_metrics({k: np.float64(v) for k, v in sums.items()})["loss_recovered"])
 
 
 def test_loss_recovered_known_values():
@@ -40,14 +53,14 @@ def test_loss_recovered_known_values():
     assert loss_recovered(ce_clean=2.0, ce_sae=2.0, ce_zero=3.0) == pytest.approx(1.0)
     assert loss_recovered(ce_clean=2.0, ce_sae=3.0, ce_zero=3.0) == pytest.approx(0.0)
     assert loss_recovered(ce_clean=2.0, ce_sae=3.5, ce_zero=3.0) == pytest.approx(-0.5)  # worse than ablation
-    assert loss_recovered(ce_clean=2.0, ce_sae=2.5, ce_zero=2.0) is None  # zero gap
+    assert not math.isfinite(loss_recovered(ce_clean=2.0, ce_sae=2.5, ce_zero=2.0))  # zero gap: undefined
 
 
 def test_token_ce_against_hand_computation():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 4, 5, generator=gen)
     tokens = torch.tensor([[0, 3, 1, 4], [2, 2, 0, 1]])
-    ce = token_ce(logits, tokens)
+    ce = token_ce(log_probs(logits), tokens)
     assert ce.shape == (2, 3)
     for b in range(2):
         for p in range(3):
@@ -58,13 +71,13 @@ def test_token_ce_against_hand_computation():
 
 def test_token_ce_uniform_logits():
     tokens = torch.tensor([[1, 0, 6]])
-    ce = token_ce(torch.zeros(1, 3, 7), tokens)
+    ce = token_ce(log_probs(torch.zeros(1, 3, 7)), tokens)
     assert torch.allclose(ce, torch.full((1, 2), math.log(7)))
 
 
 def test_kl_div_identical_logits_is_zero():
     logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(1)) * 4
-    kl = kl_div(logits, logits.clone())
+    kl = kl_div(log_probs(logits), log_probs(logits.clone()))
     assert kl.shape == (3, 5)
     assert torch.allclose(kl, torch.zeros(3, 5), atol=1e-6)
 
@@ -75,12 +88,12 @@ def test_kl_div_two_token_example():
     other = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])
     expected0 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
     expected1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
-    kl = kl_div(clean, other)
+    kl = kl_div(log_probs(clean), log_probs(other))
     assert kl.shape == (1, 2)
     assert kl[0, 0].item() == pytest.approx(expected0, rel=1e-5)
     assert kl[0, 1].item() == pytest.approx(expected1, rel=1e-5)
     # KL(clean || other), not the reverse: swapping the arguments changes position 0
-    assert kl_div(other, clean)[0, 0].item() == pytest.approx(expected1, rel=1e-5)
+    assert kl_div(log_probs(other), log_probs(clean))[0, 0].item() == pytest.approx(expected1, rel=1e-5)
 
 
 def test_explained_variance_from_sums_matches_direct():
@@ -102,19 +115,20 @@ def test_explained_variance_constant_input_is_none():
 
 def test_finish_on_hand_built_totals():
     t = Totals(d_sae=4, d_in=2)
-    # 10 tokens; feature 0 never fires, 1 fires once, 2 on five tokens, 3 on every token
+    # 2 rows of 5 tokens; feature 0 never fires, 1 fires once, 2 on five tokens, 3 on every token
     features = torch.zeros(10, 4)
     features[3, 1] = 0.7
     features[:5, 2] = 1.0
     features[:, 3] = 2.0
     x = torch.arange(20, dtype=torch.float32).view(10, 2)
     x_hat = x + 0.5  # squared error 0.25 * 20 = 5
-    t.add_activations(x, x_hat, features)
-    t.predictions = 8
-    t.ce = {"clean": 16.0, "sae": 20.0, "zero": 24.0}  # means 2.0, 2.5, 3.0
-    t.kl = {"sae": 1.0, "zero": 4.0}  # means over 10 tokens: 0.1, 0.4
+    t.add_activations(x, x_hat, features, batch=2)
+    # CE sums over each row's 4 predictions (means 2.0, 2.5, 3.0), KL over its 5 tokens (means 0.1, 0.4)
+    t.add_rows(predictions=[4, 4], tokens=[5, 5], ce_clean=[7.0, 9.0], ce_sae=[10.0, 10.0], ce_zero=[12.0, 12.0],
+               kl_sae=[0.5, 0.5], kl_zero=[2.0, 2.0])
 
-    metrics, log10_density = finish(t, dense_threshold=0.1)
+    metrics, log10_density = finish(t, EvaluateConfig(dense_threshold=0.1))
+    assert t.row_sums()["l0"].tolist() == [11.0, 5.0]  # features firing, summed over each row's tokens
     assert metrics["l0"] == pytest.approx((0 + 1 + 5 + 10) / 10)
     assert metrics["ce_clean"] == pytest.approx(2.0)
     assert metrics["ce_sae"] == pytest.approx(2.5)
@@ -134,16 +148,57 @@ def test_finish_on_hand_built_totals():
     assert metrics["dense_fraction"] == pytest.approx(0.5)
     assert log10_density[0] == -np.inf
     assert log10_density[1:] == pytest.approx([-1.0, math.log10(0.5), 0.0])
+    # every metric with a per-row sum has a standard error, 0 where every row agrees
+    assert {k for k in metrics if k.endswith("_se")} == {f"{name}_se" for name in SE_METRICS}
+    assert metrics["ce_zero_se"] == pytest.approx(0.0, abs=1e-12)
+    assert metrics["kl_sae_se"] == pytest.approx(0.0, abs=1e-12)
+    assert metrics["ce_clean_se"] > 0 and metrics["l0_se"] > 0 and metrics["bootstrap_resamples"] == 1000
 
 
 def test_finish_no_kl_gap_gives_none():
     t = Totals(d_sae=1, d_in=1)
-    t.add_activations(torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0], [2.0]]), torch.ones(2, 1))
-    t.predictions = 1
-    t.ce = {"clean": 1.0, "sae": 1.0, "zero": 1.0}
-    metrics, _ = finish(t, 0.1)
+    t.add_activations(torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0], [2.0]]), torch.ones(2, 1), batch=1)
+    t.add_rows(predictions=[1], tokens=[2], ce_clean=[1.0], ce_sae=[1.0], ce_zero=[1.0], kl_sae=[0.0], kl_zero=[0.0])
+    metrics, _ = finish(t, EvaluateConfig())
     assert metrics["kl_score"] is None and metrics["loss_recovered"] is None
+    assert metrics["kl_score_se"] is None and metrics["loss_recovered_se"] is None
     assert metrics["mse"] == 0.0 and metrics["explained_variance"] == pytest.approx(1.0)
+
+
+def one_prediction_rows(ce_clean, **other) -> dict[str, np.ndarray]:
+    """Row sums of rows with one prediction and one token each: the row's value is its mean."""
+    n = len(ce_clean)
+    sums = {"ce_clean": ce_clean, "ce_sae": np.zeros(n), "ce_zero": np.ones(n), "kl_sae": np.zeros(n),
+            "kl_zero": np.ones(n), "l0": np.zeros(n), "predictions": np.ones(n), "tokens": np.ones(n)}
+    return {k: np.asarray(v, dtype=np.float64) for k, v in {**sums, **other}.items()}
+
+
+def test_bootstrap_se_of_a_mean_is_the_analytic_standard_error():
+    values = np.random.default_rng(3).normal(4.0, 0.7, size=400)
+    se = bootstrap_se(one_prediction_rows(values), resamples=4000, seed=0)
+    analytic = values.std(ddof=1) / math.sqrt(len(values))
+    assert se["ce_clean"] == pytest.approx(analytic, rel=0.05)
+    # a difference of two paired means: the SE of the per-row differences
+    shifted = values + np.random.default_rng(4).normal(0.2, 0.1, size=400)
+    se = bootstrap_se(one_prediction_rows(values, ce_sae=shifted), resamples=4000, seed=0)
+    assert se["ce_increase"] == pytest.approx((shifted - values).std(ddof=1) / math.sqrt(400), rel=0.05)
+
+
+def test_bootstrap_se_is_deterministic_given_the_seed():
+    rows = one_prediction_rows(np.random.default_rng(5).normal(size=64))
+    assert bootstrap_se(rows, 200, seed=1) == bootstrap_se(rows, 200, seed=1)
+    assert bootstrap_se(rows, 200, seed=1)["ce_clean"] != bootstrap_se(rows, 200, seed=2)["ce_clean"]
+
+
+def test_bootstrap_recomputes_ratios_as_ratios_of_means():
+    """Half the rows have no zero-ablation gap of their own, so a mean of per-row ratios would be infinite; the
+    ratio of the resampled means is finite whenever a resample holds a row with a gap."""
+    n = 60
+    gap = np.where(np.arange(n) % 2 == 0, 0.0, 2.0)
+    rows = one_prediction_rows(np.zeros(n), ce_zero=gap, ce_sae=gap * 0.25 + 0.1)
+    point = summed_metrics({k: v.sum() for k, v in rows.items()})["loss_recovered"]
+    se = bootstrap_se(rows, 500, seed=0)["loss_recovered"]
+    assert np.isfinite(point) and se is not None and 0 < se < 1
 
 
 def test_density_histogram_counts():
@@ -172,6 +227,22 @@ def reference_ce(bridge, rows, hooks=()):
     with torch.no_grad():
         logits = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=list(hooks))
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
+
+
+@pytest.mark.parametrize("layer", [0, TINY_EVAL_LAYER, 3])
+def test_running_on_from_a_block_is_the_rest_of_a_full_pass(tiny_eval_case, layer):
+    """evaluate runs the blocks before the SAE's layer once and the rest three times: the same logits, hooks
+    included, as full passes."""
+    bridge, _, rows = tiny_eval_case
+    tokens = torch.from_numpy(rows).long()
+    zero = (hook_z_name(layer), lambda z, hook: torch.zeros_like(z))
+    with torch.inference_mode():
+        entry = block_inputs(bridge, tokens, layer)
+        assert torch.equal(logits_from_block(bridge, layer, *entry), bridge(tokens, return_type="logits"))
+        with bridge.hooks(fwd_hooks=[zero]):
+            ablated = logits_from_block(bridge, layer, *entry)
+        assert torch.equal(ablated, bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=[zero]))
+        assert torch.equal(logits_from_block(bridge, layer, *entry), bridge(tokens, return_type="logits"))  # reusable
 
 
 def test_evaluate_perfect_sae(tiny_eval_case):
@@ -225,7 +296,6 @@ def test_evaluate_empty_rows(tiny_eval_case):
 def sae_folder_and_tokens(tmp_path_factory, tiny_model_dir):
     from attnsae.models import load_tokenizer
     from attnsae.sae import sae_cfg, save_sae
-    from attnsae.tokenization import tokenize_corpus
 
     root = tmp_path_factory.mktemp("evaluate-cli")
     model = tiny_model_dir(seed=0)
@@ -259,6 +329,34 @@ def test_cli_evaluates_any_sae_folder_taking_its_layer_from_cfg(sae_folder_and_t
     for key in ("l0", "loss_recovered", "ce_clean", "ce_sae", "ce_zero", "mse", "explained_variance", "dead_fraction"):
         assert any(line.strip().startswith(f"{key}:") for line in lines), key
     assert any(line.strip().startswith("dead_fraction:") and line.endswith("(over 80 tokens)") for line in lines)
+
+
+def test_cli_evaluates_the_heldout_split_into_its_own_file(sae_folder_and_tokens, tmp_path):
+    from click.testing import CliRunner
+
+    from attnsae.cli import main
+    from attnsae.evaluate import read_heldout_metrics
+    from attnsae.models import load_tokenizer
+
+    root, model = sae_folder_and_tokens
+    docs = [("synthetic", d) for d in synthetic_documents(30, 1)] + [("other", d) for d in synthetic_documents(12, 2)]
+    cfg = TokenizeConfig(context_size=16, eval_fraction=0.3, max_eval_rows=6, heldout_sources=["other"])
+    tokenize_corpus(cfg, docs, load_tokenizer(model), read_model_info(model).bos_token_id, tmp_path / "tokens")
+    common = ["evaluate", "--params", str(TINY_PROFILE), "--sae", str(root / "sae"), "--model", str(model),
+              "--max-rows", "4", "--out", str(tmp_path / "m.json"), "--no-mlflow"]
+    result = CliRunner().invoke(main, [*common, "--tokens", str(tmp_path / "tokens"), "--heldout-out",
+                                       str(tmp_path / "heldout.json")])
+    assert result.exit_code == 0, result.output
+    heldout = read_heldout_metrics(tmp_path / "heldout.json")
+    assert heldout["sources"] == ["other"] and heldout["eval_rows"] == 4 and heldout["split"] == "heldout"
+    assert heldout["loss_recovered"] == pytest.approx(1.0, abs=1e-4) and heldout["l0_se"] is not None
+    assert "held-out (other, 64 tokens):" in result.output
+    # tokens without a held-out split: the file says so
+    result = CliRunner().invoke(main, [*common, "--tokens", str(root / "tokens"), "--heldout-out",
+                                       str(tmp_path / "none.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "none.json").read_text()) == {"layer": 2, "split": "heldout", "sources": []}
+    assert read_heldout_metrics(tmp_path / "none.json") is None and "held-out" not in result.output
 
 
 def test_cli_evaluate_refuses_a_layer_the_sae_was_not_trained_on(sae_folder_and_tokens, tmp_path):
@@ -309,15 +407,13 @@ def test_cli_evaluating_another_sae_leaves_the_pipelines_outputs_alone(sae_folde
 
 
 def written_metrics() -> dict:
-    from attnsae.evaluate import finish
-
     totals = Totals(d_sae=4, d_in=2)
-    totals.tokens, totals.predictions = 8, 6
-    totals.ce = {"clean": 6.0, "sae": 9.0, "zero": 12.0}
-    totals.kl = {"sae": 1.0, "zero": 2.0}
-    totals.x_sq_sum += 3.0
-    metrics, _ = finish(totals, 0.1)
-    return {"layer": 2, "hook_name": "blocks.2.attn.hook_z", "model": "m", "d_sae": 4, "sae": "s", "eval_rows": 1,
+    x = torch.arange(16, dtype=torch.float32).view(8, 2)
+    totals.add_activations(x, x + 1.0, torch.ones(8, 4), batch=2)
+    totals.add_rows(predictions=[3, 3], tokens=[4, 4], ce_clean=[2.0, 4.0], ce_sae=[4.0, 5.0], ce_zero=[5.0, 7.0],
+                    kl_sae=[0.4, 0.6], kl_zero=[1.0, 1.5])
+    metrics, _ = finish(totals, EvaluateConfig(bootstrap_resamples=50))
+    return {"layer": 2, "hook_name": "blocks.2.attn.hook_z", "model": "m", "d_sae": 4, "sae": "s", "eval_rows": 2,
             **metrics}
 
 

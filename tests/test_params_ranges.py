@@ -69,6 +69,13 @@ BAD_VALUES = [
     ("tokenize.max_eval_rows", 1.5, "must be an integer >= 0 (got 1.5)"),
     ("tokenize.seed", 2**70, f"must be {SEED_RANGE}"),
     ("tokenize.seed", -1, f"must be {SEED_RANGE} (got -1)"),
+    ("tokenize.heldout_sources", "npm:brown", "must be a list of strings (got 'npm:brown')"),
+    ("tokenize.heldout_sources", ["npm:brown", "npm:brown"], "must be distinct corpus sources, like npm:brown"),
+    ("tokenize.max_heldout_rows", -1, "must be an integer >= 0 (got -1)"),
+    ("tokenize.source_weights", {"npm:sotu": 0}, "must be a mapping of corpus source to a finite number > 0"),
+    ("tokenize.source_weights", {"npm:sotu": INF}, "must be a mapping of corpus source to a finite number > 0"),
+    ("tokenize.source_weights", [1.0],
+     "must be a mapping of corpus source to a finite number > 0, like {npm:sotu: 1.0} (got [1.0])"),
     # activations
     ("activations.source", "ram", "must be one of disk, stream (got 'ram')"),
     ("activations.tokens", -4096, "must be an integer >= 1 (got -4096)"),
@@ -114,6 +121,8 @@ BAD_VALUES = [
     ("evaluate.dense_threshold", 1.5, "must be a finite number > 0 and <= 1 (got 1.5)"),
     ("evaluate.dense_threshold", NAN, "must be a finite number > 0 and <= 1 (got nan)"),
     ("evaluate.device", "gpu", "must be one of auto, cpu, cuda (got 'gpu')"),
+    ("evaluate.bootstrap_resamples", 1, "must be an integer >= 2 (got 1)"),
+    ("evaluate.bootstrap_seed", -1, f"must be {SEED_RANGE} (got -1)"),
     # dashboards
     ("dashboards.max_rows", -1, "must be an integer >= 0 (got -1)"),
     ("dashboards.max_rows", 8, "must be 0 (all) or >= evaluate.max_rows (16), so the dashboards see the rows"),

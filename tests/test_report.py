@@ -80,7 +80,8 @@ def make_run(root: Path, model: dict, metrics: dict[int, dict]) -> dict[str, Pat
 def build(dirs: dict[str, Path], layers: list[int], compare: str) -> str:
     return report.build_report(layers, dirs["out"], compare, metrics_dir=dirs["metrics"], density_dir=dirs["density"],
                                model_dir=dirs["model"], tokens_dir=dirs["tokens"], sae_root=dirs["sae"],
-                               dashboards_root=dirs["dashboards"], labels_root=dirs["labels"]).markdown
+                               dashboards_root=dirs["dashboards"], labels_root=dirs["labels"],
+                               frontier_file=dirs["out"] / "frontier.csv").markdown
 
 
 def table_rows(markdown: str, first_cell: str) -> list[list[str]]:
@@ -227,6 +228,60 @@ def test_report_provenance(tmp_path):
     assert rows[0] == ["layer", "d_sae", "L0", "loss recovered", "dead", "explained var.", "% alive interpretable"]
     assert [row[-1] for row in rows[2:]] == ["not rated", "not rated"]  # no dashboards, no ratings
     assert "report.compare: none" in markdown
+
+
+def test_report_draws_the_frontier_when_there_is_one(tmp_path):
+    from attnsae import frontier
+
+    dirs = make_run(tmp_path, SMOLLM2, {3: metrics_for(3, SMOLLM2)})
+    assert "No frontier yet" in build(dirs, [3], "none")
+    rows = [{"experiment": f"frontier-{a}-{v}", "architecture": a, "setting": s, "value": v, "layer": 3, "l0": l0,
+             "ce_increase": 0.02, "ce_increase_se": 0.001, "loss_recovered": 0.9, "loss_recovered_se": 0.01,
+             "dead_fraction": 0.05}
+            for a, s, v, l0 in (("standard", "l1_coeff", 0.8, 22.0), ("topk", "k", 20, 20.0))]
+    (dirs["out"] / "frontier.csv").write_text(frontier.frontier_csv(rows))
+    markdown = build(dirs, [3], "none")
+    assert "## Frontier" in markdown and "| 3 | topk | k 20 | 20.0 | 0.0200 ± 0.0010 | 0.900 ± 0.010 | 5.0% |" in markdown
+    page = (dirs["out"] / "index.html").read_text()
+    assert 'alt="frontier: L0 against CE increase and loss recovered per layer"' in page
+
+
+def test_report_shows_standard_errors_and_the_heldout_source(tmp_path):
+    ours = {3: metrics_for(3, SMOLLM2, l0=16.0, l0_se=0.25, loss_recovered=0.8, loss_recovered_se=0.012,
+                           ce_increase=0.05, ce_increase_se=0.004),
+            10: metrics_for(10, SMOLLM2)}  # written before evaluate made standard errors
+    dirs = make_run(tmp_path, SMOLLM2, ours)
+    meta = json.loads((dirs["tokens"] / "meta.json").read_text())
+    meta |= {"heldout_sources": ["npm:brown"], "balanced_train_rows": 900,
+             "source_tokens": {"train": {"npm:sotu": 61728, "npm:factbook": 61728}}}
+    (dirs["tokens"] / "meta.json").write_text(json.dumps(meta))
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    (heldout / "L3.json").write_text(json.dumps({**metrics_for(3, SMOLLM2, l0=20.0, l0_se=0.5, loss_recovered=0.6,
+                                                               ce_increase=0.09), "split": "heldout",
+                                                 "sources": ["npm:brown"], "eval_tokens": 2048}))
+    (heldout / "L10.json").write_text(json.dumps({"layer": 10, "split": "heldout", "sources": []}))
+    written = report.build_report([3, 10], dirs["out"], "none", metrics_dir=dirs["metrics"], heldout_dir=heldout,
+                                  density_dir=dirs["density"], model_dir=dirs["model"], tokens_dir=dirs["tokens"],
+                                  sae_root=dirs["sae"], dashboards_root=dirs["dashboards"], labels_root=dirs["labels"])
+    rows = table_rows(written.markdown, "layer | d_sae")
+    cells = dict(zip(rows[0], rows[2]))
+    assert cells["L0"] == "16.0 ± 0.2" and cells["loss recovered"] == "0.800 ± 0.012"
+    assert dict(zip(rows[0], rows[3]))["L0"] == "20.0"  # no standard error in the file, none shown
+    heldout_rows = table_rows(written.markdown, "layer | L0 in-dist")
+    assert heldout_rows[0] == ["layer", "L0 in-dist", "L0 held-out", "CE increase (nats) in-dist",
+                               "CE increase (nats) held-out", "loss recovered in-dist", "loss recovered held-out",
+                               "L0 held-out / in-dist"]
+    assert heldout_rows[2] == ["3", "16.0 ± 0.2", "20.0 ± 0.5", "0.0500 ± 0.0040", "0.0900", "0.800 ± 0.012",
+                               "0.600", "1.25x"]
+    assert heldout_rows[3][2] == "n/a" and heldout_rows[3][-1] == "n/a"
+    assert "- held-out source: npm:brown (no SAE trained on it)" in written.markdown
+    assert "- held-out evaluation tokens: L3: 2,048; L10: n/a" in written.markdown
+    assert ("- train mixture: npm:sotu 50%, npm:factbook 50% of all its rows; its first 900 rows hold each source in "
+            "its weighted share") in written.markdown
+    assert written.per_layer[0]["heldout/l0"] == 20.0 and "heldout/l0" not in written.per_layer[1]
+    page = (dirs["out"] / "index.html").read_text()
+    assert '<table id="heldout">' in page and "20.0 ± 0.5" in page
 
 
 def write_dashboard(dirs: dict[str, Path], layer: int, tags: list[list[str]], first_alive: list[int],

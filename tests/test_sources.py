@@ -7,7 +7,16 @@ import json
 import pytest
 
 from attnsae.config import ActivationsConfig, CorpusConfig, ModelConfig
-from attnsae.corpus import brown_detag, build_corpus, open_documents, read_documents, synthetic_documents
+from attnsae.corpus import (
+    brown_detag,
+    build_corpus,
+    doc_comments,
+    factbook_profile,
+    open_documents,
+    open_sourced_documents,
+    read_documents,
+    synthetic_documents,
+)
 from attnsae.errors import UserError
 from attnsae.files import check_sha256, sha256_file
 from attnsae.models import prepare_model
@@ -82,6 +91,39 @@ def test_streamed_hub_source_without_the_hub_fails_in_one_line(tmp_path, monkeyp
 def test_brown_detag():
     tagged = "\n\n\tThe/at jury/nn said/vbd ``/`` no/at ''/'' ,/, (/( ok/jj )/) ./.\n\n\n\tNext/ap ./.\n"
     assert brown_detag(tagged) == 'The jury said " no ", (ok).\n\nNext.'
+
+
+def test_factbook_profile():
+    profile = {
+        "Introduction": {"Background": {"text": "  An island nation.  "}},
+        "Geography": {"Area": {"total": {"text": "10 sq km"}, "land": {"text": "9 sq km"}},
+                      "Climate": {"text": "tropical"}, "Note": {"text": None}},
+        "Flags": {"Empty": {"text": "  "}},
+    }
+    assert factbook_profile(profile) == ("Introduction\nBackground: An island nation.\n\n"
+                                         "Geography\nArea, total: 10 sq km\nArea, land: 9 sq km\nClimate: tropical")
+
+
+def test_doc_comments_keep_the_prose_of_typescript_doc_comments():
+    source = (
+        "/**\n * The `node:path` module.\n *\n * ```js\n * import path from 'node:path';\n * ```\n"
+        " * @since v0.1.16\n */\ndeclare module 'path' {\n    // a line comment\n"
+        "    /** Join all arguments. */\n    function join(...paths: string[]): string;\n    /** @deprecated */\n}\n"
+    )
+    assert doc_comments(source) == ("The `node:path` module.\n\n```js\nimport path from 'node:path';\n```\n\n"
+                                    "Join all arguments.")
+
+
+def test_documents_keep_their_source(tmp_path):
+    (tmp_path / "a.txt").write_text("From a file.\n")
+    cfg = CorpusConfig(sources=[f"file:{tmp_path / 'a.txt'}", "synthetic"], synthetic_documents=2)
+    build_corpus(cfg, tmp_path / "corpus")
+    sources = [source for source, _ in open_sourced_documents(tmp_path / "corpus")()]
+    assert sources == [f"file:{tmp_path / 'a.txt'}", "synthetic", "synthetic"]
+    (tmp_path / "corpus" / "documents.jsonl").write_text('{"text": "no source"}\n')
+    with pytest.raises(UserError, match=r"documents.jsonl:1: expected a JSON object with the fields 'source' and "
+                                        r"'text' holding strings"):
+        list(open_sourced_documents(tmp_path / "corpus")())
 
 
 def test_synthetic_text_is_deterministic():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -13,10 +14,14 @@ from attnsae.errors import UserError
 from attnsae.models import DOCUMENT_SEPARATOR, byte_level_tokenizer
 from attnsae.tokenization import (
     TokenRowStream,
+    balanced_prefix,
+    check_split_sources,
     is_eval_document,
     load_rows,
+    mixture_order,
     pack_rows,
     read_tokens_meta,
+    stream_source_tokens,
     tokenize_corpus,
 )
 
@@ -227,3 +232,107 @@ def test_streamed_corpus_needs_an_eval_row_limit(tmp_path, tokenizer):
     with pytest.raises(UserError, match="max_eval_rows must be > 0 for a streamed corpus"):
         tokenize_corpus(cfg, marked_documents(), tokenizer, 256, tmp_path / "tokens", streamed=True)
     assert not (tmp_path / "tokens").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several sources: the weighted mixture and the held-out split
+
+
+def test_mixture_order_keeps_each_source_at_its_weighted_share():
+    order = mixture_order([[1] * 6, [1] * 2, [1] * 3], [1.0, 1.0, 2.0])
+    assert order == [(0, 0), (1, 0), (2, 0), (2, 1), (0, 1), (1, 1), (2, 2), (0, 2), (0, 3), (0, 4), (0, 5)]
+    assert balanced_prefix(order) == 6  # source 1 runs out with the 6th item
+    # sizes count, not items: a source of long documents gives fewer of them
+    assert mixture_order([[10, 10], [4, 4, 4, 4, 4]], [1.0, 1.0]) == [
+        (0, 0), (1, 0), (1, 1), (1, 2), (0, 1), (1, 3), (1, 4)]
+    assert balanced_prefix([(0, 0), (0, 1)]) == 2 and mixture_order([[], [1]], [1.0, 1.0]) == [(1, 0)]
+
+
+def test_stream_source_tokens_counts_every_row_token_once():
+    # stream: a a a | BOS b b | BOS a a a a ; rows of 1 BOS + 3 stream tokens
+    counts = stream_source_tokens([0, 1, 0], [3, 2, 4], rows=3, context_size=4, n_sources=2)
+    # rows: [BOS a a a] [BOS BOS b b] [BOS BOS a a]: row BOSes go with their first stream token
+    assert counts.tolist() == [4 + 0 + 4, 4 + 0] and counts.sum() == 3 * 4
+
+
+SOURCE_MARKERS = {"big": "<{:04d}>", "small": "({:04d})", "other": "{{{:04d}}}"}
+
+
+def sourced_documents(sizes: dict[str, int]) -> list[tuple[str, str]]:
+    """Per source, its documents: the source's marker with the document number, repeated."""
+    return [(source, SOURCE_MARKERS[source].format(i) * 8) for source, n in sizes.items() for i in range(n)]
+
+
+def sources_in(rows: np.ndarray, tokenizer) -> list[set[str]]:
+    """For each row, the sources whose markers it holds (a marker cut by the row's edge is not seen)."""
+    patterns = {source: re.compile(re.escape(marker.format(0)).replace("0000", r"\d{4}"))
+                for source, marker in SOURCE_MARKERS.items()}
+    texts = [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in rows]
+    return [{source for source, pattern in patterns.items() if pattern.search(text)} for text in texts]
+
+
+def test_stored_corpus_mixes_its_sources_and_holds_one_out(tmp_path, tokenizer):
+    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    cfg = TokenizeConfig(context_size=32, eval_fraction=0.2, seed=7, heldout_sources=["other"], max_heldout_rows=5)
+    docs = sourced_documents({"big": 60, "other": 12, "small": 15})
+    meta = tokenize_corpus(cfg, docs, tokenizer, bos, tmp_path / "tokens")
+    train, evaluation, heldout = (load_rows(tmp_path / "tokens", split) for split in ("train", "eval", "heldout"))
+    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["eval.npy", "heldout.npy", "meta.json",
+                                                                       "train.npy"]
+    # the held-out source is in its own split only, and the others never reach it
+    assert all(found == {"other"} for found in sources_in(heldout, tokenizer)) and len(heldout) == 5
+    assert not any("other" in found for found in sources_in(np.concatenate([train, evaluation]), tokenizer))
+    assert meta["documents"]["heldout"] == 12 and meta["heldout_sources"] == ["other"]
+    # train rows come one source at a time, alternating while the smaller source lasts (equal weights)
+    train_sources = [found.pop() for found in sources_in(train, tokenizer)]
+    small_rows = train_sources.count("small")
+    assert train_sources[: 2 * small_rows] == ["big", "small"] * small_rows
+    assert set(train_sources[2 * small_rows:]) == {"big"} and meta["balanced_train_rows"] == 2 * small_rows
+    assert meta["source_tokens"]["train"] == {"big": train_sources.count("big") * 32, "small": small_rows * 32}
+    for split, rows in (("eval", evaluation), ("heldout", heldout)):
+        assert sum(meta["source_tokens"][split].values()) == rows.size
+    assert meta["source_weights"] == {"big": 1.0, "small": 1.0, "other": 1.0}
+    # a weight shifts the train mixture; the same settings give the same rows
+    heavy_cfg = cfg.model_copy(update={"source_weights": {"small": 2.0}})
+    heavy = tokenize_corpus(heavy_cfg, docs, tokenizer, bos, tmp_path / "heavy")
+    assert heavy["source_tokens"]["train"]["small"] == meta["source_tokens"]["train"]["small"]
+    assert heavy["balanced_train_rows"] == small_rows + math.ceil(small_rows / 2)  # two small rows to a big one
+    tokenize_corpus(cfg, docs, tokenizer, bos, tmp_path / "again")
+    for split in ("train", "eval", "heldout"):
+        assert np.array_equal(load_rows(tmp_path / "tokens", split), load_rows(tmp_path / "again", split))
+
+
+def test_heldout_rows_sample_the_whole_source_in_a_seeded_order(tmp_path, tokenizer):
+    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    docs = sourced_documents({"big": 10, "other": 40})
+    cfg = TokenizeConfig(context_size=32, eval_fraction=0.2, seed=7, heldout_sources=["other"], max_heldout_rows=6)
+    tokenize_corpus(cfg, docs, tokenizer, bos, tmp_path / "tokens")
+    text = tokenizer.decode(load_rows(tmp_path / "tokens", "heldout").ravel().tolist(), skip_special_tokens=True)
+    numbers = {int(m) for m in re.findall(r"\{(\d{4})\}", text)}
+    assert len(numbers) >= 3 and max(numbers) > 10  # documents from all over the source, not its first ones
+
+
+def test_split_sources_must_be_the_corpus_and_leave_one_to_train_on():
+    sources = ["npm:sotu", "npm:brown"]
+    check_split_sources(TokenizeConfig(heldout_sources=["npm:brown"], source_weights={"npm:sotu": 2.0}), sources)
+    with pytest.raises(UserError, match=r"^params.yaml: bad value for 'tokenize.heldout_sources': 'npm:moby-dick' is "
+                                        r"not a source of the corpus \(allowed: npm:sotu, npm:brown\)$"):
+        check_split_sources(TokenizeConfig(heldout_sources=["npm:moby-dick"]), sources)
+    with pytest.raises(UserError, match=r"'tokenize.source_weights': 'npm:x' is not a source of the corpus"):
+        check_split_sources(TokenizeConfig(source_weights={"npm:x": 1.0}), sources)
+    with pytest.raises(UserError, match=r"'tokenize.heldout_sources': must leave at least one corpus source"):
+        check_split_sources(TokenizeConfig(heldout_sources=sources), sources)
+
+
+@pytest.mark.parametrize("setting", [{"heldout_sources": ["x"]}, {"source_weights": {"x": 2.0}}])
+def test_streamed_corpus_neither_holds_out_nor_mixes(tmp_path, tokenizer, setting):
+    cfg = TokenizeConfig(context_size=16, eval_fraction=0.3, max_eval_rows=4, **setting)
+    with pytest.raises(UserError, match=f"'tokenize.{next(iter(setting))}': a streamed corpus is read in source order"):
+        tokenize_corpus(cfg, marked_documents(), tokenizer, 256, tmp_path / "tokens", streamed=True)
+    assert not (tmp_path / "tokens").exists()
+
+
+def test_a_corpus_without_heldout_sources_has_no_heldout_split(tmp_path, tokenizer):
+    tokenize_corpus(TokenizeConfig(context_size=16, eval_fraction=0.3), marked_documents(), tokenizer, 256, tmp_path)
+    with pytest.raises(UserError, match=r"no held-out split \(tokenize.heldout_sources was empty\)"):
+        load_rows(tmp_path, "heldout")

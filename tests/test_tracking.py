@@ -289,6 +289,19 @@ def test_evaluate_logs_to_its_own_run_and_a_rerun_replaces_it(repo):
     assert evaluation.data.tags["mlflow.parentRunId"] == train["mlflow.parentRunId"]
 
 
+def test_evaluate_logs_the_heldout_source_with_a_prefix(repo):
+    (repo / "metrics.json").write_text('{"layer": 2, "l0": 3.5}\n')
+    (repo / "heldout.json").write_text('{"layer": 2, "l0": 4.5}\n')
+    train_once()
+    with tracking.layer_run(2, "evaluate", "tiny", params=PARAMS) as run:
+        run.log_evaluation({"max_rows": 100}, {"layer": 2, "l0": 3.5, "l0_se": 0.1}, repo / "metrics.json",
+                           "models/sae/L2", {"layer": 2, "l0": 4.5, "sources": ["npm:brown"]}, repo / "heldout.json")
+    client, _ = store(repo)
+    (evaluation,) = stage_runs(repo, "evaluate")
+    assert evaluation.data.metrics == {"l0": 3.5, "l0_se": 0.1, "heldout/l0": 4.5}
+    assert [a.path for a in client.list_artifacts(run.run_id, "heldout")] == ["heldout/heldout.json"]
+
+
 def test_a_rerun_report_adds_no_metric_points_to_the_parent(repo):
     (repo / "report.md").write_text("# report\n")
     parent = [tracking.log_report("tiny", PARAMS, [{"layer": 2, "l0": 3.5}], [repo / "report.md"]) for _ in range(2)]

@@ -252,6 +252,10 @@ def test_tolerances_follow_what_each_metric_is():
     assert metric_tolerance("l0", {**RECORDED, "l0": 0.5}) == pytest.approx(4 / 4096)
     assert metric_tolerance("dead_fraction", RECORDED) == pytest.approx(2 / 2304)
     assert metric_tolerance("mse", RECORDED) == pytest.approx(18.6e-4)
+    # a standard error moves as far as its metric can
+    with_se = {**RECORDED, "loss_recovered_se": 0.3, "ce_sae_se": 0.002}
+    assert metric_tolerance("loss_recovered_se", with_se) == metric_tolerance("loss_recovered", RECORDED)
+    assert metric_tolerance("ce_sae_se", with_se) == 1e-4
 
 
 def test_listings_name_each_differing_missing_or_extra_file():

@@ -290,19 +290,24 @@ def train(
                    "another SAE's metrics are only printed unless --out is given]")
 @click.option("--density", default=None,
               help=f"Density histogram CSV [default: {layout.DENSITY_DIR}/L<layer>.csv for the pipeline's own SAE]")
+@click.option("--heldout-out", "heldout_out", default=None,
+              help=f"Held-out metrics JSON, the SAE measured on the held-out split too "
+                   f"[default: {layout.HELDOUT_METRICS_DIR}/L<layer>.json for the pipeline's own SAE]")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @one_line_errors
 def evaluate(
     params_path: str, layer: str | None, model_dir: str, tokens_dir: str, sae_dir: str | None,
-    max_rows: int | None, batch_rows: int | None, out: str | None, density: str | None, no_mlflow: bool,
+    max_rows: int | None, batch_rows: int | None, out: str | None, density: str | None, heldout_out: str | None,
+    no_mlflow: bool,
 ) -> None:
-    """Evaluate a hook_z SAE on the held-out split of a model's tokens (params: evaluate).
+    """Evaluate a hook_z SAE on the evaluation and held-out splits of a model's tokens (params: evaluate).
 
     With --sae, any SAELens-format hook_z SAE folder; its layer comes from its cfg.json. Only the
-    evaluation of the pipeline's own SAE (models/sae/L<layer>) writes the pipeline's metrics and density
-    files and logs to the layer's MLflow run.
+    evaluation of the pipeline's own SAE (models/sae/L<layer>) writes the pipeline's metrics, held-out metrics
+    and density files and logs to the layer's MLflow run. Every CE-based metric and L0 comes with a bootstrap
+    standard error over rows.
     """
-    from attnsae.evaluate import evaluate_layer, format_metrics, sae_layer
+    from attnsae.evaluate import evaluate_layer, format_metrics, read_heldout_metrics, sae_layer
     from attnsae.sae import read_sae_cfg
 
     params = config.read_params(params_path)
@@ -312,25 +317,32 @@ def evaluate(
     overrides = {k: v for k, v in (("max_rows", max_rows), ("batch_rows", batch_rows)) if v is not None}
     cfg = config.evaluate_config(params).model_copy(update=overrides)
     own = is_pipeline_sae(sae_dir, n)
-    pipeline_files = {layout.metrics_file(n).resolve(), layout.density_file(n).resolve()}
+    pipeline_files = {layout.metrics_file(n).resolve(), layout.density_file(n).resolve(),
+                      layout.heldout_metrics_file(n).resolve()}
     if not own:
-        for given in (out, density):
+        for given in (out, density, heldout_out):
             if given is not None and Path(given).resolve() in pipeline_files:
                 raise UserError(f"{given} belongs to the evaluate@{n} stage (it measures {layout.sae_dir(n)}); "
                                 f"write {sae_dir}'s metrics elsewhere")
     if own:
         out = out or str(layout.metrics_file(n))
         density = density or str(layout.density_file(n))
+        heldout_out = heldout_out or str(layout.heldout_metrics_file(n))
     sae_dir = sae_dir or str(layout.sae_dir(n))
     # The layer's run holds the pipeline's results: other SAEs, or results written elsewhere, stay out of it.
     log = own and Path(out).resolve() in pipeline_files and logging_on(no_mlflow)
     with tracked(params, n, "evaluate", log) as run:
-        metrics = evaluate_layer(cfg, model_dir, tokens_dir, sae_dir, n, out, density)
+        metrics = evaluate_layer(cfg, model_dir, tokens_dir, sae_dir, n, out, density, heldout_out)
+        heldout = read_heldout_metrics(heldout_out) if heldout_out else None
         if run is not None:
-            run.log_evaluation(cfg.model_dump(), metrics, out, sae_dir)
+            run.log_evaluation(cfg.model_dump(), metrics, out, sae_dir, heldout, heldout_out)
     click.echo(f"evaluate L{n}: {metrics['model']}" + ("" if out else " (not written: pass --out to keep it)"))
     for line in format_metrics(metrics):
         click.echo(line)
+    if heldout is not None:
+        click.echo(f"held-out ({', '.join(heldout['sources'])}, {heldout['eval_tokens']:,} tokens):")
+        for line in format_metrics(heldout):
+            click.echo(line)
 
 
 @main.command()
@@ -396,6 +408,44 @@ def head_scores(params_path: str, layer: str, min_score: float, min_share: float
                             cfg.seed, min_score, min_share)
     for line in check.lines(n, min_score, min_share):
         click.echo(line)
+
+
+@main.group()
+def frontier() -> None:
+    """The sparsity / fidelity frontier over architectures: DVC experiments, then reports/frontier.csv."""
+
+
+@frontier.command(name="queue")
+@params_option
+@click.option("--dry-run", is_flag=True, help="Print the dvc commands instead of queueing them.")
+@one_line_errors
+def frontier_queue(params_path: str, dry_run: bool) -> None:
+    """Queue one DVC experiment per point of the params file's 'frontier' section (each runs up to the evaluate
+    stages); run them with `dvc exp run --run-all`, then `attnsae frontier collect`."""
+    import shlex
+
+    from attnsae import frontier as frontier_module
+
+    params = config.read_params(params_path)
+    if dry_run:
+        for command in frontier_module.queue_commands(params):
+            click.echo(shlex.join(command))
+        return
+    names = frontier_module.queue(params)
+    click.echo(f"frontier: queued {len(names)} experiments ({', '.join(names)}); run them with "
+               "`dvc exp run --run-all`, then `attnsae frontier collect`")
+
+
+@frontier.command(name="collect")
+@click.option("--out", default=str(layout.FRONTIER_FILE), show_default=True)
+@one_line_errors
+def frontier_collect(out: str) -> None:
+    """Read every finished frontier-* experiment from `dvc exp show` into OUT (the report draws it)."""
+    from attnsae import frontier as frontier_module
+
+    rows = frontier_module.collect(out)
+    points = len({row["experiment"] for row in rows})
+    click.echo(f"frontier: {points} experiments, {len(rows)} layer points -> {out}")
 
 
 @main.group()

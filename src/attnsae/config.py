@@ -24,7 +24,7 @@ PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
 PIPELINES_DIR = "pipelines"
 SECTIONS = ("profile", "model", "corpus", "tokenize", "activations", "layers", "sae", "per_layer", "evaluate", "dashboards",
-            "report")
+            "report", "frontier")
 
 ModelSource = Literal["smollm2-135m", "gpt2", "tiny-gpt2", "gpt2-random"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -57,8 +57,9 @@ class ModelConfig(Section):
 
 
 class CorpusConfig(Section):
-    # Each entry: "npm:sotu", "npm:moby-dick", "npm:brown", "file:PATH" (.txt or .jsonl with a "text"
-    # field; a folder or glob), "hf:OWNER/NAME[@REVISION]" (streamed), "synthetic".
+    # Each entry: "npm:sotu", "npm:moby-dick", "npm:spam-ham", "npm:brown", "npm:factbook", "npm:node-docs"
+    # (corpus.py says what each is), "file:PATH" (.txt or .jsonl with a "text" field; a folder or glob),
+    # "hf:OWNER/NAME[@REVISION]" (streamed), "synthetic".
     sources: list[str] = Field(min_length=1)
     max_documents: int = Field(0, ge=0)  # 0: all
     synthetic_documents: int = Field(200, ge=0)  # how many "synthetic" generates
@@ -76,7 +77,31 @@ class TokenizeConfig(Section):
     eval_fraction: float = Field(0.05, gt=0, lt=1)  # of documents, chosen by a seeded hash so training never sees them
     max_train_rows: int = Field(0, ge=0)  # 0: all
     max_eval_rows: int = Field(0, ge=0)  # 0: all (a streamed corpus needs a number: tokenization.py)
+    # Corpus sources whose every document goes to the held-out split, which neither training nor the
+    # in-distribution evaluation sees (a stored corpus only; evaluate measures the SAEs on it apart).
+    heldout_sources: list[str] = Field(default_factory=list)
+    max_heldout_rows: int = Field(0, ge=0)  # 0: all
+    # Each source's share of every split's tokens, relative to the others' (a source left out weighs 1):
+    # the splits of a stored corpus interleave their sources by these weights (tokenization.py).
+    source_weights: dict[str, float] = Field(default_factory=dict)
     seed: Seed = 49
+
+    @field_validator("heldout_sources")
+    @classmethod
+    def _distinct_sources(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value) or not all(source.strip() for source in value):
+            raise ValueError("must be distinct corpus sources, like npm:brown")
+        return value
+
+    @field_validator("source_weights", mode="before")
+    @classmethod
+    def _positive_weights(cls, value: Any) -> Any:
+        def positive(weight: Any) -> bool:
+            return isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight < float("inf")
+
+        if not isinstance(value, dict) or not all(isinstance(k, str) and positive(w) for k, w in value.items()):
+            raise ValueError("must be a mapping of corpus source to a finite number > 0, like {npm:sotu: 1.0}")
+        return value
 
 
 class ActivationsConfig(Section):
@@ -98,6 +123,7 @@ L0Coeff = Annotated[float, Field(ge=0)]
 Architecture = Literal["standard", "topk", "batchtopk", "jumprelu"]
 # Each architecture's own settings and their reference values (README: architectures gives the sources). None
 # means required. A setting of another architecture is refused, so a params file says what it trains.
+SPARSITY_SETTINGS = {"standard": "l1_coeff", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coeff"}
 ARCHITECTURE_SETTINGS: dict[str, dict[str, Any]] = {
     "standard": {"l1_coeff": None},
     "topk": {"k": None, "auxk_alpha": 1 / 32, "aux_k": 0, "auxk_dead_tokens": 10_000_000},
@@ -185,7 +211,7 @@ class SAEConfig(Section):
 
     def sparsity(self) -> str:
         """The setting that sets the sparsity, as 'name value' (what a frontier sweeps)."""
-        name = {"standard": "l1_coeff", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coeff"}[self.architecture]
+        name = SPARSITY_SETTINGS[self.architecture]
         return f"{name} {getattr(self, name):g}"
 
     def recipe(self) -> dict[str, Any]:
@@ -206,6 +232,9 @@ class EvaluateConfig(Section):
     max_rows: int = Field(0, ge=0)  # 0: the whole evaluation split
     dense_threshold: float = Field(0.1, gt=0, le=1)  # a firing frequency
     density_bins: int = Field(40, ge=1)
+    # Standard errors: resamples of the evaluation rows (with replacement), and their generator's seed.
+    bootstrap_resamples: int = Field(1000, ge=2)
+    bootstrap_seed: Seed = 0
     device: Device = "auto"
 
 
@@ -252,6 +281,28 @@ class DashboardsConfig(Section):
         if any(f < 0 for f in value) or len(set(value)) != len(value):
             raise ValueError("must be distinct feature ids >= 0")
         return value
+
+
+class FrontierPoints(Section):
+    """One architecture's points on the frontier: its sparsity setting (``SPARSITY_SETTINGS``) takes each of
+    ``values`` on every layer, with ``settings`` replacing the sae section's (lr, betas, ...)."""
+
+    values: list[Union[int, float]] = Field(min_length=1)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class FrontierConfig(Section):
+    """`attnsae frontier queue`: one DVC experiment per architecture and value (frontier.py). No stage reads it."""
+
+    standard: FrontierPoints | None = None
+    topk: FrontierPoints | None = None
+    batchtopk: FrontierPoints | None = None
+    jumprelu: FrontierPoints | None = None
+
+    def points(self) -> list[tuple[str, int | float, dict[str, Any]]]:
+        """(architecture, value, settings) of every point, in the order they are queued."""
+        return [(name, value, entry.settings) for name in ARCHITECTURE_SETTINGS
+                if (entry := getattr(self, name)) is not None for value in entry.values]
 
 
 class ReportConfig(Section):
@@ -403,6 +454,11 @@ def dashboards_config(params: dict[str, Any]) -> DashboardsConfig:
     return parse_section(DashboardsConfig, params.get("dashboards", {}), "dashboards")
 
 
+def frontier_config(params: dict[str, Any]) -> FrontierConfig:
+    # Optional: a profile without one has no frontier to queue.
+    return parse_section(FrontierConfig, params.get("frontier") or {}, "frontier")
+
+
 def report_config(params: dict[str, Any]) -> ReportConfig:
     # Optional: params files written before the section existed keep working with the default.
     return parse_section(ReportConfig, params.get("report", {}), "report")
@@ -469,7 +525,7 @@ def validate(params: dict[str, Any]) -> None:
     _check_section_names(params, PARAMS_FILE)
     _check_profile_label(params)
     for load in (model_config, corpus_config, tokenize_config, activations_config, evaluate_config, dashboards_config,
-                 report_config):
+                 report_config, frontier_config):
         load(params)
     layers(params)
     for key in _per_layer(params):

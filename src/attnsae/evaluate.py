@@ -1,15 +1,18 @@
-"""The `evaluate@L` stage: every metric of design.md 4 for one SAE on the held-out split.
+"""The `evaluate@L` stage: every metric of design.md 4 for one SAE, on the evaluation and the held-out split.
 
-Reads ``models/base``, ``data/tokens`` and an SAE folder; writes ``reports/metrics/L<n>.json`` and
-``reports/density/L<n>.csv``, which report, publish and verify read back with ``read_metrics`` and
-``read_density`` (defined here, next to the writer). Every path: layout.py.
+Reads ``models/base``, ``data/tokens`` and an SAE folder; writes ``reports/metrics/L<n>.json``,
+``reports/metrics_heldout/L<n>.json`` and ``reports/density/L<n>.csv``, which report, publish and verify read back
+with ``read_metrics``, ``read_heldout_metrics`` and ``read_density`` (defined here, next to the writer). Every
+path: layout.py.
 
-Per batch, three forward passes of the model on the same tokens:
-- clean (hook_z captured for the SAE metrics),
-- hook_z replaced by the SAE reconstruction ([b,p,h,d] -> [b*p, h*d] -> SAE -> back),
+Per batch, the blocks before layer L run once (they are the same in every pass), and the rest of the model three
+times from there:
+- clean,
+- hook_z replaced by the SAE reconstruction ([b,p,h,d] -> [b*p, h*d] -> SAE -> back; the SAE reads the clean z),
 - hook_z set to zero (the attention output becomes b_O).
-Losses are mean next-token cross-entropy over all positions, accumulated as sums so that each
-reported L is a mean over all evaluation tokens (loss recovered is a ratio of those means).
+Losses are mean next-token cross-entropy over all positions, kept as sums per row, so that each reported L is
+a mean over all evaluation tokens (loss recovered is a ratio of those means) and each has a standard error
+from a bootstrap over rows (``bootstrap_se``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from attnsae.activations import flatten_heads, rows_as_tensor, unflatten_heads
 from attnsae.config import EvaluateConfig
@@ -29,7 +31,7 @@ from attnsae.errors import UserError
 from attnsae.files import read_json_object, read_text_file, write_json_atomic, write_text_atomic
 from attnsae.models import ModelInfo, hook_z_name, load_bridge, read_model_info, resolve_device
 from attnsae.sae import SAE, load_sae
-from attnsae.tokenization import load_rows
+from attnsae.tokenization import load_rows, read_tokens_meta
 
 METRIC_NAMES = (
     "l0",
@@ -47,55 +49,97 @@ METRIC_NAMES = (
     "dead_fraction",
     "dense_fraction",
 )
+# The metrics that are means (or ratios of means) over tokens of per-row sums: each gets a standard error,
+# stored as "<name>_se".
+SE_METRICS = ("l0", "loss_recovered", "ce_clean", "ce_sae", "ce_zero", "ce_increase", "ce_increase_zero", "kl_sae",
+              "kl_zero", "kl_score")
+# What each evaluation row contributes: summed over its next-token predictions (CE) or its tokens (KL, L0).
+ROW_SUMS = ("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero", "l0", "predictions", "tokens")
+BOOTSTRAP_CHUNK = 1 << 22  # resampled row indices drawn at a time, bounding the bootstrap's memory
 
 
 @dataclass
 class Totals:
-    """Sums over evaluation tokens, filled batch by batch."""
+    """Sums over evaluation tokens, filled batch by batch: per row for the metrics with a standard error, over all
+    tokens for the reconstruction and firing statistics."""
 
     d_sae: int
     d_in: int
 
     def __post_init__(self) -> None:
+        self.rows: dict[str, list[np.ndarray]] = {key: [] for key in ROW_SUMS}
         self.tokens = 0  # activations (every position)
-        self.predictions = 0  # next-token predictions (every position but the last of each row)
-        self.ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-        self.kl = {"sae": 0.0, "zero": 0.0}
-        self.l0 = 0.0
         self.squared_error = 0.0
         self.x_sum = torch.zeros(self.d_in, dtype=torch.float64)
         self.x_sq_sum = torch.zeros(self.d_in, dtype=torch.float64)
         self.fires = torch.zeros(self.d_sae, dtype=torch.float64)
 
-    def add_activations(self, x: torch.Tensor, x_hat: torch.Tensor, features: torch.Tensor) -> None:
+    def add_activations(self, x: torch.Tensor, x_hat: torch.Tensor, features: torch.Tensor, batch: int) -> None:
+        """One batch's hook_z (``batch`` rows, flattened to [rows * positions, d_in]) and its SAE's output."""
         x64 = x.double().cpu()
         self.tokens += len(x)
         self.squared_error += (x_hat - x).pow(2).sum().item()
         self.x_sum += x64.sum(0)
         self.x_sq_sum += x64.pow(2).sum(0)
         fired = features > 0
-        self.l0 += fired.sum().item()
+        self.add_rows(l0=fired.sum(-1).view(batch, -1).sum(-1).double().cpu().numpy())
         self.fires += fired.sum(0).double().cpu()
 
+    def add_rows(self, **sums: np.ndarray) -> None:
+        for key, values in sums.items():
+            self.rows[key].append(np.asarray(values, dtype=np.float64))
 
-def token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-position next-token cross-entropy, [batch, pos-1]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none").view(
-        tokens.shape[0], -1
-    )
-
-
-def kl_div(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
-    """KL(clean || other) per position, [batch, pos]."""
-    log_p = clean_logits.float().log_softmax(-1)
-    log_q = other_logits.float().log_softmax(-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    def row_sums(self) -> dict[str, np.ndarray]:
+        return {key: np.concatenate(parts) if parts else np.zeros(0) for key, parts in self.rows.items()}
 
 
-def loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float | None:
-    """(L_zero - L_sae) / (L_zero - L_clean); None when zero-ablation changes nothing."""
-    gap = ce_zero - ce_clean
-    return None if gap == 0 else (ce_zero - ce_sae) / gap
+def token_ce(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token cross-entropy from log-probabilities [batch, pos, vocab]: [batch, pos-1]."""
+    return -log_probs[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def kl_div(clean_log_probs: torch.Tensor, other_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(clean || other) per position from log-probabilities, [batch, pos]."""
+    return (clean_log_probs.exp() * (clean_log_probs - other_log_probs)).sum(-1)
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float().log_softmax(-1)
+
+
+def summed_metrics(totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The metrics with a standard error, from sums over rows (each entry one sum, or one per bootstrap resample):
+    means over tokens, and the ratios of those means. A ratio whose denominator is 0 is not finite."""
+    ce = {k: totals[f"ce_{k}"] / totals["predictions"] for k in ("clean", "sae", "zero")}
+    kl = {k: totals[f"kl_{k}"] / totals["tokens"] for k in ("sae", "zero")}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {
+            "l0": totals["l0"] / totals["tokens"],
+            "loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+            "ce_clean": ce["clean"],
+            "ce_sae": ce["sae"],
+            "ce_zero": ce["zero"],
+            "ce_increase": ce["sae"] - ce["clean"],
+            "ce_increase_zero": ce["zero"] - ce["clean"],
+            "kl_sae": kl["sae"],
+            "kl_zero": kl["zero"],
+            "kl_score": 1.0 - kl["sae"] / kl["zero"],
+        }
+
+
+def bootstrap_se(row_sums: dict[str, np.ndarray], resamples: int, seed: int) -> dict[str, float | None]:
+    """The standard error of each metric of ``summed_metrics``: the standard deviation of the metric over
+    ``resamples`` resamples of the rows with replacement (seeded), each metric recomputed on each resample from
+    its sums (a ratio as a ratio of means). None where a resample leaves a ratio undefined."""
+    n_rows = len(row_sums["tokens"])
+    rng = np.random.default_rng(seed)
+    chunk = max(1, BOOTSTRAP_CHUNK // n_rows)
+    draws: list[dict[str, np.ndarray]] = []
+    for start in range(0, resamples, chunk):
+        index = rng.integers(0, n_rows, size=(min(chunk, resamples - start), n_rows))
+        draws.append(summed_metrics({key: values[index].sum(1) for key, values in row_sums.items()}))
+    values = {name: np.concatenate([d[name] for d in draws]) for name in SE_METRICS}
+    return {name: float(v.std(ddof=1)) if np.all(np.isfinite(v)) else None for name, v in values.items()}
 
 
 def explained_variance_from_sums(squared_error: float, x_sum: torch.Tensor, x_sq_sum: torch.Tensor, n: int) -> float | None:
@@ -111,32 +155,54 @@ def density_histogram(log10_density: np.ndarray, bins: int) -> dict[str, list[fl
     return {"bin_edges": edges.tolist(), "counts": counts.tolist()}
 
 
-def finish(t: Totals, dense_threshold: float) -> tuple[dict, np.ndarray]:
-    ce = {k: v / t.predictions for k, v in t.ce.items()}
-    kl = {k: v / t.tokens for k, v in t.kl.items()}
+def finish(t: Totals, cfg: EvaluateConfig) -> tuple[dict, np.ndarray]:
+    """The metrics (each with a standard error where it has one) and the log10 feature densities."""
+    row_sums = t.row_sums()
+    point = summed_metrics({key: values.sum() for key, values in row_sums.items()})
+    se = bootstrap_se(row_sums, cfg.bootstrap_resamples, cfg.bootstrap_seed)
     density = (t.fires / t.tokens).numpy()
     with np.errstate(divide="ignore"):
         log10_density = np.log10(density)
+    means = {name: float(value) if np.isfinite(value) else None for name, value in point.items()}
     metrics = {
-        "l0": t.l0 / t.tokens,
-        "loss_recovered": loss_recovered(ce["clean"], ce["sae"], ce["zero"]),
-        "ce_clean": ce["clean"],
-        "ce_sae": ce["sae"],
-        "ce_zero": ce["zero"],
-        "ce_increase": ce["sae"] - ce["clean"],
-        "ce_increase_zero": ce["zero"] - ce["clean"],
-        "kl_sae": kl["sae"],
-        "kl_zero": kl["zero"],
-        "kl_score": None if kl["zero"] == 0 else 1.0 - kl["sae"] / kl["zero"],
+        **means,
         "mse": t.squared_error / t.tokens,
         "explained_variance": explained_variance_from_sums(t.squared_error, t.x_sum, t.x_sq_sum, t.tokens),
         "dead_fraction": float((t.fires == 0).double().mean()),
         "dead_fraction_tokens": t.tokens,
-        "dense_fraction": float((density > dense_threshold).mean()),
-        "dense_threshold": dense_threshold,
+        "dense_fraction": float((density > cfg.dense_threshold).mean()),
+        "dense_threshold": cfg.dense_threshold,
         "eval_tokens": t.tokens,
+        **{f"{name}_se": None if means[name] is None else se[name] for name in SE_METRICS},
+        "bootstrap_resamples": cfg.bootstrap_resamples,
     }
     return metrics, log10_density
+
+
+def block_inputs(bridge, tokens: torch.Tensor, layer: int) -> tuple[tuple, dict]:
+    """What block ``layer`` receives when the model runs on ``tokens`` (its hidden states first, then the model's
+    masks and position data), from one run of the blocks before it."""
+    received: dict[str, tuple | dict] = {}
+
+    def keep(module, args, kwargs):
+        received["args"], received["kwargs"] = args, kwargs
+
+    handle = bridge.blocks[layer].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        bridge(tokens, return_type=None, stop_at_layer=layer, use_cache=False)
+    finally:
+        handle.remove()
+    return received["args"], received["kwargs"]
+
+
+def logits_from_block(bridge, layer: int, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The model's logits, run on from block ``layer`` given what that block receives (``block_inputs``): the rest
+    of a full forward pass, hooks included (tests/test_metrics.py checks it against one)."""
+    hidden = args[0]
+    for block in bridge.blocks[layer:]:
+        out = block(hidden, *args[1:], **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return bridge.unembed(bridge.ln_final(hidden))
 
 
 @torch.inference_mode()
@@ -146,35 +212,37 @@ def evaluate_sae(bridge, sae: SAE, layer: int, rows: np.ndarray, cfg: EvaluateCo
     name = hook_z_name(layer)
     sae = sae.to(device).eval()
     totals = Totals(d_sae=sae.d_sae, d_in=sae.d_in)
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(z, hook):
-        captured["z"] = z.detach()
 
     def replace_with_sae(z, hook):
         x = flatten_heads(z.float())
         features = sae.encode(x)
         x_hat = sae.decode(features)
-        totals.add_activations(x, x_hat, features)
+        totals.add_activations(x, x_hat, features, batch=z.shape[0])
         return unflatten_heads(x_hat, z).to(z.dtype)
 
     def zero(z, hook):
         return torch.zeros_like(z)
 
+    def row_sum(values: torch.Tensor) -> np.ndarray:
+        return values.double().sum(-1).cpu().numpy()
+
     for start in range(0, len(rows), cfg.batch_rows):
         tokens = rows_as_tensor(rows[start : start + cfg.batch_rows], device)
-        clean = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(name, capture)])
-        if captured.get("z") is None:
+        entry = block_inputs(bridge, tokens, layer)
+        clean = log_probs(logits_from_block(bridge, layer, *entry))
+        sums = {"ce_clean": row_sum(token_ce(clean, tokens))}
+        batches_measured = len(totals.rows["l0"])
+        for key, hook in (("sae", replace_with_sae), ("zero", zero)):
+            with bridge.hooks(fwd_hooks=[(name, hook)]):
+                other = log_probs(logits_from_block(bridge, layer, *entry))
+            sums[f"ce_{key}"] = row_sum(token_ce(other, tokens))
+            sums[f"kl_{key}"] = row_sum(kl_div(clean, other))
+            del other
+        if len(totals.rows["l0"]) == batches_measured:
             raise UserError(f"hook {name} did not fire; is layer {layer} in the model?")
-        spliced = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(name, replace_with_sae)])
-        ablated = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(name, zero)])
-        for key, logits in (("clean", clean), ("sae", spliced), ("zero", ablated)):
-            totals.ce[key] += token_ce(logits, tokens).sum().item()
-        totals.kl["sae"] += kl_div(clean, spliced).sum().item()
-        totals.kl["zero"] += kl_div(clean, ablated).sum().item()
-        totals.predictions += tokens.shape[0] * (tokens.shape[1] - 1)
-        captured.clear()
-    return finish(totals, cfg.dense_threshold)
+        n_rows, positions = tokens.shape
+        totals.add_rows(predictions=np.full(n_rows, positions - 1), tokens=np.full(n_rows, positions), **sums)
+    return finish(totals, cfg)
 
 
 _HOOK_Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
@@ -211,30 +279,47 @@ def evaluate_layer(
     layer: int | None,
     metrics_path: str | Path | None,
     density_path: str | Path | None,
+    heldout_path: str | Path | None = None,
 ) -> dict:
-    """The stage: evaluate any hook_z SAE folder (ours, imported, SAELens) on the eval rows.
+    """The stage: evaluate any hook_z SAE folder (ours, imported, SAELens) on the first ``max_rows`` eval rows, and
+    with ``heldout_path`` on as many held-out rows.
 
-    ``layer`` None: the layer in the SAE's cfg.json. Writes the metrics JSON and the density CSV where
-    given (None: not written) and returns the metrics.
+    ``layer`` None: the layer in the SAE's cfg.json. Writes the metrics JSON and the density CSV where given
+    (None: not written) and returns the metrics. ``heldout_path`` gets the held-out split's metrics, or when the
+    tokens have no held-out split a file that says so (``read_heldout_metrics`` reads either).
     """
     sae, layer, info = load_sae_for_model(sae_dir, model_dir, layer)
-    rows = load_rows(tokens_dir, "eval", vocab_size=info.vocab_size)  # checked before the model loads
-    if cfg.max_rows:
-        rows = rows[: cfg.max_rows]
+    rows = first_rows(load_rows(tokens_dir, "eval", vocab_size=info.vocab_size), cfg)  # checked before the model loads
+    heldout_sources = read_tokens_meta(tokens_dir)["heldout_sources"] if heldout_path is not None else []
+    heldout_rows = (first_rows(load_rows(tokens_dir, "heldout", vocab_size=info.vocab_size), cfg) if heldout_sources
+                    else None)
     device = resolve_device(cfg.device)
     bridge, _ = load_bridge(model_dir, device)
-    metrics, log10_density = evaluate_sae(bridge, sae, layer, rows, cfg, device)
-    metrics = {"layer": layer, "hook_name": hook_z_name(layer), "model": info.name, "d_sae": sae.d_sae,
-               "sae": str(sae_dir), "eval_rows": int(len(rows)), **metrics}
+
+    def measured(split_rows: np.ndarray) -> tuple[dict, np.ndarray]:
+        metrics, log10_density = evaluate_sae(bridge, sae, layer, split_rows, cfg, device)
+        return {"layer": layer, "hook_name": hook_z_name(layer), "model": info.name, "d_sae": sae.d_sae,
+                "sae": str(sae_dir), "eval_rows": int(len(split_rows)), **metrics}, log10_density
+
+    metrics, log10_density = measured(rows)
     if metrics_path is not None:
         write_json_atomic(metrics_path, metrics)
     if density_path is not None:
         write_text_atomic(density_path, density_csv(density_histogram(log10_density, cfg.density_bins)))
+    if heldout_path is not None:
+        heldout = {"layer": layer, "split": "heldout", "sources": heldout_sources}
+        if heldout_rows is not None:
+            heldout = {**heldout, **measured(heldout_rows)[0]}
+        write_json_atomic(heldout_path, heldout)
     return metrics
 
 
+def first_rows(rows: np.ndarray, cfg: EvaluateConfig) -> np.ndarray:
+    return rows[: cfg.max_rows] if cfg.max_rows else rows
+
+
 # ---------------------------------------------------------------------------------------------------
-# The stage's two artifacts, written above and read back here by report, publish, verify and comparison.
+# The stage's artifacts, written above and read back here by report, publish, verify and comparison.
 
 _NUMBER = (int, float)
 # Every key a reader of the metrics JSON may rely on, and its type; ratios are None when undefined.
@@ -250,6 +335,8 @@ METRICS_TYPES: dict[str, tuple[type, ...]] = {
     "dense_threshold": _NUMBER,
     "eval_tokens": (int,),
 }
+# Standard errors: absent from files written before evaluate made them; None where the metric is.
+SE_TYPES = {f"{name}_se": (*_NUMBER, type(None)) for name in SE_METRICS}
 
 
 def check_metrics(metrics: dict, path: str | Path) -> dict:
@@ -257,15 +344,36 @@ def check_metrics(metrics: dict, path: str | Path) -> dict:
     for key, types in METRICS_TYPES.items():
         if key not in metrics:
             raise UserError(f"{path}: metrics file lacks '{key}' (re-run `attnsae evaluate`)")
-        value = metrics[key]
-        if isinstance(value, bool) or not isinstance(value, types) or (isinstance(value, float) and not math.isfinite(value)):
-            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise UserError(f"{path}: metrics key '{key}' must be a finite {allowed}, got {value!r}")
+        _check_value(metrics, key, types, path)
+    for key, types in SE_TYPES.items():
+        if key in metrics:
+            _check_value(metrics, key, types, path)
+            if metrics[key] is not None and metrics[key] < 0:
+                raise UserError(f"{path}: metrics key '{key}' is a standard error, so it must be >= 0, "
+                                f"got {metrics[key]!r}")
     return metrics
+
+
+def _check_value(metrics: dict, key: str, types: tuple[type, ...], path: str | Path) -> None:
+    value = metrics[key]
+    not_finite = isinstance(value, float) and not math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, types) or not_finite:
+        allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise UserError(f"{path}: metrics key '{key}' must be a finite {allowed}, got {value!r}")
 
 
 def read_metrics(path: str | Path) -> dict:
     return check_metrics(read_json_object(path, "of metrics"), path)
+
+
+def read_heldout_metrics(path: str | Path) -> dict | None:
+    """A held-out metrics file: its metrics (with 'sources', the held-out sources), or None when the tokens had no
+    held-out split."""
+    metrics = read_json_object(path, "of held-out metrics", written_by="evaluate")
+    sources = metrics.get("sources")
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise UserError(f"{path}: held-out metrics key 'sources' must be a list of corpus sources, got {sources!r}")
+    return check_metrics(metrics, path) if sources else None
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
@@ -302,12 +410,19 @@ def read_density(path: str | Path) -> list[tuple[float, int]]:
 
 
 def format_metrics(metrics: dict) -> list[str]:
-    """One terminal line per metric; dead fraction always with its token count."""
+    """One terminal line per metric, with its standard error where it has one; dead fraction always with its
+    token count."""
     lines = []
     for key in METRIC_NAMES:
-        value = metrics.get(key)
-        text = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+        text = format_value(metrics.get(key), metrics.get(f"{key}_se"), "{:.4f}")
         if key == "dead_fraction":
             text += f" (over {metrics['dead_fraction_tokens']:,} tokens)"
         lines.append(f"{key:>20}: {text}")
     return lines
+
+
+def format_value(value, se, pattern: str) -> str:
+    """'0.7312 ± 0.0120' (pattern applied to both), the value alone without a standard error, 'n/a' without a value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return pattern.format(value) + ("" if se is None else f" ± {pattern.format(se)}")

@@ -7,12 +7,13 @@ Paths are relative to the repository root, where DVC runs every stage. Each arti
 |---|---|---|---|---|
 | params check | `reports/params-check.txt` | `params`: `cli.check_params` | - | every other stage (a dep) |
 | base model | `models/base/` (transformers folder + `attnsae_model.json`) | `model`: `models.prepare_model` | `models.load_bridge`, `models.read_model_info` | all but corpus |
-| corpus | `data/corpus/` (`documents.jsonl` + `manifest.json`; streamed: the manifest only) | `corpus`: `corpus.build_corpus` | `corpus.open_documents`, `corpus.read_manifest` | tokenize, train (stream) |
-| token rows | `data/tokens/` (`train.npy`, `eval.npy`, `meta.json`) | `tokenize`: `tokenization.tokenize_corpus` | `tokenization.load_rows`, `tokenization.read_tokens_meta` | activations, train (stream), evaluate, report |
+| corpus | `data/corpus/` (`documents.jsonl` + `manifest.json`; streamed: the manifest only) | `corpus`: `corpus.build_corpus` | `corpus.open_documents`, `corpus.open_sourced_documents`, `corpus.read_manifest` | tokenize, train (stream) |
+| token rows | `data/tokens/` (`train.npy`, `eval.npy`, `heldout.npy` when sources are held out, `meta.json`) | `tokenize`: `tokenization.tokenize_corpus` | `tokenization.load_rows`, `tokenization.read_tokens_meta` | activations, train (stream), evaluate, report |
 | activation cache | `data/activations/L<n>/` (bf16 shards + `meta.json`) | `activations`: `activations.cache_activations` | `activations.DiskActivations` | train@L |
 | SAE | `models/sae/L<n>/` (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`) | `train@L` / `train`: `train.run_train_stage` | `sae.load_sae`, `sae.read_sae_cfg` | evaluate, report, publish |
 | training curves | `reports/curves/L<n>.csv` | `train@L` / `train` | `dvc plots` | - |
 | metrics | `reports/metrics/L<n>.json` | `evaluate@L`: `evaluate.evaluate_layer` | `evaluate.read_metrics` | report, publish, verify |
+| held-out metrics | `reports/metrics_heldout/L<n>.json` (says so when no source is held out) | `evaluate@L` | `evaluate.read_heldout_metrics` | report |
 | density histogram | `reports/density/L<n>.csv` | `evaluate@L` | `evaluate.read_density` | report |
 | dashboards | `reports/dashboards/L<n>/` (`features.json` + `index.html`) | `dashboards@L`: `dashboards.build_dashboards` | `dashboards.read_features` | report |
 | labels | `labels/L<n>.csv` (git-tracked, people's ratings) | `attnsae labels import`: `labels.import_labels` | `labels.read_labels` | report |
@@ -41,6 +42,7 @@ IMPORTED_ROOT = Path("models/imported")
 REPORT_DIR = Path("reports")
 CURVES_DIR = REPORT_DIR / "curves"
 METRICS_DIR = REPORT_DIR / "metrics"
+HELDOUT_METRICS_DIR = REPORT_DIR / "metrics_heldout"
 DENSITY_DIR = REPORT_DIR / "density"
 IMPORTED_REPORTS_DIR = REPORT_DIR / "imported"
 DASHBOARDS_DIR = REPORT_DIR / "dashboards"
@@ -50,6 +52,8 @@ CHECKPOINT_DIR = Path("checkpoints")
 REPORT_MD = REPORT_DIR / "report.md"
 REPORT_HTML = REPORT_DIR / "index.html"
 LAYERS_CSV = REPORT_DIR / "layers.csv"  # the per-layer table as data: the frontier plot's input
+# Every frontier experiment's points (`attnsae frontier collect` writes it, git-tracked; the report draws it).
+FRONTIER_FILE = REPORT_DIR / "frontier.csv"
 
 
 def layer_name(layer: int) -> str:
@@ -78,6 +82,10 @@ def curves_file(layer: int) -> Path:
 
 
 def metrics_file(layer: int, folder: Path = METRICS_DIR) -> Path:
+    return Path(folder) / f"{layer_name(layer)}.json"
+
+
+def heldout_metrics_file(layer: int, folder: Path = HELDOUT_METRICS_DIR) -> Path:
     return Path(folder) / f"{layer_name(layer)}.json"
 
 

@@ -92,7 +92,7 @@ def card_metadata(cfg: dict, metrics: dict) -> dict:
                     {
                         "task": {"type": "sparse-autoencoder", "name": f"SAE reconstruction of {hook}"},
                         "dataset": {
-                            "name": f"{dataset}, held-out split ({metrics.get('eval_tokens', 0):,} tokens)",
+                            "name": f"{dataset}, evaluation split ({metrics.get('eval_tokens', 0):,} tokens)",
                             "type": datasets[0] if len(datasets) == 1 else "custom",
                         },
                         "metrics": results,
@@ -162,7 +162,7 @@ log10 feature densities), with `reshape_activations: "hook_z"`.
 
 ## Evaluation
 
-On {_fmt(eval_tokens, '{:,}')} held-out tokens. Loss recovered = (CE with hook_z zeroed - CE with the
+On {_fmt(eval_tokens, '{:,}')} tokens of the evaluation split (documents no SAE trained on). Loss recovered = (CE with hook_z zeroed - CE with the
 SAE) / (CE zeroed - CE clean); dead features are those that never fire on these
 {_fmt(eval_tokens, '{:,}')} tokens (a larger sample finds fewer).
 

@@ -1,8 +1,8 @@
 """The `report` stage: the per-layer table as Markdown and a self-contained HTML page.
 
-Reads ``reports/metrics``, ``reports/density``, ``reports/dashboards``, ``labels``, ``models/base``, ``data/tokens``
-and ``models/sae``; writes ``reports/report.md``, ``reports/index.html`` and ``reports/layers.csv``
-(``build_report``). Every path: layout.py.
+Reads ``reports/metrics``, ``reports/metrics_heldout``, ``reports/density``, ``reports/dashboards``, ``labels``,
+``models/base``, ``data/tokens`` and ``models/sae``; writes ``reports/report.md``, ``reports/index.html`` and
+``reports/layers.csv`` (``build_report``). Every path: layout.py.
 
 The table's "% alive interpretable" comes from people only: the ratings in ``labels/L<n>.csv`` (made in a layer
 page's rating mode, added with `attnsae labels import`) of the features that have a card because they are among
@@ -10,7 +10,9 @@ the first ``dashboards.first_n`` alive ones. Family tags are counted in a table 
 
 Everything comes from files the earlier stages wrote (metrics JSON, density CSV, model, token and SAE
 metadata); nothing is recomputed here. Our numbers stand next to a reference chosen by
-``report.compare`` (src/attnsae/comparison.py) with the differences. The HTML page carries its plots
+``report.compare`` (src/attnsae/comparison.py) with the differences, each with its bootstrap standard error
+("0.731 ± 0.012") where its file has one, and the SAEs' numbers on the held-out source stand next to the
+in-distribution ones. The HTML page carries its plots
 as inline PNGs and has no scripts and no external URLs, so it opens anywhere, offline.
 """
 
@@ -29,8 +31,9 @@ from pathlib import Path
 from attnsae import layout
 from attnsae.comparison import Reference, difference, resolve_reference
 from attnsae.dashboards import read_features, tag_counts
-from attnsae.evaluate import numeric_metrics, read_density, read_metrics
+from attnsae.evaluate import format_value, numeric_metrics, read_density, read_heldout_metrics, read_metrics
 from attnsae.files import write_text_atomic
+from attnsae.frontier import frontier_figure, frontier_markdown, read_frontier
 from attnsae.labels import interpretable, read_labels
 from attnsae.models import read_model_info
 from attnsae.repository import git_state, project_root
@@ -61,11 +64,20 @@ OTHER_COLUMNS = [
 ]
 
 
+# key, title, format: the metrics shown for the held-out source, each in-distribution and held-out.
+HELDOUT_COLUMNS = [
+    ("l0", "L0", "{:.1f}"),
+    ("ce_increase", "CE increase (nats)", "{:.4f}"),
+    ("loss_recovered", "loss recovered", "{:.3f}"),
+]
+
+
 @dataclass
 class LayerResult:
     metrics: dict
     density: list[tuple[float, int]]
     dashboard: "LayerDashboard | None" = None
+    heldout: dict | None = None  # the metrics on the held-out source, when one was held out
 
 
 @dataclass
@@ -115,17 +127,25 @@ def _relative_link(target: Path, start: Path) -> str:
 
 
 def read_layer(metrics_dir: Path, density_dir: Path, layer: int, dashboards_root: Path, labels_root: Path,
-               out_dir: Path) -> LayerResult:
+               out_dir: Path, heldout_dir: Path) -> LayerResult:
     density_path = layout.density_file(layer, density_dir)
     density = read_density(density_path) if density_path.exists() else []
+    heldout_path = layout.heldout_metrics_file(layer, heldout_dir)
+    heldout = read_heldout_metrics(heldout_path) if heldout_path.exists() else None  # older runs have none
     return LayerResult(read_metrics(layout.metrics_file(layer, metrics_dir)), density,
-                       read_dashboard(layer, dashboards_root, labels_root, out_dir))
+                       read_dashboard(layer, dashboards_root, labels_root, out_dir), heldout)
 
 
 def fmt(value, pattern: str | Callable[[float], str]) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return pattern(value) if callable(pattern) else pattern.format(value)
+
+
+def metric_cell(metrics: dict | None, key: str, pattern: str) -> str:
+    """A metric with its standard error when the file has one: '0.731 ± 0.012'."""
+    metrics = metrics or {}
+    return format_value(metrics.get(key), metrics.get(f"{key}_se"), pattern)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,10 +156,10 @@ def comparison_columns(reference: Reference | None) -> list[Column]:
     """layer, d_sae, then per compared metric: ours, the reference's value, and ours minus it."""
 
     def ours(key, pattern):
-        return lambda r: fmt(r.metrics.get(key), pattern)
+        return lambda r: metric_cell(r.metrics, key, pattern)
 
     def theirs(key, pattern):
-        return lambda r: fmt(reference.get(r.metrics["layer"], key), pattern)
+        return lambda r: metric_cell(reference.layers.get(r.metrics["layer"]), key, pattern)
 
     def delta(key, pattern):
         return lambda r: fmt(difference(r.metrics.get(key), reference.get(r.metrics["layer"], key)), pattern)
@@ -176,7 +196,22 @@ def tag_columns(results: list[LayerResult]) -> list[Column]:
 
 
 def other_columns() -> list[Column]:
-    return [Column(title, "", lambda r, k=key, p=pattern: fmt(r.metrics.get(k), p)) for key, title, pattern in OTHER_COLUMNS]
+    return [Column(title, "", lambda r, k=key, p=pattern: metric_cell(r.metrics, k, p))
+            for key, title, pattern in OTHER_COLUMNS]
+
+
+def heldout_columns() -> list[Column]:
+    """layer, then per metric its in-distribution and held-out values, and the held-out L0 over the in-distribution."""
+
+    def l0_ratio(r: LayerResult) -> str:
+        ours, heldout = r.metrics.get("l0"), (r.heldout or {}).get("l0")
+        return fmt(heldout / ours if ours and heldout is not None else None, "{:.2f}x")
+
+    columns = [Column("layer", "", lambda r: str(r.metrics["layer"]))]
+    for key, title, pattern in HELDOUT_COLUMNS:
+        columns += [Column(title, "in-dist", lambda r, k=key, p=pattern: metric_cell(r.metrics, k, p)),
+                    Column(title, "held-out", lambda r, k=key, p=pattern: metric_cell(r.heldout, k, p))]
+    return columns + [Column("L0 held-out / in-dist", "", l0_ratio)]
 
 
 def markdown_table(results: list[LayerResult], columns: list[Column]) -> str:
@@ -240,18 +275,38 @@ def provenance(
     tokens = read_tokens_meta(tokens_dir)
     git = git_state(project_root())
     layers = [r.metrics["layer"] for r in results]
-    return {
+    facts = {
         "model": info.name,
         "model source": info.source,
         "data": tokens.get("corpus") or "unknown",
         "context size": tokens["context_size"],
         "tokenized train split": (f"{tokens['tokens']['train']:,} tokens" if "train" in tokens["tokens"]
                                   else "streamed from the pinned sources during training"),
+    }
+    if len(tokens["source_tokens"].get("train", {})) > 1:
+        facts["train mixture"] = mixture(tokens["source_tokens"]["train"], tokens["balanced_train_rows"])
+    facts |= {
         "SAE training tokens": per_layer_count({n: trained_tokens(sae_dir, n) for n in layers}),
         "evaluation tokens": per_layer_count({r.metrics["layer"]: r.metrics.get("eval_tokens") for r in results}),
+    }
+    if tokens["heldout_sources"]:
+        facts["held-out source"] = ", ".join(tokens["heldout_sources"]) + " (no SAE trained on it)"
+        facts["held-out evaluation tokens"] = per_layer_count(
+            {r.metrics["layer"]: (r.heldout or {}).get("eval_tokens") for r in results})
+    return facts | {
         "compared with": reference.source if reference else "nothing",
         "git commit": git["commit"] + (" (dirty)" if git["dirty"] == "true" else ""),
     }
+
+
+def mixture(source_tokens: dict[str, int], balanced_rows: int | None) -> str:
+    """Each source's share of the train split's tokens, and how many leading rows hold every source in its weighted
+    share: 'npm:sotu 25%, ... of all its rows; its first 11,167 rows hold each source in its weighted share'."""
+    total = sum(source_tokens.values()) or 1
+    shares = ", ".join(f"{source} {n / total:.0%}" for source, n in source_tokens.items()) + " of all its rows"
+    if balanced_rows is None:
+        return shares
+    return f"{shares}; its first {balanced_rows:,} rows hold each source in its weighted share"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,12 +319,13 @@ def _figure_png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def frontier_points(results: list[LayerResult], reference: Reference | None) -> tuple[list, list]:
-    """(layer, L0, loss recovered) for ours and for the reference, where both numbers exist."""
+def frontier_points(results: list[LayerResult], reference: Reference | None) -> tuple[list, list, list]:
+    """(layer, L0, loss recovered) for ours, the reference and ours on the held-out source, where both numbers exist."""
     ours = [(r.metrics["layer"], r.metrics.get("l0"), r.metrics.get("loss_recovered")) for r in results]
     theirs = [(n, reference.get(n, "l0"), reference.get(n, "loss_recovered")) for n, _, _ in ours] if reference else []
+    heldout = [(r.metrics["layer"], r.heldout.get("l0"), r.heldout.get("loss_recovered")) for r in results if r.heldout]
     keep = lambda pts: [p for p in pts if p[1] is not None and p[2] is not None]
-    return keep(ours), keep(theirs)
+    return keep(ours), keep(theirs), keep(heldout)
 
 
 def plots(results: list[LayerResult], reference: Reference | None = None) -> dict[str, str]:
@@ -279,13 +335,15 @@ def plots(results: list[LayerResult], reference: Reference | None = None) -> dic
     import matplotlib.pyplot as plt
 
     out = {}
-    ours, theirs = frontier_points(results, reference)
+    ours, theirs, heldout = frontier_points(results, reference)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     by_layer = {n: (x, y) for n, x, y in theirs}
     for n, x, y in ours:  # a faint line joins each layer's two points
         if n in by_layer:
             ax.plot([x, by_layer[n][0]], [y, by_layer[n][1]], color="0.8", linewidth=1, zorder=1)
-    for points, label, colour, marker in ((ours, "ours", "tab:blue", "o"), (theirs, reference.label if reference else "", "tab:orange", "s")):
+    series = ((ours, "ours", "tab:blue", "o"), (theirs, reference.label if reference else "", "tab:orange", "s"),
+              (heldout, "ours, held-out source", "tab:purple", "^"))
+    for points, label, colour, marker in series:
         if points:
             ax.scatter([p[1] for p in points], [p[2] for p in points], color=colour, marker=marker, label=label, zorder=2)
             for n, x, y in points:
@@ -294,7 +352,7 @@ def plots(results: list[LayerResult], reference: Reference | None = None) -> dic
     ax.set_ylabel("loss recovered")
     ax.set_title("L0 against loss recovered")
     ax.grid(alpha=0.3)
-    if theirs:
+    if theirs or heldout:
         ax.legend()
     out["frontier"] = _figure_png(fig)
     plt.close(fig)
@@ -324,10 +382,16 @@ def plots(results: list[LayerResult], reference: Reference | None = None) -> dic
 
 INTERPRETABLE = "% alive interpretable"
 DEFINITIONS = (
-    "Metrics on the held-out split. Loss recovered = (CE zeroed - CE with SAE) / (CE zeroed - CE clean), "
-    "with hook_z set to zero for \"zeroed\". Dead = features that never fire on the evaluation tokens "
-    "(count in the list above). % alive interpretable = ratings of yes / ratings made, by people, of the first "
-    "30 alive features on each layer's dashboard page (labels/L<n>.csv); \"not rated\" until someone rates them."
+    "Metrics on the evaluation split (documents of the training sources that training never saw). Loss recovered = "
+    "(CE zeroed - CE with SAE) / (CE zeroed - CE clean), with hook_z set to zero for \"zeroed\". Dead = features "
+    "that never fire on the evaluation tokens (count in the list above). % alive interpretable = ratings of yes / "
+    "ratings made, by people, of the first 30 alive features on each layer's dashboard page (labels/L<n>.csv); "
+    "\"not rated\" until someone rates them. \"± x\": the bootstrap standard error over evaluation rows (rows of "
+    "one document are not independent, so it is a lower bound)."
+)
+HELDOUT_NOTE = (
+    "The same SAEs on the held-out source: every document of a corpus source that neither training nor the "
+    "evaluation split holds (tokenize.heldout_sources). Dead features are measured on the evaluation split only."
 )
 TAGS_NOTE = (
     "Features per family tag, measured by probes and corpus statistics against a null baseline of random "
@@ -345,17 +409,52 @@ def definitions(reference: Reference | None) -> str:
     return f"{DEFINITIONS} {DELTA}" if reference else DEFINITIONS
 
 
-def markdown_report(results: list[LayerResult], prov: dict, reference: Reference | None, compare_note: str) -> str:
+def markdown_report(results: list[LayerResult], prov: dict, reference: Reference | None, compare_note: str,
+                    frontier_rows: list[dict] = ()) -> str:
     facts = "\n".join(f"- {k}: {v}" for k, v in prov.items())
     note_lines = "\n".join(f"> {n}" for n in notes(compare_note, reference))
     return (
         f"# attnsae report: {prov['model']}\n\n{facts}\n\n"
         f"## Per layer\n\n{definitions(reference)}\n\n{note_lines}\n\n"
         f"{markdown_table(results, comparison_columns(reference))}\n\n"
+        f"{heldout_markdown(results)}"
         f"## Other metrics\n\n{markdown_table(results, other_columns())}\n\n"
         f"{tags_markdown(results)}"
+        f"{frontier_markdown_section(frontier_rows)}"
         "Plots (L0 against loss recovered, feature density histograms) and links to the dashboards: index.html.\n"
     )
+
+
+FRONTIER_NOTE = ("Every architecture at several sparsities, each a DVC experiment (`attnsae frontier queue`, "
+                 "`dvc exp run --run-all`, `attnsae frontier collect`): L0, CE increase and loss recovered with "
+                 "their bootstrap standard errors, dead fraction, and the held-out source's numbers.")
+NO_FRONTIER = "No frontier yet: reports/frontier.csv has no points (README: The frontier)."
+
+
+def frontier_markdown_section(rows: list[dict]) -> str:
+    body = f"{FRONTIER_NOTE}\n\n{frontier_markdown(rows)}" if rows else NO_FRONTIER
+    return f"## Frontier\n\n{body}\n\n"
+
+
+def frontier_html_section(rows: list[dict], image: str | None) -> str:
+    if not rows:
+        return f"<h2>Frontier</h2><p>{html.escape(NO_FRONTIER)}</p>"
+    return (f"<h2>Frontier</h2><p>{html.escape(FRONTIER_NOTE)}</p>"
+            f'<img alt="frontier: L0 against CE increase and loss recovered per layer" '
+            f'src="data:image/png;base64,{image}">')
+
+
+def heldout_markdown(results: list[LayerResult]) -> str:
+    if not any(r.heldout for r in results):
+        return ""
+    return f"## Held-out source\n\n{HELDOUT_NOTE}\n\n{markdown_table(results, heldout_columns())}\n\n"
+
+
+def heldout_html(results: list[LayerResult]) -> str:
+    if not any(r.heldout for r in results):
+        return ""
+    table = html_table("heldout", results, heldout_columns())
+    return f"<h2>Held-out source</h2><p>{html.escape(HELDOUT_NOTE)}</p>{table}"
 
 
 def tags_markdown(results: list[LayerResult]) -> str:
@@ -377,7 +476,8 @@ def tags_html(results: list[LayerResult]) -> str:
 
 
 def html_page(
-    results: list[LayerResult], prov: dict, images: dict[str, str], reference: Reference | None = None, compare_note: str = ""
+    results: list[LayerResult], prov: dict, images: dict[str, str], reference: Reference | None = None, compare_note: str = "",
+    frontier_rows: list[dict] = (),
 ) -> str:
     esc = html.escape
     facts = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in prov.items())
@@ -401,6 +501,7 @@ img {{ max-width: 100%; }}
 <p>{esc(definitions(reference))}</p>
 {note_html}
 {html_table("layers", results, comparison_columns(reference))}
+{heldout_html(results)}
 <h2>Other metrics</h2>
 {html_table("more", results, other_columns())}
 {tags_html(results)}
@@ -408,6 +509,7 @@ img {{ max-width: 100%; }}
 <img alt="L0 against loss recovered" src="data:image/png;base64,{images['frontier']}">
 <h2>Feature density</h2>
 <img alt="feature density histograms" src="data:image/png;base64,{images['density']}">
+{frontier_html_section(frontier_rows, images.get('architectures'))}
 </body></html>
 """
 
@@ -427,7 +529,8 @@ def layer_table_csv(per_layer: list[dict]) -> str:
 
 @dataclass
 class Report:
-    """What the report stage wrote, and the per-layer metrics it read (MLflow logs those, not a second read)."""
+    """What the report stage wrote, and the per-layer metrics it read, those on the held-out source as
+    ``heldout/<name>`` (MLflow logs them, not a second read)."""
 
     markdown: str
     per_layer: list[dict]
@@ -439,22 +542,32 @@ def build_report(
     out_dir: str | Path = layout.REPORT_DIR,
     compare: str = "auto",
     metrics_dir: str | Path = layout.METRICS_DIR,
+    heldout_dir: str | Path = layout.HELDOUT_METRICS_DIR,
     density_dir: str | Path = layout.DENSITY_DIR,
     model_dir: str | Path = layout.MODEL_DIR,
     tokens_dir: str | Path = layout.TOKENS_DIR,
     sae_root: str | Path | None = layout.SAE_ROOT,
     dashboards_root: str | Path = layout.DASHBOARDS_DIR,
     labels_root: str | Path = layout.LABELS_DIR,
+    frontier_file: str | Path = layout.FRONTIER_FILE,
 ) -> Report:
     """The stage: write report.md, index.html and layers.csv into ``out_dir`` from the earlier stages' files."""
     results = [read_layer(Path(metrics_dir), Path(density_dir), layer, Path(dashboards_root), Path(labels_root),
-                          Path(out_dir)) for layer in layers]
+                          Path(out_dir), Path(heldout_dir)) for layer in layers]
     info = read_model_info(model_dir)
     reference, compare_note = resolve_reference(compare, layers, info.source, info.name, info.n_layers, info.d_in)
     prov = provenance(Path(model_dir), Path(tokens_dir), results, Path(sae_root) if sae_root else None, reference)
-    markdown = markdown_report(results, prov, reference, compare_note)
-    page = html_page(results, prov, plots(results, reference), reference, compare_note)
-    per_layer = [r.metrics for r in results]
+    frontier_rows = read_frontier(frontier_file)
+    markdown = markdown_report(results, prov, reference, compare_note, frontier_rows)
+    images = plots(results, reference)
+    if frontier_rows:
+        import matplotlib.pyplot as plt
+
+        figure = frontier_figure(frontier_rows)
+        images["architectures"] = _figure_png(figure)
+        plt.close(figure)
+    page = html_page(results, prov, images, reference, compare_note, frontier_rows)
+    per_layer = [r.metrics | {f"heldout/{k}": v for k, v in numeric_metrics(r.heldout or {}).items()} for r in results]
     out_dir = Path(out_dir)
     files = [out_dir / layout.REPORT_MD.name, out_dir / layout.REPORT_HTML.name, out_dir / layout.LAYERS_CSV.name]
     for path, text in zip(files, (markdown, page, layer_table_csv(per_layer))):

@@ -1,4 +1,4 @@
-"""The `tokenize` stage: documents -> rows of ``context_size`` tokens, split into train and eval.
+"""The `tokenize` stage: documents -> rows of ``context_size`` tokens, split into train, eval and held-out.
 
 Reads ``data/corpus`` and ``models/base``; writes ``data/tokens`` (``tokenize_stage``), which activations,
 streamed training, evaluate and report read back with ``load_rows`` and ``read_tokens_meta``. Every path: layout.py.
@@ -6,23 +6,34 @@ streamed training, evaluate and report read back with ``load_rows`` and ``read_t
 A document belongs to the evaluation split when a seeded hash of its text falls below
 ``eval_fraction`` (``is_eval_document``). The decision needs nothing but the document itself, so a
 streamed corpus that is never held in full splits exactly like a materialized one, no evaluation
-text ever reaches training, and duplicate documents always land in the same split.
+text ever reaches training, and duplicate documents always land in the same split. Every document of
+a source named in ``heldout_sources`` goes to a third split, ``heldout``, instead: a kind of text that
+neither training nor the in-distribution evaluation sees (a stored corpus only).
 
 Within a split, documents are joined into one stream with the end-of-document token (GPT-2's
 ``<|endoftext|>``) between them, and each row is that BOS followed by the next ``context_size - 1``
 tokens of the stream: position 0 of every row is BOS (design.md 3). ``TokenRowStream`` does this
 incrementally and can save and restore its position, which is what lets a streaming training run
-resume. A materialized corpus stores its train rows in a seeded random order so that a token budget
-samples the whole corpus; a streamed corpus keeps source order and leaves mixing to the SAE's buffer.
+resume. A streamed corpus keeps source order and leaves mixing to the SAE's buffer.
+
+A stored corpus mixes its sources by ``source_weights`` (1 each unless set), so that no source dominates
+however large it is (``mixture_order``): each next item comes from the source that is furthest behind its
+share. The train split packs each source on its own, shuffles each source's rows (seeded) and interleaves
+them row by row, so any leading slice of train.npy (the activation cache takes one) holds every source in
+its share, until a source runs out (``balanced_train_rows`` in meta.json). The eval and held-out splits
+interleave whole documents, weighted by their token counts, into one stream, so a leading slice of rows is
+a mixture too while rows stay cut from one stream (the dashboards count documents along it); held-out
+documents come in a seeded random order, so a row cap samples the whole source.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import json
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,15 +43,22 @@ from attnsae.config import TokenizeConfig
 from attnsae.errors import UserError
 from attnsae.files import atomic_dir, missing_file, read_json_as, write_npy
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "heldout")
 META_FILE = "meta.json"
 TOKENIZE_CHUNK = 64  # documents per tokenizer call: fast tokenizers batch internally
+# A document as (source, text); a bare text is a document of the corpus's one unnamed source.
+Document = Union[tuple[str, str], str]
+
+
+def document_hash(text: str, seed: int) -> float:
+    """A seeded hash of the document's text, mapped to [0, 1)."""
+    digest = hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def is_eval_document(text: str, eval_fraction: float, seed: int) -> bool:
-    """The held-out split, decided by the document alone: a seeded hash mapped to [0, 1)."""
-    digest = hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < eval_fraction
+    """The evaluation split, decided by the document alone."""
+    return document_hash(text, seed) < eval_fraction
 
 
 def check_eval_fraction(eval_fraction: float) -> None:
@@ -164,27 +182,26 @@ def split_streams(open_documents: Callable[[], Iterator[str]], cfg: TokenizeConf
 
 
 def tokenize_corpus(
-    cfg: TokenizeConfig, documents: Sequence[str] | Callable[[], Iterator[str]], tokenizer, bos: int,
+    cfg: TokenizeConfig, documents: Sequence[Document] | Callable[[], Iterator[Document]], tokenizer, bos: int,
     out_dir: str | Path, corpus: str = "", streamed: bool = False,
 ) -> dict:
-    """Write eval.npy (and, unless the corpus is streamed, train.npy) and meta.json.
+    """Write the splits' rows (eval.npy; train.npy unless the corpus is streamed; heldout.npy when
+    ``heldout_sources`` names any) and meta.json; return the meta.
 
-    ``documents`` is a list, or a function that starts them from the beginning (a corpus read twice,
-    once per split, need not fit in memory). A streamed corpus is read only until ``max_eval_rows``
-    evaluation rows exist; its train rows are made during training from the same split.
+    ``documents`` is a list, or a function that starts them from the beginning (a streamed corpus need not
+    fit in memory). A streamed corpus is read only until ``max_eval_rows`` evaluation rows exist; its train
+    rows are made during training from the same split.
     """
     open_documents = documents if callable(documents) else (lambda: iter(documents))
-    train, evaluation = split_streams(open_documents, cfg, tokenizer, bos)
-    if streamed and not cfg.max_eval_rows:
-        raise UserError("tokenize.max_eval_rows must be > 0 for a streamed corpus (the eval split is read until it has that many rows)")
-    rows = {"eval": evaluation.next_rows(cfg.max_eval_rows) if cfg.max_eval_rows else evaluation.all_rows()}
-    documents = {"eval": evaluation.documents_kept}
-    if not streamed:
-        rows["train"] = train.all_rows()
-        rows["train"] = rows["train"][np.random.default_rng(cfg.seed).permutation(len(rows["train"]))]
-        if cfg.max_train_rows:
-            rows["train"] = rows["train"][: cfg.max_train_rows]
-        documents["train"] = train.documents_kept
+    check_eval_fraction(cfg.eval_fraction)
+    if streamed:
+        def open_texts() -> Iterator[str]:
+            return (text for _, text in map(sourced, open_documents()))
+
+        rows, counts = _streamed_eval(cfg, open_texts, tokenizer, bos)
+        mixture = {"source_weights": {}, "source_tokens": {}, "balanced_train_rows": None}  # no mixing: source order
+    else:
+        rows, counts, mixture = _stored_splits(cfg, map(sourced, open_documents()), tokenizer, bos)
     for split, split_rows in rows.items():
         if len(split_rows) == 0:
             raise UserError(f"tokenize: the {split} split is empty (corpus too small for context_size {cfg.context_size})")
@@ -195,9 +212,11 @@ def tokenize_corpus(
         "bos_token_id": bos,
         "eval_fraction": cfg.eval_fraction,
         "split_seed": cfg.seed,
-        "documents": documents,
+        "heldout_sources": list(cfg.heldout_sources),
+        "documents": counts,
         "rows": {s: int(len(r)) for s, r in rows.items()},
         "tokens": {s: int(r.size) for s, r in rows.items()},
+        **mixture,
     }
     with atomic_dir(out_dir) as tmp:
         for split, split_rows in rows.items():
@@ -206,16 +225,190 @@ def tokenize_corpus(
     return meta
 
 
+def sourced(document: Document) -> tuple[str, str]:
+    return ("", document) if isinstance(document, str) else document
+
+
+def _streamed_eval(cfg: TokenizeConfig, open_texts: Callable[[], Iterator[str]], tokenizer,
+                   bos: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The eval rows of a streamed corpus: its documents in source order, read until ``max_eval_rows`` rows."""
+    for key in ("heldout_sources", "source_weights"):
+        if getattr(cfg, key):
+            raise UserError(f"params.yaml: bad value for 'tokenize.{key}': a streamed corpus is read in source "
+                            f"order, so it neither holds sources out nor mixes them; leave it empty "
+                            f"(got {getattr(cfg, key)!r})")
+    if not cfg.max_eval_rows:
+        raise UserError("tokenize.max_eval_rows must be > 0 for a streamed corpus (the eval split is read until it "
+                        "has that many rows)")
+    _, evaluation = split_streams(open_texts, cfg, tokenizer, bos)
+    return {"eval": evaluation.next_rows(cfg.max_eval_rows)}, {"eval": evaluation.documents_kept}
+
+
+def split_of(source: str, text_hash: float, cfg: TokenizeConfig) -> str:
+    """train, eval or heldout: the source decides for a held-out source, the text's hash (``document_hash``) for
+    every other, as ``is_eval_document`` does."""
+    if source in cfg.heldout_sources:
+        return "heldout"
+    return "eval" if text_hash < cfg.eval_fraction else "train"
+
+
+class SplitSources:
+    """One split's documents of each source, tokenized, in the order the source gave them (names in order of
+    first appearance). The train split packs its rows per source as the documents come."""
+
+    def __init__(self, bos: int, context_size: int, pack: bool):
+        self.bos, self.context_size, self.pack = bos, context_size, pack
+        self.names: list[str] = []
+        self.documents: list[list[np.ndarray]] = []  # per source (unless packed)
+        self.hashes: list[list[float]] = []  # per source (unless packed): each document's ``document_hash``
+        self.packers: list[RowPacker] = []
+        self.rows: list[list[np.ndarray]] = []  # per source (when packed)
+        self.count = 0
+
+    def add(self, source: str, tokens: list[int], text_hash: float) -> None:
+        if source not in self.names:
+            self.names.append(source)
+            for per_source in (self.documents, self.hashes, self.rows):
+                per_source.append([])
+            self.packers.append(RowPacker(self.bos, self.context_size))
+        s = self.names.index(source)
+        self.count += 1
+        if self.pack:
+            self.packers[s].add(tokens)
+            self.rows[s].append(self.packers[s].pop_rows())
+        else:
+            self.documents[s].append(np.asarray(tokens, dtype=np.int32))
+            self.hashes[s].append(text_hash)
+
+    def weights(self, source_weights: dict[str, float]) -> list[float]:
+        return [source_weights.get(name, 1.0) for name in self.names]
+
+
+def _stored_splits(cfg: TokenizeConfig, documents: Iterable[tuple[str, str]], tokenizer,
+                   bos: int) -> tuple[dict[str, np.ndarray], dict[str, int], dict]:
+    """Every split of a stored corpus, each mixed from its sources: (rows, documents, what meta.json records
+    about the mixture)."""
+    splits = {"train": SplitSources(bos, cfg.context_size, pack=True),
+              "eval": SplitSources(bos, cfg.context_size, pack=False),
+              "heldout": SplitSources(bos, cfg.context_size, pack=False)}
+    for source, text, tokens in _tokenized(documents, tokenizer):
+        text_hash = document_hash(text, cfg.seed)
+        splits[split_of(source, text_hash, cfg)].add(source, tokens, text_hash)
+    train, balanced, train_tokens = _train_rows(splits["train"], cfg)
+    rows = {"train": train}
+    source_tokens = {"train": train_tokens}
+    caps = {"eval": cfg.max_eval_rows, "heldout": cfg.max_heldout_rows}
+    for split in ("eval", "heldout") if cfg.heldout_sources else ("eval",):
+        rows[split], source_tokens[split] = _document_stream_rows(splits[split], cfg, caps[split],
+                                                                  by_hash=split == "heldout")
+    mixture = {"source_weights": {name: w for part in splits.values() for name, w in
+                                  zip(part.names, part.weights(cfg.source_weights))},
+               "source_tokens": source_tokens, "balanced_train_rows": balanced}
+    return rows, {split: splits[split].count for split in rows}, mixture
+
+
+def _tokenized(documents: Iterable[tuple[str, str]], tokenizer) -> Iterator[tuple[str, str, list[int]]]:
+    """(source, text, tokens) of every document, tokenized ``TOKENIZE_CHUNK`` documents at a time."""
+    documents = iter(documents)
+    while chunk := list(itertools.islice(documents, TOKENIZE_CHUNK)):
+        ids = tokenizer([text for _, text in chunk], add_special_tokens=False)["input_ids"]
+        for (source, text), tokens in zip(chunk, ids):
+            yield source, text, tokens
+
+
+def _train_rows(split: SplitSources, cfg: TokenizeConfig) -> tuple[np.ndarray, int, dict[str, int]]:
+    """The train rows: each source's rows in a seeded random order, interleaved by weight, capped at
+    ``max_train_rows``; with the leading rows that hold every source in its share, and tokens per source."""
+    rng = np.random.default_rng(cfg.seed)
+    per_source = [np.concatenate(parts) for parts in split.rows]
+    per_source = [rows[rng.permutation(len(rows))] for rows in per_source]
+    order = mixture_order([[1] * len(rows) for rows in per_source], split.weights(cfg.source_weights))
+    balanced = balanced_prefix(order)
+    if cfg.max_train_rows:
+        order = order[: cfg.max_train_rows]
+    starts = np.cumsum([0] + [len(rows) for rows in per_source])
+    stacked = np.concatenate(per_source) if per_source else np.zeros((0, cfg.context_size), np.int32)
+    rows = stacked[np.array([starts[s] + i for s, i in order], dtype=np.int64)]
+    counts = np.bincount([s for s, _ in order], minlength=len(split.names)) * cfg.context_size
+    return rows, min(balanced, len(order)), dict(zip(split.names, counts.tolist()))
+
+
+def _document_stream_rows(split: SplitSources, cfg: TokenizeConfig, max_rows: int,
+                          by_hash: bool) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows cut from one stream of the split's documents, interleaved across sources by weight (each source's
+    documents in corpus order, or ``by_hash`` in the order of their seeded hash), capped at ``max_rows``; with the
+    tokens each source holds in those rows."""
+    documents = [[docs[i] for i in np.argsort(hashes, kind="stable")] if by_hash else docs
+                 for docs, hashes in zip(split.documents, split.hashes)]
+    order = mixture_order([[len(doc) for doc in docs] for docs in documents], split.weights(cfg.source_weights))
+    rows = pack_rows((documents[s][i] for s, i in order), split.bos, cfg.context_size)
+    if max_rows:
+        rows = rows[:max_rows]
+    counts = stream_source_tokens([s for s, _ in order], [len(documents[s][i]) for s, i in order], len(rows),
+                                  cfg.context_size, len(split.names))
+    return rows, dict(zip(split.names, counts.tolist()))
+
+
+def mixture_order(sizes: Sequence[Sequence[int]], weights: Sequence[float]) -> list[tuple[int, int]]:
+    """Every (source, item) in mixture order: the next item always comes from the source whose size taken so far,
+    divided by its weight, is smallest (ties: the earlier source). Each source's items keep their order; once a
+    source runs out, the others share what remains."""
+    heap = [(0.0, s) for s, items in enumerate(sizes) if len(items)]
+    taken, used = [0] * len(sizes), [0] * len(sizes)
+    order = []
+    while heap:
+        _, s = heapq.heappop(heap)
+        order.append((s, taken[s]))
+        used[s] += sizes[s][taken[s]]
+        taken[s] += 1
+        if taken[s] < len(sizes[s]):
+            heapq.heappush(heap, (used[s] / weights[s], s))
+    return order
+
+
+def balanced_prefix(order: Sequence[tuple[int, int]]) -> int:
+    """How many leading items of a mixture order come up to the last item of the first source to run out
+    (all of them when the order holds one source)."""
+    last = {s: position for position, (s, _) in enumerate(order)}
+    return min(last.values()) + 1 if len(last) > 1 else len(order)
+
+
+def stream_source_tokens(sources: Sequence[int], lengths: Sequence[int], rows: int, context_size: int,
+                         n_sources: int) -> np.ndarray:
+    """Tokens of each source in the first ``rows`` rows cut from doc0 [BOS] doc1 [BOS] ... (``sources`` and
+    ``lengths``: per document, in stream order). A separator counts with the document after it, a row's BOS with
+    the row's first stream token; so the counts add up to rows x context_size."""
+    labels = np.repeat(np.asarray(sources, dtype=np.int64), [n + (i > 0) for i, n in enumerate(lengths)])
+    body = labels[: rows * (context_size - 1)].reshape(rows, context_size - 1)
+    return np.bincount(np.concatenate([body[:, :1], body], axis=1).ravel(), minlength=n_sources)
+
+
+def check_split_sources(cfg: TokenizeConfig, sources: Sequence[str]) -> None:
+    """The sources that ``heldout_sources`` and ``source_weights`` name are the corpus's, and one is left to train
+    on."""
+    allowed = ", ".join(sources)
+    for key, named in (("heldout_sources", cfg.heldout_sources), ("source_weights", list(cfg.source_weights))):
+        for source in named:
+            if source not in sources:
+                raise UserError(f"params.yaml: bad value for 'tokenize.{key}': {source!r} is not a source of the "
+                                f"corpus (allowed: {allowed})")
+    if set(sources) <= set(cfg.heldout_sources):
+        raise UserError(f"params.yaml: bad value for 'tokenize.heldout_sources': must leave at least one corpus "
+                        f"source to train on (got {cfg.heldout_sources!r})")
+
+
 def tokenize_stage(cfg: TokenizeConfig, corpus_dir: str | Path, model_dir: str | Path, out_dir: str | Path) -> dict:
     """The `tokenize` stage: the corpus's documents through the pinned model's tokenizer into ``out_dir``."""
-    from attnsae.corpus import describe_corpus, load_manifest, open_documents
+    from attnsae.corpus import describe_corpus, load_manifest, open_sourced_documents
     from attnsae.models import load_tokenizer, read_model_info
 
     info = read_model_info(model_dir)
     info.check_context_size(cfg.context_size)
-    streamed = load_manifest(corpus_dir).streamed
-    return tokenize_corpus(cfg, open_documents(corpus_dir), load_tokenizer(model_dir), info.bos_token_id, out_dir,
-                           describe_corpus(corpus_dir), streamed=streamed)
+    manifest = load_manifest(corpus_dir)
+    if not manifest.streamed:
+        check_split_sources(cfg, list(manifest.sources))
+    return tokenize_corpus(cfg, open_sourced_documents(corpus_dir), load_tokenizer(model_dir), info.bos_token_id,
+                           out_dir, describe_corpus(corpus_dir), streamed=manifest.streamed)
 
 
 def train_row_stream(open_documents: Callable[[], Iterator[str]], tokens_meta: dict, tokenizer) -> TokenRowStream:
@@ -238,6 +431,8 @@ def load_rows(tokens_dir: str | Path, split: str, vocab_size: int | None = None)
     if not path.is_file():
         if split == "train" and read_tokens_meta(tokens_dir).get("streamed"):
             raise UserError(f"{tokens_dir}: the corpus is streamed, so train rows are made during training (use --stream)")
+        if split == "heldout" and not read_tokens_meta(tokens_dir)["heldout_sources"]:
+            raise UserError(f"{tokens_dir}: no held-out split (tokenize.heldout_sources was empty)")
         raise missing_file(path, written_by="tokenize")
     try:
         rows = np.load(path, allow_pickle=False)
@@ -265,7 +460,8 @@ def check_rows(rows: np.ndarray, path: Path, vocab_size: int | None = None) -> N
 
 
 class TokensMeta(BaseModel):
-    """meta.json of the tokenize stage: how the rows were made (keys as ``tokenize_corpus`` writes them)."""
+    """meta.json of the tokenize stage: how the rows were made (keys as ``tokenize_corpus`` writes them; the
+    mixture's keys are absent for a streamed corpus and from files written before sources were mixed)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -275,9 +471,13 @@ class TokensMeta(BaseModel):
     bos_token_id: NonNegativeInt
     eval_fraction: float = Field(gt=0.0, lt=1.0)
     split_seed: int
+    heldout_sources: list[str] = Field(default_factory=list)
     documents: dict[str, NonNegativeInt]
     rows: dict[str, NonNegativeInt]
     tokens: dict[str, NonNegativeInt]
+    source_weights: dict[str, float] = Field(default_factory=dict)
+    source_tokens: dict[str, dict[str, NonNegativeInt]] = Field(default_factory=dict)  # per split, per source
+    balanced_train_rows: NonNegativeInt | None = None  # leading train rows that hold every source in its share
 
 
 def read_tokens_meta(tokens_dir: str | Path) -> dict:

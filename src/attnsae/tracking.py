@@ -490,12 +490,16 @@ class LayerRun:
 
     @_logs
     def log_evaluation(self, params: dict[str, Any], metrics: dict[str, Any], metrics_file: str | Path,
-                       sae_dir: str | Path) -> None:
-        """What the evaluate stage logs: its config as ``evaluate.*`` params, the metrics, the metrics file,
-        and the md5 of the SAE folder they were measured on."""
+                       sae_dir: str | Path, heldout: dict[str, Any] | None = None,
+                       heldout_file: str | Path | None = None) -> None:
+        """What the evaluate stage logs: its config as ``evaluate.*`` params, the metrics and the held-out split's
+        (as ``heldout/<name>``), their files, and the md5 of the SAE folder they were measured on."""
         self.log_params({f"evaluate.{k}": v for k, v in params.items()})
-        self.log_metrics({k: v for k, v in metrics.items() if k != "layer"})
+        self.log_metrics({k: v for k, v in metrics.items() if k != "layer"}
+                         | {f"heldout/{k}": v for k, v in (heldout or {}).items() if k != "layer"})
         self.log_artifact(metrics_file)
+        if heldout_file is not None:
+            self.log_artifact(heldout_file, "heldout")
         self.tag_evaluated_sae(sae_dir)
 
 

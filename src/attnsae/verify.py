@@ -46,6 +46,10 @@ def metric_tolerance(key: str, recorded: Mapping[str, Any]) -> float | None:
     value = recorded.get(key)
     if not isinstance(value, float) or key == "dense_threshold":
         return None
+    if key.endswith("_se") and key[:-3] in recorded:
+        # a bootstrap standard error is the spread of the metric over resamples: each resample's value moves by
+        # at most the metric's own tolerance, so the spread does too
+        return metric_tolerance(key[:-3], recorded)
     if key in NATS_KEYS:
         return NATS_TOL
     if key == "loss_recovered":
