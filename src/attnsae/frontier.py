@@ -19,6 +19,7 @@ import io
 import json
 import math
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from attnsae import config
@@ -183,8 +184,6 @@ def collect(path) -> list[dict]:
 
 def read_frontier(path) -> list[dict]:
     """reports/frontier.csv as rows with numbers (None where a value is missing); [] when there is no file."""
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         return []

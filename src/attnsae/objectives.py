@@ -97,6 +97,29 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.T
     return error * torch.where(variance > 0, 1 / variance, 0.0) * dead.any()
 
 
+def tied_sae(d_in: int, d_sae: int, generator: torch.Generator, kind: str = "standard", k: int | None = None) -> SAE:
+    """The recipe's initial decoder (unit rows), with the encoder its transpose (Gao et al. 2024)."""
+    sae = SAE(d_in, d_sae, generator=generator, kind=kind, k=k)
+    with torch.no_grad():
+        sae.W_enc.copy_(sae.W_dec.T)
+    return sae
+
+
+def as_jumprelu(sae: SAE, threshold: torch.Tensor, input_scale: float = 1.0) -> SAE:
+    """A jumprelu SAE on unscaled inputs computing what ``sae`` computes on inputs scaled by ``input_scale`` (c),
+    with ``threshold``: pre(c x) = (x - b_dec / c) @ (c W_enc) + b_enc, and decoding to c x divides W_dec and
+    b_dec by c."""
+    c = input_scale
+    out = SAE(sae.d_in, sae.d_sae, kind="jumprelu").to(sae.W_enc.device)
+    with torch.no_grad():
+        out.W_enc.copy_(sae.W_enc * c)
+        out.b_enc.copy_(sae.b_enc)
+        out.threshold.copy_(threshold)
+        out.W_dec.copy_(sae.W_dec / c)
+        out.b_dec.copy_(sae.b_dec / c)
+    return out
+
+
 class Objective:
     """The recipe's objective (architecture standard); the others override what differs."""
 
@@ -144,11 +167,7 @@ class TopKObjective(Objective):
         self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
 
     def new_sae(self, generator: torch.Generator) -> SAE:
-        """The recipe's initial decoder (unit rows), with the encoder its transpose (Gao et al. 2024)."""
-        sae = SAE(self.d_in, self.cfg.d_sae, generator=generator, **self.saved_as())
-        with torch.no_grad():
-            sae.W_enc.copy_(sae.W_dec.T)
-        return sae
+        return tied_sae(self.d_in, self.cfg.d_sae, generator, **self.saved_as())
 
     def prepare(self, sae: SAE, x: torch.Tensor) -> None:
         with torch.no_grad():
@@ -188,10 +207,7 @@ class BatchTopKObjective(TopKObjective):
         self.threshold_set = torch.tensor(False, device=device)
 
     def new_sae(self, generator: torch.Generator) -> SAE:
-        sae = SAE(self.d_in, self.cfg.d_sae, generator=generator)  # trains as ReLU weights; saved as jumprelu
-        with torch.no_grad():
-            sae.W_enc.copy_(sae.W_dec.T)
-        return sae
+        return tied_sae(self.d_in, self.cfg.d_sae, generator)  # trains as ReLU weights; saved as jumprelu
 
     def activation(self, sae: SAE, pre: torch.Tensor) -> torch.Tensor:
         return batch_topk(pre, self.cfg.k)
@@ -217,12 +233,7 @@ class BatchTopKObjective(TopKObjective):
         self.threshold_set = state["threshold_set"].to(self.device)
 
     def inference_sae(self, sae: SAE) -> SAE:
-        out = SAE(sae.d_in, sae.d_sae, kind="jumprelu").to(sae.W_enc.device)
-        with torch.no_grad():
-            for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-                getattr(out, name).copy_(getattr(sae, name))
-            out.threshold.fill_(float(self.threshold))
-        return out
+        return as_jumprelu(sae, torch.full((sae.d_sae,), float(self.threshold)))
 
     def saved_as(self) -> dict:
         return {"kind": "jumprelu", "k": None}
@@ -232,9 +243,8 @@ class JumpReLUObjective(Objective):
     kind = "jumprelu"
 
     def new_sae(self, generator: torch.Generator) -> SAE:
-        sae = SAE(self.d_in, self.cfg.d_sae, generator=generator, kind="jumprelu")
+        sae = tied_sae(self.d_in, self.cfg.d_sae, generator, kind="jumprelu")
         with torch.no_grad():
-            sae.W_enc.copy_(sae.W_dec.T)
             sae.threshold.fill_(self.cfg.jumprelu_init_threshold)
         return sae
 
@@ -270,17 +280,7 @@ class JumpReLUObjective(Objective):
         self.input_scale = float(state["input_scale"])
 
     def inference_sae(self, sae: SAE) -> SAE:
-        """The SAE on unscaled inputs: with c the input scale, pre(c x) = (x - b_dec / c) @ (c W_enc) + b_enc, and
-        decoding to c x divides W_dec and b_dec by c."""
-        c = self.input_scale
-        out = SAE(sae.d_in, sae.d_sae, kind="jumprelu").to(sae.W_enc.device)
-        with torch.no_grad():
-            out.W_enc.copy_(sae.W_enc * c)
-            out.b_enc.copy_(sae.b_enc)
-            out.threshold.copy_(sae.threshold)
-            out.W_dec.copy_(sae.W_dec / c)
-            out.b_dec.copy_(sae.b_dec / c)
-        return out
+        return as_jumprelu(sae, sae.threshold, self.input_scale)
 
 
 OBJECTIVES = {"standard": Objective, "topk": TopKObjective, "batchtopk": BatchTopKObjective,
