@@ -147,6 +147,16 @@ def test_every_feature_has_scores_percentiles_and_tags(case):
     assert never_fired and all(summary["tags"][f] == [] for f in never_fired)  # nothing on the page to check a tag by
 
 
+def test_dfa_from_kept_batches_equals_batches_captured_again(case, monkeypatch, tiny_model_dir):
+    """Beyond CAPTURE_BUDGET_BYTES the scan keeps no layer tensors and the DFA pass captures the same batches
+    again: the document is the same, byte for byte."""
+    bridge, info, sae, rows, doc = case
+    monkeypatch.setattr(dashboards, "CAPTURE_BUDGET_BYTES", 0)
+    again = dashboards.build_document(CFG, bridge, info, sae, "sae-under-test", LAYER, rows, alive_rows=5,
+                                      tokenizer=load_tokenizer(tiny_model_dir(seed=0)), device=torch.device("cpu"))
+    assert again == doc
+
+
 def test_content_hash_covers_the_document(case):
     doc = case[-1]
     assert doc["content_hash"] == dashboards.content_hash(doc)

@@ -5,7 +5,7 @@ SQLite store), is reproduced by a sequence of `dvc repro` runs, each in its own 
 line by line as it comes. Each run is watched for `Running stage '<name>'` of the next chosen stage, and the whole
 group gets SIGKILL a seeded random delay later (as the stage ends, if it ends first); the next `dvc repro` goes on
 and is killed in the next chosen stage, until a last uninterrupted `dvc repro` completes. The chosen stages: every
-stage that is not per layer, and one train@L, evaluate@L and publish@L. The killed train stage is killed in its
+stage that is not per layer (evaluate among them), and one train@L and publish@L. The killed train stage is killed in its
 training loop, after a seeded logged step past the first checkpoint (the loop lasts well under a second on the
 tiny profile, too short for a delay from the stage's start); the other train stage gets SIGTERM in its loop: it
 must stop within seconds with one line about the checkpoint it saved, and its rerun must resume from that
@@ -193,12 +193,12 @@ def execution_order(output: str) -> list[str]:
 
 
 def plan_faults(order: list[str], rng: random.Random) -> list[Fault]:
-    """A SIGKILL in every kind of stage (one train@L, one evaluate@L, one publish@L), and a SIGTERM in the loop
+    """A SIGKILL in every kind of stage (one train@L, one publish@L), and a SIGTERM in the loop
     of another train stage, then a SIGKILL of that stage's rerun at its final line; in the order DVC runs them."""
     layers = sorted(int(s.split("@")[1]) for s in order if s.startswith("train@"))
     kill_train = rng.choice(layers)
     term_train = rng.choice([n for n in layers if n != kill_train] or layers)
-    chosen = {"train": kill_train, "evaluate": rng.choice(layers), "publish": rng.choice(layers)}
+    chosen = {"train": kill_train, "publish": rng.choice(layers)}
     faults = []
     for stage in order:
         kind, _, layer = stage.partition("@")

@@ -25,6 +25,7 @@ from attnsae.evaluate import (  # noqa: E402
     bootstrap_se,
     density_histogram,
     evaluate_sae,
+    evaluate_saes,
     explained_variance_from_sums,
     finish,
     kl_div,
@@ -237,12 +238,39 @@ def test_running_on_from_a_block_is_the_rest_of_a_full_pass(tiny_eval_case, laye
     tokens = torch.from_numpy(rows).long()
     zero = (hook_z_name(layer), lambda z, hook: torch.zeros_like(z))
     with torch.inference_mode():
-        entry = block_inputs(bridge, tokens, layer)
+        entry = block_inputs(bridge, tokens, [layer])[layer]
         assert torch.equal(logits_from_block(bridge, layer, *entry), bridge(tokens, return_type="logits"))
         with bridge.hooks(fwd_hooks=[zero]):
             ablated = logits_from_block(bridge, layer, *entry)
         assert torch.equal(ablated, bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=[zero]))
         assert torch.equal(logits_from_block(bridge, layer, *entry), bridge(tokens, return_type="logits"))  # reusable
+
+
+def test_one_pass_keeps_what_each_block_receives(tiny_eval_case):
+    """block_inputs of several layers from one run are what each layer's own run gives, and running on from an
+    earlier layer's entry later still gives the full pass (no block changes what it received)."""
+    bridge, _, rows = tiny_eval_case
+    tokens = torch.from_numpy(rows).long()
+    with torch.inference_mode():
+        together = block_inputs(bridge, tokens, [0, 3, TINY_EVAL_LAYER])
+        for layer in (0, TINY_EVAL_LAYER, 3):
+            (args, kwargs), (alone_args, alone_kwargs) = together[layer], block_inputs(bridge, tokens, [layer])[layer]
+            assert torch.equal(args[0], alone_args[0]) and kwargs.keys() == alone_kwargs.keys()
+            assert torch.equal(logits_from_block(bridge, layer, *together[layer]), bridge(tokens, return_type="logits"))
+
+
+def test_layers_evaluated_together_match_each_alone(tiny_eval_case):
+    """The evaluate stage measures all layers in one pass over the rows: each layer's metrics are those of its
+    SAE evaluated alone."""
+    bridge, info, rows = tiny_eval_case
+    saes = {layer: SAE(info.d_in, 32, generator=torch.Generator().manual_seed(layer)) for layer in (0, TINY_EVAL_LAYER)}
+    together = evaluate_saes(bridge, saes, rows, TINY_EVAL_CFG, torch.device("cpu"))
+    assert sorted(together) == sorted(saes)
+    for layer, sae in saes.items():
+        alone, density = evaluate_sae(bridge, sae, layer, rows, TINY_EVAL_CFG, torch.device("cpu"))
+        assert together[layer][0] == alone
+        np.testing.assert_array_equal(together[layer][1], density)
+    assert together[0][0]["ce_zero"] != together[TINY_EVAL_LAYER][0]["ce_zero"]  # the layers' own ablations
 
 
 def test_evaluate_perfect_sae(tiny_eval_case):
@@ -373,6 +401,25 @@ def test_cli_evaluate_refuses_a_layer_the_sae_was_not_trained_on(sae_folder_and_
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    ([], "name the SAEs to evaluate: --layer (repeatable; our models/sae/L<layer>), --all-layers, or --sae FOLDER"),
+    (["--sae", "x", "--all-layers"], "--sae names one SAE folder: give at most one --layer with it, and not --all-layers"),
+    (["--sae", "x", "--layer", "1", "--layer", "2"], "--sae names one SAE folder"),
+    (["--layer", "1", "--layer", "2", "--out", "m.json"], "--out, --density and --heldout-out name one SAE's files"),
+    (["--all-layers", "--heldout-out", "h.json"], "--out, --density and --heldout-out name one SAE's files"),
+])
+def test_cli_evaluate_refuses_unclear_sae_choices_in_one_line(args, message, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from attnsae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["evaluate", "--params", str(TINY_PROFILE), "--no-mlflow", *args])
+    assert result.exit_code != 0
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sae_layer_needs_an_attention_output_hook():
     from attnsae.evaluate import sae_layer
 
@@ -402,7 +449,7 @@ def test_cli_evaluating_another_sae_leaves_the_pipelines_outputs_alone(sae_folde
                                                                                         "reports/metrics/L2.json"]
     refused = CliRunner().invoke(main, [*common, "--out", str(layout.metrics_file(2))])
     assert refused.exit_code != 0
-    assert "belongs to the evaluate@2 stage" in refused.output and len(refused.output.strip().splitlines()) == 1
+    assert "belongs to the evaluate stage" in refused.output and len(refused.output.strip().splitlines()) == 1
     assert layout.metrics_file(2).read_text() == "the pipeline's own result\n"
 
 

@@ -114,6 +114,10 @@ BAD_VALUES = [
     ("per_layer.L2.l1_coeff", -0.5, "must be a finite number >= 0 (got -0.5)"),
     ("per_layer.L2.dead_cutoff", INF, "must be a finite number >= 0 and <= 1 (got inf)"),
     ("per_layer.L2.dead_cutoff", 2, "must be a finite number >= 0 and <= 1 (got 2)"),
+    # tokenize: the sources it splits by are corpus.sources (tiny.yaml: [synthetic])
+    ("tokenize.heldout_sources", ["npm:brown"], "'npm:brown' is not a source of the corpus (allowed: synthetic)"),
+    ("tokenize.heldout_sources", ["synthetic"], "must leave at least one corpus source to train on"),
+    ("tokenize.source_weights", {"npm:sotu": 2.0}, "'npm:sotu' is not a source of the corpus (allowed: synthetic)"),
     # evaluate
     ("evaluate.batch_rows", 0, "must be an integer >= 1 (got 0)"),
     ("evaluate.batch_rows", "8", "must be an integer >= 1 (got '8')"),

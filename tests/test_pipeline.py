@@ -30,11 +30,11 @@ def pipeline(tiny_pipeline):
 def test_first_repro_runs_every_stage(pipeline):
     root, _, first = pipeline
     assert stages_run(first) == {
-        "params", "model", "corpus", "tokenize", "activations", "train@1", "train@2", "evaluate@1", "evaluate@2",
+        "params", "model", "corpus", "tokenize", "activations", "train@1", "train@2", "evaluate",
         "dashboards@1", "dashboards@2", "report", "publish@1", "publish@2",
     }
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert {"model", "train@1", "evaluate@2", "report"} <= set(lock["stages"])
+    assert {"model", "train@1", "evaluate", "report"} <= set(lock["stages"])
 
 
 def test_metrics_files_hold_every_metric(pipeline):
@@ -112,7 +112,7 @@ def test_mlflow_runs_carry_git_dvc_tags_and_registered_saes(pipeline):
     for layer in (1, 2):
         train, evaluation = trains[str(layer)], evaluations[str(layer)]
         assert train.data.tags["attnsae.dvc_stage.train"] == f"train@{layer}"
-        assert evaluation.data.tags["attnsae.dvc_stage.evaluate"] == f"evaluate@{layer}"
+        assert evaluation.data.tags["attnsae.dvc_stage.evaluate"] == "evaluate"
         recorded = next(o["md5"] for o in lock[f"train@{layer}"]["outs"] if o["path"] == f"models/sae/L{layer}")
         assert train.data.tags["attnsae.dvc_md5"] == recorded == evaluation.data.tags["attnsae.evaluated_sae_dvc_md5"]
         assert train.data.tags["attnsae.sae_path"] == f"models/sae/L{layer}"
@@ -132,14 +132,14 @@ def test_second_repro_does_nothing_and_one_layer_change_retrains_only_it(pipelin
     params["per_layer"]["L2"] = {"l1_coeff": 0.05}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run(["dvc", "repro"], root, env)
-    assert stages_run(third) == {"params", "train@2", "evaluate@2", "dashboards@2", "report", "publish@2"}
+    assert stages_run(third) == {"params", "train@2", "evaluate", "dashboards@2", "report", "publish@2"}
 
 
 @pytest.mark.parametrize("module, stages", [
     ("train.py", {"train@1", "train@2"}),
     # report and publish read evaluate's files; dashboards reads the SAE's layer with it
-    ("evaluate.py", {"evaluate@1", "evaluate@2", "dashboards@1", "dashboards@2", "report", "publish@1", "publish@2"}),
-    ("sae.py", {"train@1", "train@2", "evaluate@1", "evaluate@2", "dashboards@1", "dashboards@2", "report", "publish@1",
+    ("evaluate.py", {"evaluate", "dashboards@1", "dashboards@2", "report", "publish@1", "publish@2"}),
+    ("sae.py", {"train@1", "train@2", "evaluate", "dashboards@1", "dashboards@2", "report", "publish@1",
                 "publish@2"}),
     ("families.py", {"dashboards@1", "dashboards@2", "report"}),  # report reads the dashboards' files
 ])

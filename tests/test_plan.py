@@ -59,3 +59,13 @@ def test_plan_adds_the_dashboards_cost():
     model = [float(line.split("model ")[1].split(",")[0]) for line in per_layer]
     assert model[11] == pytest.approx(12 * model[0], rel=0.01)
     assert "memory of one layer: 100.0 MiB of firings at L0 20" in lines[start + 13]
+
+
+def test_plan_adds_the_evaluate_cost_with_its_shared_clean_pass():
+    result = CliRunner().invoke(main, ["plan", "--params", str(PROFILES / "quickstart.yaml"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("evaluate:")]
+    # layers 3, 10, 17, 24 of 30: 1 + 2 (27 + 20 + 13 + 6) / 30 passes together; apart (3 + 10 + 17 + 24) / 30
+    # + 3 (27 + 20 + 13 + 6) / 30
+    assert line.startswith("evaluate: 40,960 tokens (256 evaluation + 64 held-out rows), 5.4 model passes per token "
+                           "for all layers (8.4 evaluated apart)")

@@ -9,13 +9,12 @@ import re
 import numpy as np
 import pytest
 
-from attnsae.config import TokenizeConfig
+from attnsae.config import TokenizeConfig, check_split_sources
 from attnsae.errors import UserError
 from attnsae.models import DOCUMENT_SEPARATOR, byte_level_tokenizer
 from attnsae.tokenization import (
     TokenRowStream,
     balanced_prefix,
-    check_split_sources,
     is_eval_document,
     load_rows,
     mixture_order,

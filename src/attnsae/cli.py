@@ -117,7 +117,7 @@ def main() -> None:
     """attnsae: sparse autoencoders on attention outputs (hook_z), trained, evaluated and reproduced.
 
     The stages run in this order (dvc repro runs them for you):
-    params (check-params) -> model -> corpus -> tokenize -> activations -> train@L -> evaluate@L ->
+    params (check-params) -> model -> corpus -> tokenize -> activations -> train@L -> evaluate ->
     dashboards@L -> report, publish@L;
     streaming profiles (gpt2-small) store no text, tokens or activations, train every layer in one
     stage from one model pass, and also import and evaluate the published SAEs.
@@ -280,63 +280,98 @@ def train(
 
 @main.command()
 @params_option
-@sae_on_tokens_options
+@click.option("--layer", "layer_args", multiple=True,
+              help="Layer number, e.g. 3 or L3; repeat to evaluate several layers' SAEs in one pass over the rows "
+                   "[with --sae: default the layer in its cfg.json].")
+@click.option("--all-layers", is_flag=True, help="Every layer in params.yaml's `layers` (the evaluate stage).")
+@click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True)
+@click.option("--tokens", "tokens_dir", default=str(layout.TOKENS_DIR), show_default=True)
+@click.option("--sae", "sae_dir", default=None,
+              help=f"Any hook_z SAE folder in the SAELens format (ours, imported, SAELens) "
+                   f"[default: {layout.SAE_ROOT}/L<layer>]")
 @click.option("--max-rows", type=click.IntRange(min=0), default=None,
               help="Evaluate on the first N eval rows (0: all) [default: params evaluate.max_rows].")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=None,
               help="Rows per forward pass [default: params evaluate.batch_rows].")
 @click.option("--out", default=None,
-              help=f"Metrics JSON [default: {layout.METRICS_DIR}/L<layer>.json for the pipeline's own SAE; "
-                   "another SAE's metrics are only printed unless --out is given]")
+              help=f"Metrics JSON, one SAE only [default: {layout.METRICS_DIR}/L<layer>.json for the pipeline's own "
+                   "SAE; another SAE's metrics are only printed unless --out is given]")
 @click.option("--density", default=None,
-              help=f"Density histogram CSV [default: {layout.DENSITY_DIR}/L<layer>.csv for the pipeline's own SAE]")
+              help=f"Density histogram CSV, one SAE only [default: {layout.DENSITY_DIR}/L<layer>.csv for the "
+                   "pipeline's own SAE]")
 @click.option("--heldout-out", "heldout_out", default=None,
-              help=f"Held-out metrics JSON, the SAE measured on the held-out split too "
+              help=f"Held-out metrics JSON, the SAE measured on the held-out split too, one SAE only "
                    f"[default: {layout.HELDOUT_METRICS_DIR}/L<layer>.json for the pipeline's own SAE]")
 @click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
 @one_line_errors
 def evaluate(
-    params_path: str, layer: str | None, model_dir: str, tokens_dir: str, sae_dir: str | None,
-    max_rows: int | None, batch_rows: int | None, out: str | None, density: str | None, heldout_out: str | None,
-    no_mlflow: bool,
+    params_path: str, layer_args: tuple[str, ...], all_layers: bool, model_dir: str, tokens_dir: str,
+    sae_dir: str | None, max_rows: int | None, batch_rows: int | None, out: str | None, density: str | None,
+    heldout_out: str | None, no_mlflow: bool,
 ) -> None:
-    """Evaluate a hook_z SAE on the evaluation and held-out splits of a model's tokens (params: evaluate).
+    """Evaluate hook_z SAEs on the evaluation and held-out splits of a model's tokens (params: evaluate).
 
-    With --sae, any SAELens-format hook_z SAE folder; its layer comes from its cfg.json. Only the
-    evaluation of the pipeline's own SAE (models/sae/L<layer>) writes the pipeline's metrics, held-out metrics
-    and density files and logs to the layer's MLflow run. Every CE-based metric and L0 comes with a bootstrap
-    standard error over rows.
+    The layers named together share the clean forward pass (the stage runs --all-layers). With --sae, any
+    SAELens-format hook_z SAE folder. Only the evaluation of the pipeline's own SAEs (models/sae/L<layer>) writes
+    the pipeline's metrics, held-out metrics and density files and logs to the layers' MLflow runs. Every
+    CE-based metric and L0 comes with a bootstrap standard error over rows.
     """
-    from attnsae.evaluate import evaluate_layer, format_metrics, read_heldout_metrics, sae_layer
+    from attnsae.evaluate import evaluate_layers, read_heldout_metrics, sae_layer
     from attnsae.sae import read_sae_cfg
 
     params = config.read_params(params_path)
-    if layer is None and sae_dir is None:
-        raise UserError("name the SAE to evaluate: --layer (our models/sae/L<layer>) or --sae FOLDER")
-    n = sae_layer(read_sae_cfg(sae_dir), sae_dir) if layer is None else config.parse_layer(layer)
     overrides = {k: v for k, v in (("max_rows", max_rows), ("batch_rows", batch_rows)) if v is not None}
     cfg = config.evaluate_config(params).model_copy(update=overrides)
-    own = is_pipeline_sae(sae_dir, n)
-    pipeline_files = {layout.metrics_file(n).resolve(), layout.density_file(n).resolve(),
-                      layout.heldout_metrics_file(n).resolve()}
-    if not own:
-        for given in (out, density, heldout_out):
-            if given is not None and Path(given).resolve() in pipeline_files:
-                raise UserError(f"{given} belongs to the evaluate@{n} stage (it measures {layout.sae_dir(n)}); "
-                                f"write {sae_dir}'s metrics elsewhere")
+    if sae_dir is not None:
+        if all_layers or len(layer_args) > 1:
+            raise UserError("--sae names one SAE folder: give at most one --layer with it, and not --all-layers")
+        # a given layer is checked against the folder's cfg.json as it loads
+        layers = [config.parse_layer(layer_args[0]) if layer_args else sae_layer(read_sae_cfg(sae_dir), sae_dir)]
+    elif not (layer_args or all_layers):
+        raise UserError("name the SAEs to evaluate: --layer (repeatable; our models/sae/L<layer>), --all-layers, "
+                        "or --sae FOLDER")
+    else:
+        layers = chosen_layers(layer_args, config.layers(params) if all_layers else None)
+    if len(layers) > 1 and (out or density or heldout_out):
+        raise UserError("--out, --density and --heldout-out name one SAE's files; leave them out for several layers")
+    sae_dirs = {n: sae_dir or str(layout.sae_dir(n)) for n in layers}
+    files = {n: evaluation_files(n, is_pipeline_sae(sae_dir, n), out, density, heldout_out) for n in layers}
+    # A layer's run holds the pipeline's results: other SAEs, or results written elsewhere, stay out of it.
+    logged = [n for n in layers if files[n].metrics is not None
+              and Path(files[n].metrics).resolve() == layout.metrics_file(n).resolve()]
+    log = bool(logged) and logging_on(no_mlflow)
+    with contextlib.ExitStack() as stack:
+        runs = {n: stack.enter_context(tracked(params, n, "evaluate", log)) for n in logged}
+        results = evaluate_layers(cfg, model_dir, tokens_dir, sae_dirs, files)
+        for n, metrics in results.items():
+            heldout = read_heldout_metrics(files[n].heldout) if files[n].heldout else None
+            if runs.get(n) is not None:
+                runs[n].log_evaluation(cfg.model_dump(), metrics, files[n].metrics, sae_dirs[n], heldout,
+                                       files[n].heldout)
+            echo_evaluation(n, metrics, heldout, written=files[n].metrics is not None)
+
+
+def evaluation_files(layer: int, own: bool, out: str | None, density: str | None, heldout_out: str | None):
+    """Where `attnsae evaluate` writes a layer's results: the pipeline's files for its own SAE (unless others are
+    given); for another SAE only the files given, never the pipeline's."""
+    from attnsae.evaluate import EvaluationFiles
+
+    pipeline = EvaluationFiles(layout.metrics_file(layer), layout.density_file(layer),
+                               layout.heldout_metrics_file(layer))
     if own:
-        out = out or str(layout.metrics_file(n))
-        density = density or str(layout.density_file(n))
-        heldout_out = heldout_out or str(layout.heldout_metrics_file(n))
-    sae_dir = sae_dir or str(layout.sae_dir(n))
-    # The layer's run holds the pipeline's results: other SAEs, or results written elsewhere, stay out of it.
-    log = own and Path(out).resolve() in pipeline_files and logging_on(no_mlflow)
-    with tracked(params, n, "evaluate", log) as run:
-        metrics = evaluate_layer(cfg, model_dir, tokens_dir, sae_dir, n, out, density, heldout_out)
-        heldout = read_heldout_metrics(heldout_out) if heldout_out else None
-        if run is not None:
-            run.log_evaluation(cfg.model_dump(), metrics, out, sae_dir, heldout, heldout_out)
-    click.echo(f"evaluate L{n}: {metrics['model']}" + ("" if out else " (not written: pass --out to keep it)"))
+        return EvaluationFiles(out or pipeline.metrics, density or pipeline.density, heldout_out or pipeline.heldout)
+    taken = {Path(p).resolve() for p in (pipeline.metrics, pipeline.density, pipeline.heldout)}
+    for given in (out, density, heldout_out):
+        if given is not None and Path(given).resolve() in taken:
+            raise UserError(f"{given} belongs to the evaluate stage (it measures {layout.sae_dir(layer)}); "
+                            f"write this SAE's metrics elsewhere")
+    return EvaluationFiles(out, density, heldout_out)
+
+
+def echo_evaluation(layer: int, metrics: dict, heldout: dict | None, written: bool) -> None:
+    from attnsae.evaluate import format_metrics
+
+    click.echo(f"evaluate L{layer}: {metrics['model']}" + ("" if written else " (not written: pass --out to keep it)"))
     for line in format_metrics(metrics):
         click.echo(line)
     if heldout is not None:

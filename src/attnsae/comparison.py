@@ -1,7 +1,7 @@
 """What the report's per-layer table is compared against.
 
 Either the published GPT-2 Small table (design.md 2) or the metrics folder of an earlier run or of
-an imported SAE (``L<n>.json`` files in the format the `evaluate@L` stage writes). The published
+an imported SAE (``L<n>.json`` files in the format the `evaluate` stage writes). The published
 numbers only mean something next to GPT-2 Small at the same site, so that comparison is refused
 for any other model.
 """

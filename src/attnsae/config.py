@@ -531,6 +531,7 @@ def validate(params: dict[str, Any]) -> None:
     for key in _per_layer(params):
         sae_config(params, _entry_layer(key))
     check_dashboards_rows(params)
+    check_split_sources(tokenize_config(params), corpus_config(params).sources)
 
 
 def check_dashboards_rows(params: dict[str, Any]) -> None:
@@ -540,6 +541,20 @@ def check_dashboards_rows(params: dict[str, Any]) -> None:
         needed = f">= evaluate.max_rows ({alive_rows})" if alive_rows else "0 (all), as evaluate.max_rows is 0 (all)"
         raise UserError(f"{PARAMS_FILE}: bad value for 'dashboards.max_rows': must be 0 (all) or {needed}, so the "
                         f"dashboards see the rows that decide which features are alive (got {rows})")
+
+
+def check_split_sources(cfg: TokenizeConfig, sources: list[str]) -> None:
+    """The sources that ``tokenize.heldout_sources`` and ``tokenize.source_weights`` name are corpus sources, and one
+    is left to train on (checked on params.yaml, and by tokenize again on the corpus it reads)."""
+    allowed = ", ".join(sources)
+    for key, named in (("heldout_sources", cfg.heldout_sources), ("source_weights", list(cfg.source_weights))):
+        for source in named:
+            if source not in sources:
+                raise UserError(f"{PARAMS_FILE}: bad value for 'tokenize.{key}': {source!r} is not a source of the "
+                                f"corpus (allowed: {allowed})")
+    if set(sources) <= set(cfg.heldout_sources):
+        raise UserError(f"{PARAMS_FILE}: bad value for 'tokenize.heldout_sources': must leave at least one corpus "
+                        f"source to train on (got {cfg.heldout_sources!r})")
 
 
 def list_profiles(root: Path) -> list[str]:

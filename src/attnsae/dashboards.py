@@ -15,8 +15,10 @@ How the numbers are made, in one pass over the dashboard tokens:
   family statistics' working set (families.py);
 - the same batch feeds the corpus family statistics (families.CorpusFamilyStats), for the SAE and for the
   null encoder of random directions behind every tag's percentile;
-- after the pass, the model runs again on just the rows that hold a shown example, for the direct feature
-  attribution (DFA, attribution.py) of every shown example at its own token: a few hundred rows at most.
+- the pass keeps each batch's layer tensors (``BatchCaptures``) while all of them fit in ``CAPTURE_BUDGET_BYTES``
+  (the quickstart's 256 rows: ~300 MB), for the direct feature attribution (DFA, attribution.py) of every shown
+  example at its own token; beyond that, the batches holding a shown example run again, with the same rows, so
+  the numbers are the same either way.
 - "alive": fired at least once on the first ``evaluate.max_rows`` evaluation rows, the tokens and the rule of
   evaluate's ``dead_fraction``. Cards: the first ``dashboards.first_n`` alive features by id, as the post rated,
   plus ``dashboards.features``.
@@ -102,6 +104,34 @@ class Firings:
         return maxima
 
 
+CAPTURE_BUDGET_BYTES = 1 << 30
+
+
+class BatchCaptures:
+    """The scan's layer tensors by batch (its first row), all kept when all fit in ``CAPTURE_BUDGET_BYTES`` and
+    none otherwise; a batch not kept is captured again from the same rows."""
+
+    def __init__(self, n_rows: int, batch_rows: int) -> None:
+        self.n_rows, self.batch_rows = n_rows, batch_rows
+        self.kept: dict[int, attribution.LayerTensors] = {}
+        self.keeping: bool | None = None  # decided on the first batch
+
+    def offer(self, start: int, t: attribution.LayerTensors) -> None:
+        if self.keeping is None:
+            per_row = sum(x.element_size() * x.numel() for x in (t.tokens, t.z, t.pattern, t.v)) / len(t.tokens)
+            self.keeping = per_row * self.n_rows <= CAPTURE_BUDGET_BYTES
+        if self.keeping:
+            self.kept[start] = t
+
+    def batch_start(self, row: int) -> int:
+        return row - row % self.batch_rows
+
+    def get(self, bridge, rows: np.ndarray, start: int, layer: int, device: torch.device) -> attribution.LayerTensors:
+        if start in self.kept:
+            return self.kept[start]
+        return attribution.capture_layer(bridge, rows_as_tensor(rows[start : start + self.batch_rows], device), layer)
+
+
 @dataclass
 class Scan:
     """What the one pass over the dashboard tokens leaves behind."""
@@ -111,6 +141,7 @@ class Scan:
     stats: families.CorpusFamilyStats
     null: SAE
     null_stats: families.CorpusFamilyStats
+    captures: BatchCaptures
 
 
 @torch.inference_mode()
@@ -121,9 +152,11 @@ def scan(bridge, sae: SAE, layer: int, rows: np.ndarray, alive_rows: int, cfg: D
     null = null_stats = None
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
     parts = []
+    captures = BatchCaptures(len(rows), cfg.batch_rows)
     for start in range(0, len(rows), cfg.batch_rows):
         tokens = rows_as_tensor(rows[start : start + cfg.batch_rows], device)
         t = attribution.capture_layer(bridge, tokens, layer)
+        captures.offer(start, t)
         batch, positions = tokens.shape
         acts = sae.encode(t.x).view(batch, positions, -1)
         b, s, f = acts.nonzero(as_tuple=True)
@@ -136,7 +169,7 @@ def scan(bridge, sae: SAE, layer: int, rows: np.ndarray, alive_rows: int, cfg: D
             null_stats = families.CorpusFamilyStats(null, n_heads)
         stats.add(t, acts)
         null_stats.add(t, null.encode(t.x).view(batch, positions, -1))
-    return Scan(Firings.from_parts(parts, sae.d_sae), fired.numpy(), stats, null, null_stats)
+    return Scan(Firings.from_parts(parts, sae.d_sae), fired.numpy(), stats, null, null_stats, captures)
 
 
 def document_ids(rows: np.ndarray, bos: int) -> np.ndarray:
@@ -195,32 +228,28 @@ def choose_examples(firings: Firings, feature: int, cfg: DashboardsConfig) -> tu
 
 
 @torch.inference_mode()
-def attribute_examples(bridge, sae: SAE, layer: int, rows: np.ndarray, refs: list[ExampleRef], batch_rows: int,
+def attribute_examples(bridge, sae: SAE, layer: int, rows: np.ndarray, refs: list[ExampleRef], captures: BatchCaptures,
                        device: torch.device) -> dict[ExampleRef, dict]:
-    """For each example: its window's activations and its DFA by source and by head, from a fresh forward pass
-    over just the rows that hold examples."""
+    """For each example: its window's activations and its DFA by source and by head, from the scan's layer tensors
+    of its batch."""
     n_heads = bridge.cfg.n_heads
     w_heads = attribution.encoder_by_head(sae, n_heads)
     bias = attribution.bias_terms(sae)
-    by_row: dict[int, list[ExampleRef]] = {}
+    by_batch: dict[int, list[ExampleRef]] = {}
     for r in refs:
-        by_row.setdefault(r.row, []).append(r)
-    wanted = sorted(by_row)
+        by_batch.setdefault(captures.batch_start(r.row), []).append(r)
     out: dict[ExampleRef, dict] = {}
-    for start in range(0, len(wanted), batch_rows):
-        chunk = wanted[start : start + batch_rows]
-        tokens = rows_as_tensor(rows[chunk], device)
-        t = attribution.capture_layer(bridge, tokens, layer)
-        pre = attribution.pre_activations(sae, t.x).view(len(chunk), tokens.shape[1], -1)
+    for start, todo in sorted(by_batch.items()):
+        t = captures.get(bridge, rows, start, layer, device)
+        batch, positions = t.tokens.shape
+        pre = attribution.pre_activations(sae, t.x).view(batch, positions, -1)
         acts = sae.activation(pre)  # the SAE's own activation function (ReLU, TopK or JumpReLU)
-        todo = [r for row in chunk for r in by_row[row]]
-        index = {row: i for i, row in enumerate(chunk)}
-        b = torch.tensor([index[r.row] for r in todo], device=device)
+        b = torch.tensor([r.row - start for r in todo], device=device)
         d = torch.tensor([r.position for r in todo], device=device)
         f = torch.tensor([r.feature for r in todo], device=device)
         contributions = attribution.dfa(t, w_heads, b, d, f).cpu()  # [N, S, H]
         for n, r in enumerate(todo):
-            lo, hi = max(0, r.position - WINDOW_BEFORE), min(tokens.shape[1], r.position + WINDOW_AFTER + 1)
+            lo, hi = max(0, r.position - WINDOW_BEFORE), min(positions, r.position + WINDOW_AFTER + 1)
             by_source = contributions[n, : r.position + 1].sum(-1)
             out[r] = {
                 "start": lo,
@@ -329,7 +358,7 @@ def build_document(
     chosen = card_features(alive, cfg.first_n, cfg.features, sae.d_sae)
     picks = {f: choose_examples(firings, f, cfg) for f, _ in chosen}
     refs = {r for top, intervals in picks.values() for r in top + [e for i in intervals for e in i["examples"]]}
-    attributed = attribute_examples(bridge, sae, layer, rows, sorted(refs, key=_ref_order), cfg.batch_rows, device)
+    attributed = attribute_examples(bridge, sae, layer, rows, sorted(refs, key=_ref_order), scanned.captures, device)
     row_text = {row: [token_text(int(t)) for t in rows[row]] for row in {r.row for r in refs}}
     logits = logit_tables(bridge, sae, layer, [f for f, _ in chosen], cfg.logit_tokens, token_text)
     decoder_share = attribution.decoder_head_shares(sae, n_heads).cpu()

@@ -12,9 +12,9 @@ Paths are relative to the repository root, where DVC runs every stage. Each arti
 | activation cache | `data/activations/L<n>/` (bf16 shards + `meta.json`) | `activations`: `activations.cache_activations` | `activations.DiskActivations` | train@L |
 | SAE | `models/sae/L<n>/` (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`) | `train@L` / `train`: `train.run_train_stage` | `sae.load_sae`, `sae.read_sae_cfg` | evaluate, report, publish |
 | training curves | `reports/curves/L<n>.csv` | `train@L` / `train` | `dvc plots` | - |
-| metrics | `reports/metrics/L<n>.json` | `evaluate@L`: `evaluate.evaluate_layer` | `evaluate.read_metrics` | report, publish, verify |
-| held-out metrics | `reports/metrics_heldout/L<n>.json` (says so when no source is held out) | `evaluate@L` | `evaluate.read_heldout_metrics` | report |
-| density histogram | `reports/density/L<n>.csv` | `evaluate@L` | `evaluate.read_density` | report |
+| metrics | `reports/metrics/L<n>.json` | `evaluate`: `evaluate.evaluate_layers` | `evaluate.read_metrics` | report, publish, verify |
+| held-out metrics | `reports/metrics_heldout/L<n>.json` (says so when no source is held out) | `evaluate` | `evaluate.read_heldout_metrics` | report |
+| density histogram | `reports/density/L<n>.csv` | `evaluate` | `evaluate.read_density` | report |
 | dashboards | `reports/dashboards/L<n>/` (`features.json` + `index.html`) | `dashboards@L`: `dashboards.build_dashboards` | `dashboards.read_features` | report |
 | labels | `labels/L<n>.csv` (git-tracked, people's ratings) | `attnsae labels import`: `labels.import_labels` | `labels.read_labels` | report |
 | report | `reports/report.md`, `reports/index.html`, `reports/layers.csv` | `report`: `report.build_report` | people; `dvc plots` (frontier) | - |

@@ -6,8 +6,11 @@ layers when they share one pass (the activation cache's tokens for a disk cache)
 divides FLOPs by matmul throughput measured on this device at the SAE's shape: real steps reach a
 fraction of that (82% for the CPU SAE step in BENCHMARKS.md), so read it as optimistic.
 
-The dashboards (dashboards.py) of layer L over T tokens: the model up to layer L twice at most (the pass, then
-the rows that hold shown examples), 2 * n_params * (L+1)/n_layers * T each; the SAE's and the null's encoders,
+The evaluate stage (evaluate.py) over T evaluation and held-out tokens: one clean pass for all layers, then for
+each layer L the rest of the model twice (SAE, zeroed), 2 * n_params * T * (1 + sum_L 2 (n_layers - L)/n_layers).
+
+The dashboards (dashboards.py) of layer L over T tokens: the model up to layer L once (its layer tensors kept for
+the shown examples' DFA), 2 * n_params * (L+1)/n_layers * T; the SAE's and the null's encoders,
 2 * d_in * (d_sae + null) * T, and the family statistics' reads of every firing feature, at most as much again.
 Memory: 16 bytes per nonzero activation (16 * L0 * T) plus one batch's activations (batch tokens x d_sae x 4 B).
 """
@@ -135,8 +138,32 @@ def describe_plan(params: dict[str, Any], device: torch.device) -> list[str]:
         lines.append(f"time at the {name} matmul roofline (optimistic; see BENCHMARKS.md for achieved fractions): {human_duration((sae_flop + shared) / rate)}")
     if cache.source == "disk":
         lines.append(f"disk for the activation cache (bf16): {human_bytes(tokens * d_in * 2 * len(layer_plans))}")
+    lines += evaluate_lines(params, layer_plans, shape, rates["fp32"])
     lines += dashboards_lines(params, layer_plans, shape, rates["fp32"])
     return lines
+
+
+def capped(*caps: int) -> int:
+    """The smallest of the caps that are set (0: no cap), or 0 when none is."""
+    return min((c for c in caps if c), default=0)
+
+
+def evaluate_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, fp32_rate: float) -> list[str]:
+    """What the evaluate stage costs: the clean pass once, and the rest of the model twice per layer."""
+    cfg = config.evaluate_config(params)
+    tokenize = config.tokenize_config(params)
+    rows = capped(cfg.max_rows, tokenize.max_eval_rows)
+    heldout = capped(cfg.max_rows, tokenize.max_heldout_rows) if tokenize.heldout_sources else 0
+    if not rows or (tokenize.heldout_sources and not heldout):
+        return ["evaluate: every evaluation (or held-out) row (not capped by evaluate.max_rows or tokenize): cost "
+                "unknown until `attnsae tokenize` has run"]
+    tokens = (rows + heldout) * tokenize.context_size
+    passes = 1 + sum(2 * (shape.n_layers - lp.layer) / shape.n_layers for lp in layer_plans)
+    apart = sum(lp.layer / shape.n_layers + 3 * (shape.n_layers - lp.layer) / shape.n_layers for lp in layer_plans)
+    flop = lm_forward_flop(shape.n_params, tokens, 1) * passes
+    return [f"evaluate: {tokens:,} tokens ({rows:,} evaluation + {heldout:,} held-out rows), {passes:.1f} model "
+            f"passes per token for all layers ({apart:.1f} evaluated apart): {flop / 1e12:.2f} TFLOP, "
+            f"{human_duration(flop / fp32_rate)} at the fp32 matmul roofline"]
 
 
 DASHBOARD_L0 = 20  # the post's L0, for the memory estimate before any SAE exists
@@ -147,7 +174,7 @@ def dashboards_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape
     """What the dashboards@L stages cost: FLOPs and time per layer, and the memory bound of one."""
     cfg = config.dashboards_config(params)
     tokenize = config.tokenize_config(params)
-    rows = min(r for r in (cfg.max_rows, tokenize.max_eval_rows) if r) if cfg.max_rows or tokenize.max_eval_rows else 0
+    rows = capped(cfg.max_rows, tokenize.max_eval_rows)
     if not rows:
         return ["dashboards: every evaluation row (neither dashboards.max_rows nor tokenize.max_eval_rows caps it): "
                 "cost unknown until `attnsae tokenize` has run"]
@@ -156,7 +183,7 @@ def dashboards_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape
              f"{len(cfg.features)} listed, {cfg.null_directions} null directions"]
     total = 0.0
     for lp in layer_plans:
-        forward = 2 * lm_forward_flop(shape.n_params, tokens, 1) * (lp.layer + 1) / shape.n_layers
+        forward = lm_forward_flop(shape.n_params, tokens, 1) * (lp.layer + 1) / shape.n_layers
         encoders = 2 * 2.0 * shape.d_in * (lp.d_sae + cfg.null_directions) * tokens
         total += forward + encoders
         lines.append(f"  L{lp.layer}: {(forward + encoders) / 1e12:.2f} TFLOP (model {forward / 1e12:.2f}, "

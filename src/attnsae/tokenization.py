@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
-from attnsae.config import TokenizeConfig
+from attnsae.config import TokenizeConfig, check_split_sources
 from attnsae.errors import UserError
 from attnsae.files import atomic_dir, missing_file, read_json_as, write_npy
 
@@ -381,20 +381,6 @@ def stream_source_tokens(sources: Sequence[int], lengths: Sequence[int], rows: i
     labels = np.repeat(np.asarray(sources, dtype=np.int64), [n + (i > 0) for i, n in enumerate(lengths)])
     body = labels[: rows * (context_size - 1)].reshape(rows, context_size - 1)
     return np.bincount(np.concatenate([body[:, :1], body], axis=1).ravel(), minlength=n_sources)
-
-
-def check_split_sources(cfg: TokenizeConfig, sources: Sequence[str]) -> None:
-    """The sources that ``heldout_sources`` and ``source_weights`` name are the corpus's, and one is left to train
-    on."""
-    allowed = ", ".join(sources)
-    for key, named in (("heldout_sources", cfg.heldout_sources), ("source_weights", list(cfg.source_weights))):
-        for source in named:
-            if source not in sources:
-                raise UserError(f"params.yaml: bad value for 'tokenize.{key}': {source!r} is not a source of the "
-                                f"corpus (allowed: {allowed})")
-    if set(sources) <= set(cfg.heldout_sources):
-        raise UserError(f"params.yaml: bad value for 'tokenize.heldout_sources': must leave at least one corpus "
-                        f"source to train on (got {cfg.heldout_sources!r})")
 
 
 def tokenize_stage(cfg: TokenizeConfig, corpus_dir: str | Path, model_dir: str | Path, out_dir: str | Path) -> dict:

@@ -267,31 +267,42 @@ def check_folder(outputs: Mapping[str, Any], folder: str, layer: int | None, kin
 # Re-evaluation
 
 
-def reevaluate(cfg: config.EvaluateConfig, layer: int) -> dict[str, Any]:
-    """Evaluate models/sae/L<n> as `evaluate@L` does, writing nothing (reports/ stays untouched)."""
-    from attnsae.evaluate import evaluate_layer
+def reevaluate(cfg: config.EvaluateConfig, layers: list[int]) -> dict[int, dict[str, Any]]:
+    """Evaluate models/sae/L<n> of each layer as the evaluate stage does (together), writing nothing (reports/
+    stays untouched)."""
+    from attnsae.evaluate import evaluate_layers
 
-    return evaluate_layer(cfg, layout.MODEL_DIR, layout.TOKENS_DIR, layout.sae_dir(layer), layer, None, None)
+    return evaluate_layers(cfg, layout.MODEL_DIR, layout.TOKENS_DIR, {n: layout.sae_dir(n) for n in layers}, {})
 
 
-def check_metrics(cfg: config.EvaluateConfig, layer: int) -> Check:
+def check_metrics(cfg: config.EvaluateConfig, layers: list[int]) -> list[Check]:
+    """Each layer's recorded metrics against one re-evaluation of all the layers' SAEs."""
     from attnsae.evaluate import read_metrics
 
-    path = layout.metrics_file(layer)
-    check = Check(layer, "metrics", str(path))
-    if not path.is_file():
-        check.problems.append(f"{path}: missing (git holds the metrics: check out the commit that recorded them)")
-        return check
+    checks = {n: Check(n, "metrics", str(layout.metrics_file(n))) for n in layers}
+    recorded = {}
+    for n, check in checks.items():
+        path = layout.metrics_file(n)
+        if not path.is_file():
+            check.problems.append(f"{path}: missing (git holds the metrics: check out the commit that recorded them)")
+            continue
+        try:
+            recorded[n] = read_metrics(path)  # checked before the (long) re-evaluation
+        except UserError as err:
+            check.problems.append(str(err))
     try:
-        recorded = read_metrics(path)  # checked before the (long) re-evaluation
-        found = reevaluate(cfg, layer)
+        found = reevaluate(cfg, list(recorded)) if recorded else {}
     except UserError as err:
-        check.problems.append(str(err))
-        return check
-    check.problems = [f"{path}: {problem}" for problem in compare_metrics(recorded, found)]
-    compared = sum(key not in IGNORED_KEYS for key in recorded)
-    check.note = f"{compared} values reproduced within tolerance by a re-evaluation on {found['eval_tokens']:,} tokens"
-    return check
+        for n in recorded:
+            checks[n].problems.append(str(err))
+        found = {}
+    for n, metrics in found.items():
+        path = layout.metrics_file(n)
+        checks[n].problems = [f"{path}: {problem}" for problem in compare_metrics(recorded[n], metrics)]
+        compared = sum(key not in IGNORED_KEYS for key in recorded[n])
+        checks[n].note = (f"{compared} values reproduced within tolerance by a re-evaluation on "
+                          f"{metrics['eval_tokens']:,} tokens")
+    return list(checks.values())
 
 
 def verify_layers(layers: list[int], evaluate: config.EvaluateConfig | None) -> Iterator[Check]:
@@ -320,10 +331,10 @@ def verify_layers(layers: list[int], evaluate: config.EvaluateConfig | None) -> 
     finally:
         repo.close()
     yield from inputs
+    inputs_ok = all(c.ok for c in inputs)
     for n in layers:
-        if not all(c.ok for c in inputs) or not sae_ok[n]:
-            reason = "its SAE folder does" if all(c.ok for c in inputs) else "the model or tokens do"
+        if not inputs_ok or not sae_ok[n]:
+            reason = "its SAE folder does" if inputs_ok else "the model or tokens do"
             yield Check(n, "metrics", str(layout.metrics_file(n)), skipped=True,
                         note=f"not re-evaluated: {reason} not match dvc.lock")
-        else:
-            yield check_metrics(evaluate, n)
+    yield from check_metrics(evaluate, [n for n in layers if inputs_ok and sae_ok[n]])
