@@ -94,7 +94,8 @@ def exp_show(points: dict[str, tuple[str, float, dict[int, dict]]]) -> list[dict
         files |= {f"reports/metrics_heldout/L{n}.json": {"data": {"l0": m["l0"] * 2}} for n, m in metrics.items()}
         return {"params": {"params.yaml": {"data": params}}, "metrics": files}
 
-    experiments = [{"name": name, "revs": [{"rev": name, "data": data(*point)}]} for name, point in points.items()]
+    experiments = [{"name": name, "revs": [{"rev": name, "data": {"rev": name, **data(*point)}}]}
+                   for name, point in points.items()]
     return [{"rev": "workspace", "data": {}}, {"rev": "abc", "data": {}, "experiments": experiments}]
 
 
@@ -105,8 +106,13 @@ def test_collect_reads_every_frontier_experiment(tmp_path):
         "frontier-standard-0.4": ("standard", 0.4, {3: {"l0": 30.0, "loss_recovered": 0.8}}),
         "my-own-experiment": ("standard", 1.0, {3: {"l0": 5.0}}),
     })
+    # a running experiment: DVC shows its temporary workspace, whose metrics are still the baseline's
+    running = exp_show({"frontier-jumprelu-0.005": ("jumprelu", 0.005, {3: {"l0": 20.0}})})[1]["experiments"][0]
+    running["revs"][0]["data"]["rev"] = "workspace"
+    show[1]["experiments"].append(running)
     rows = frontier.frontier_rows(show)
     assert [(r["architecture"], r["value"], r["layer"]) for r in rows] == [("standard", 0.4, 3), ("topk", 20, 3)]
+    assert frontier.unfinished(show, rows) == ["frontier-jumprelu-0.005"]
     assert rows[1]["ce_increase_se"] == 0.001 and rows[1]["heldout_l0"] == 39.0
     assert rows[0]["ce_increase"] is None  # a metric the experiment lacks stays empty
     path = tmp_path / "frontier.csv"

@@ -478,9 +478,10 @@ def frontier_collect(out: str) -> None:
     """Read every finished frontier-* experiment from `dvc exp show` into OUT (the report draws it)."""
     from attnsae import frontier as frontier_module
 
-    rows = frontier_module.collect(out)
+    rows, pending = frontier_module.collect(out)
     points = len({row["experiment"] for row in rows})
-    click.echo(f"frontier: {points} experiments, {len(rows)} layer points -> {out}")
+    click.echo(f"frontier: {points} experiments, {len(rows)} layer points -> {out}"
+               + (f"; not finished (queued, running or failed): {', '.join(pending)}" if pending else ""))
 
 
 @main.group()

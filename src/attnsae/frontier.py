@@ -119,13 +119,16 @@ def _dvc(command: list[str]) -> str:
 
 
 def experiments(show: list[dict]) -> dict[str, dict]:
-    """name -> data (params, metrics) of every experiment in ``dvc exp show --json`` output."""
+    """name -> data (params, metrics) of every finished experiment in ``dvc exp show --json`` output. A running
+    one is left out: its data is its temporary workspace's (``"rev": "workspace"``), whose metrics files hold the
+    baseline's numbers until its own evaluate has run; a queued one has no metrics yet."""
     found = {}
     for entry in show:
         for exp in entry.get("experiments") or []:
             revision = (exp.get("revs") or [{}])[0]
-            if exp.get("name") and revision.get("data"):
-                found[exp["name"]] = revision["data"]
+            data = revision.get("data") or {}
+            if exp.get("name") and data and data.get("rev") != "workspace":
+                found[exp["name"]] = data
     return found
 
 
@@ -172,14 +175,22 @@ def frontier_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def collect(path) -> list[dict]:
-    """Write ``path`` from `dvc exp show --json`; returns the rows."""
-    rows = frontier_rows(json.loads(_dvc(["dvc", "exp", "show", "--json"])))
+def unfinished(show: list[dict], rows: list[dict]) -> list[str]:
+    """The frontier experiments `dvc exp show` lists without results among ``rows``: queued, running or failed."""
+    names = {exp.get("name") or "" for entry in show for exp in entry.get("experiments") or []}
+    finished = {row["experiment"] for row in rows}
+    return sorted(n for n in names if n.startswith(EXPERIMENT_PREFIX) and n not in finished)
+
+
+def collect(path) -> tuple[list[dict], list[str]]:
+    """Write ``path`` from `dvc exp show --json`; returns the rows and the frontier experiments not finished."""
+    show = json.loads(_dvc(["dvc", "exp", "show", "--json"]))
+    rows = frontier_rows(show)
     if not rows:
         raise UserError("no finished frontier experiments in `dvc exp show` (queue them with `attnsae frontier "
                         "queue`, run them with `dvc exp run --run-all`)")
     write_text_atomic(path, frontier_csv(rows))
-    return rows
+    return rows, unfinished(show, rows)
 
 
 def read_frontier(path) -> list[dict]:
