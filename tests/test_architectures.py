@@ -204,9 +204,10 @@ def test_the_saved_sae_keeps_the_sparsity_it_was_set_to(planted_run):
         assert 1.5 < l0.mean().item() < 6
 
 
-def test_training_is_deterministic_and_the_seed_matters(planted_run):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_is_deterministic_and_the_seed_matters(planted_run, precision):
     cfg, _, _ = planted_run
-    short = cfg.model_copy(update={"train_tokens": 256 * 60})
+    short = cfg.model_copy(update={"train_tokens": 256 * 60, "precision": precision})
     first, second = (train_sae(short, PlantedDictionary(seed=0), progress=False) for _ in range(2))
     other = train_sae(short.model_copy(update={"seed": 8}), PlantedDictionary(seed=0), progress=False)
     for name, tensor in first.sae.state_dict().items():
@@ -234,11 +235,12 @@ def planted_cache(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("architecture", list(PLANTED))
-def test_killed_and_resumed_run_is_bit_identical(architecture, planted_cache, tmp_path):
+@pytest.mark.parametrize("architecture, precision", [(a, "fp32") for a in PLANTED] + [(a, "bf16") for a in PLANTED])
+def test_killed_and_resumed_run_is_bit_identical(architecture, precision, planted_cache, tmp_path):
     """Killed mid-run and resumed from the last checkpoint; the AuxK counters, BatchTopK's threshold and
-    JumpReLU's input scale come back with the weights (a short dead window makes AuxK act)."""
-    cfg = planted_cfg(architecture, train_tokens=256 * 40, log_every=3,
+    JumpReLU's input scale come back with the weights (a short dead window makes AuxK act). In every precision
+    (sae.precision): bf16 autocast is as deterministic on a CPU as fp32."""
+    cfg = planted_cfg(architecture, train_tokens=256 * 40, log_every=3, precision=precision,
                       **({"auxk_dead_tokens": 256 * 2} if architecture != "jumprelu" else {}))
     straight = train_saes({0: cfg}, {0: DiskActivations(planted_cache)}, progress=False)[0]
     ckpt = tmp_path / "train.pt"

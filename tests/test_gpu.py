@@ -30,3 +30,31 @@ def test_gpu_training_matches_cpu_within_float_tolerance():
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         cpu, gpu = getattr(results["cpu"].sae, name), getattr(results["cuda"].sae, name)
         torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_each_precision_on_the_gpu_follows_fp32(precision):
+    """The same steps on the GPU in fp32 and in ``precision`` (fused Adam in both): decoder rows point the same
+    way and the final losses agree within 5% (tests/test_precision.py's tolerances, there on a CPU)."""
+    from attnsae.train import LayerTrainer
+
+    base = dict(d_sae=256, l1_coeff=0.3, batch_size=256, train_tokens=256 * 200, buffer_rows=2048, resample_every=400,
+                dead_window=10, max_resamples=0, resample_inputs=512, warmup_steps=5, device="cuda")
+    runs = {p: train_sae(SAEConfig(**base, precision=p), PlantedDictionary(seed=1), progress=False)
+            for p in ("fp32", precision)}
+    cosines = torch.nn.functional.cosine_similarity(runs["fp32"].sae.W_dec, runs[precision].sae.W_dec, dim=-1)
+    assert cosines.mean().item() >= 0.95
+    assert runs[precision].curves[-1]["loss"] == pytest.approx(runs["fp32"].curves[-1]["loss"], rel=0.05)
+    trainer = LayerTrainer(SAEConfig(**base), 32, torch.device("cuda"))
+    assert trainer.optimizer.defaults["fused"] is True
+
+
+def test_two_cuda_ranks_when_there_are_two_gpus():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from attnsae.distributed import Worker, bind_device
+
+    bind_device(Worker(rank=1, world_size=2, local_rank=1))
+    assert torch.cuda.current_device() == 1
+    torch.cuda.set_device(0)
+

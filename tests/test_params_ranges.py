@@ -27,6 +27,7 @@ SECTION_CLASSES = {
     "dashboards": config.DashboardsConfig,
     "dashboards.tags": config.TagThresholds,
     "report": config.ReportConfig,
+    "distributed": config.DistributedConfig,
 }
 
 # (key path, bad value, what the message must say): the cases users hit, then every field of every section.
@@ -104,6 +105,8 @@ BAD_VALUES = [
     ("sae.seed", -1, f"must be {SEED_RANGE} (got -1)"),
     ("sae.device", "tpu", "must be one of auto, cpu, cuda (got 'tpu')"),
     ("sae.deterministic", "yes", "must be true or false (got 'yes')"),
+    ("sae.precision", "fp16", "must be one of fp32, tf32, bf16 (got 'fp16')"),
+    ("sae.compile", "yes", "must be true or false (got 'yes')"),
     # sae: rules between fields (tiny.yaml: batch_size 512, resample_every 50)
     ("sae.dead_window", 60, "must be <= resample_every (50) (got 60)"),
     ("sae.train_tokens", 100, "must be >= batch_size (512) (got 100)"),
@@ -118,6 +121,9 @@ BAD_VALUES = [
     ("tokenize.heldout_sources", ["npm:brown"], "'npm:brown' is not a source of the corpus (allowed: synthetic)"),
     ("tokenize.heldout_sources", ["synthetic"], "must leave at least one corpus source to train on"),
     ("tokenize.source_weights", {"npm:sotu": 2.0}, "'npm:sotu' is not a source of the corpus (allowed: synthetic)"),
+    # distributed (optional; tiny.yaml has none)
+    ("distributed.nproc_per_node", 0, "must be an integer >= 1 (got 0)"),
+    ("distributed.nproc_per_node", "2", "must be an integer >= 1 (got '2')"),
     # evaluate
     ("evaluate.batch_rows", 0, "must be an integer >= 1 (got 0)"),
     ("evaluate.batch_rows", "8", "must be an integer >= 1 (got '8')"),
@@ -191,11 +197,11 @@ def as_architecture(params: dict, architecture: str) -> dict:
 
 
 def with_value(params: dict, key_path: str, value) -> dict:
-    """``params`` with one value set (in place)."""
+    """``params`` with one value set (in place); an optional section the profile leaves out is added."""
     *parents, last = key_path.split(".")
     target = params
     for key in parents:
-        target = target[key]
+        target = target.setdefault(key, {})
     target[last] = value
     return params
 
@@ -294,7 +300,9 @@ def test_missing_required_section_named(tiny_params, section):
 
 def test_optional_sections_may_be_left_out(tiny_params):
     del tiny_params["report"], tiny_params["profile"]
+    assert "distributed" not in tiny_params and "frontier" not in tiny_params
     config.validate(tiny_params)
+    assert config.distributed_config(tiny_params).nproc_per_node == 1
 
 
 def test_corpus_seed_defaults_to_49_and_is_read(tiny_params):

@@ -69,3 +69,23 @@ def test_plan_adds_the_evaluate_cost_with_its_shared_clean_pass():
     # + 3 (27 + 20 + 13 + 6) / 30
     assert line.startswith("evaluate: 40,960 tokens (256 evaluation + 64 held-out rows), 5.4 model passes per token "
                            "for all layers (8.4 evaluated apart)")
+
+
+def test_processes_time_is_the_slowest_ranks_layers_and_its_own_forward():
+    from attnsae.plan import LayerPlan, processes_time
+
+    plans = [LayerPlan(n, d_sae=100, tokens=1000, steps=1, sae_flop=0.0, sae_bytes=0, buffer_bytes=0) for n in range(12)]
+    # 12 layers over 8 processes: four ranks hold two layers; each rank also runs the model over all 1000 tokens
+    assert processes_time(plans, step_rate=10.0, widest=100, forward_rate=50.0, processes=8) == 2 * 100 + 20
+    assert processes_time(plans, step_rate=10.0, widest=100, forward_rate=50.0, processes=1) == 12 * 100 + 20
+    wide = [LayerPlan(0, d_sae=200, tokens=1000, steps=1, sae_flop=0.0, sae_bytes=0, buffer_bytes=0)]
+    assert processes_time(wide + plans[:1], step_rate=10.0, widest=200, forward_rate=50.0, processes=2) == 100 + 20
+
+
+def test_plan_measures_the_step_and_gives_the_time_for_n_processes():
+    result = CliRunner().invoke(main, ["plan", "--params", str(PROFILES / "gpt2-small.yaml"), "--device", "cpu",
+                                       "--processes", "4"])
+    assert result.exit_code == 0, result.output
+    assert "measured training step (standard, bf16, d_sae 49152, batch 64) on cpu: " in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("training time at the measured step")]
+    assert "1 process " in line and "4 processes " in line

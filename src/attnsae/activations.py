@@ -272,7 +272,7 @@ class ModelStream:
             )
         tokens = rows_as_tensor(rows, self.device)
         for layer, z in capture_z(self.bridge, tokens, self.layers, self.amp).items():
-            self.queues[layer].append(z.to(STORE_DTYPE).cpu())
+            self.queues[layer].append(z.to(STORE_DTYPE))  # stays on the device, where the SAE's buffer is
             self.queued[layer] += len(z)
         self.forward_passes += 1
         self.tokens += tokens.numel()
@@ -292,7 +292,7 @@ class ModelStream:
     def state_dict(self) -> dict:
         return {
             "token_rows": self.token_rows.state_dict(),
-            "queues": {str(layer): torch.cat(q) if q else torch.zeros(0, self.d_in, dtype=STORE_DTYPE)
+            "queues": {str(layer): torch.cat(q).cpu() if q else torch.zeros(0, self.d_in, dtype=STORE_DTYPE)
                        for layer, q in self.queues.items()},
             "taken": {str(layer): n for layer, n in self.taken.items()},
             "forward_passes": self.forward_passes,
@@ -302,7 +302,7 @@ class ModelStream:
     def load_state_dict(self, state: dict) -> None:
         self.token_rows.load_state_dict(state["token_rows"])
         for layer in self.layers:
-            queue = state["queues"][str(layer)]
+            queue = state["queues"][str(layer)].to(self.device)
             self.queues[layer] = [queue] if len(queue) else []
             self.queued[layer] = len(queue)
             self.taken[layer] = int(state["taken"][str(layer)])
@@ -330,14 +330,14 @@ class ShuffledBuffer:
             raise UserError(f"sae.buffer_rows ({capacity}) must be at least twice sae.batch_size ({batch_size})")
         self.source, self.batch_size, self.generator, self.device = source, batch_size, generator, device
         self.half = capacity // 2
-        self.buffer = source.take(2 * self.half).to(device)
+        self.buffer = to_device(source.take(2 * self.half), device)
         self.cursor: int | None = None  # next row to serve in the shuffled first half; None: not shuffled yet
 
     def next_batch(self) -> torch.Tensor:
         if self.cursor is None or self.cursor + self.batch_size > self.half:
             if self.cursor is not None:  # the served half is used up: refill it, then reshuffle everything
-                self.buffer[: self.half] = self.source.take(self.half).to(self.device)
-            perm = torch.randperm(len(self.buffer), generator=self.generator).to(self.device)
+                self.buffer[: self.half] = to_device(self.source.take(self.half), self.device)
+            perm = to_device(torch.randperm(len(self.buffer), generator=self.generator), self.device)
             self.buffer = self.buffer[perm]
             self.cursor = 0
         batch = self.buffer[self.cursor : self.cursor + self.batch_size].float()
@@ -363,5 +363,14 @@ class ShuffledBuffer:
         return torch.cat(parts)[:n]
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor goes to a GPU through pinned memory without the host waiting for the copy: a copy from
+    pageable memory would wait for every kernel queued before it, and the GPU would idle while the host queues
+    the next ones."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def rows_as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(array).long().to(device)
+    return to_device(torch.from_numpy(array).long(), device)

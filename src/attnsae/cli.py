@@ -250,10 +250,13 @@ def train(
     model_dir: str, corpus_dir: str, tokens_dir: str, out: str | None, curves: str | None, checkpoint_every: int,
     checkpoint_path: str | None, no_mlflow: bool,
 ) -> None:
-    """Train SAEs (params: sae, per_layer.L<layer>; with --stream also model, activations, layers).
+    """Train SAEs (params: sae, per_layer.L<layer>; with --stream also model, activations, layers, distributed).
 
-    SIGTERM or SIGINT writes a checkpoint (with --checkpoint-every) and stops; the same command resumes.
+    SIGTERM or SIGINT writes a checkpoint (with --checkpoint-every) and stops; the same command resumes. With
+    --stream and distributed.nproc_per_node > 1 it starts that many workers, which share the layers (or, with more
+    workers than layers, each layer's batches); under torchrun each worker trains its rank's share.
     """
+    from attnsae.distributed import WHOLE_BATCH, bind_device, launch_workers, share_of, this_worker
     from attnsae.train import train_layer, train_layers_streaming
 
     params = config.read_params(params_path)
@@ -262,8 +265,23 @@ def train(
         raise UserError("--out and --curves name one layer's files; leave them out when training several layers")
     if len(layers) > 1 and not stream:
         raise UserError("several --layer values share one model pass only with --stream")
+    worker, nproc = this_worker(), config.distributed_config(params).nproc_per_node
+    if stream and worker is None and nproc > 1:
+        if checkpoint_path:
+            raise UserError("--checkpoint names one process's file; with distributed.nproc_per_node > 1 each rank "
+                            "keeps its own (checkpoints/train-L<its layers>.pt)")
+        args = ["train", "--params", params_path, "--stream", *(f"--layer={n}" for n in layers), "--model", model_dir,
+                "--corpus", corpus_dir, "--tokens", tokens_dir, "--checkpoint-every", str(checkpoint_every)]
+        launch_workers(nproc, args + (["--no-mlflow"] if no_mlflow else []), layers)
+        return
+    shard = WHOLE_BATCH
+    if worker is not None:
+        if not stream:
+            raise UserError("torchrun spreads only `attnsae train --stream` over processes (the stream pipeline)")
+        bind_device(worker)
+        layers, shard = share_of(layers, worker)
     cfgs = {n: config.sae_config(params, n) for n in layers}
-    log = logging_on(no_mlflow)
+    log = shard.owner and logging_on(no_mlflow)
     out_dirs = {n: Path(out) if out else layout.sae_dir(n) for n in layers}
     curves_paths = {n: Path(curves) if curves else layout.curves_file(n) for n in layers}
     checkpoint = Path(checkpoint_path) if checkpoint_path else layout.checkpoint_file(layers)
@@ -272,7 +290,7 @@ def train(
         if stream:
             act = config.activations_config(params)
             train_layers_streaming(cfgs, config.model_config(params), act.batch_rows, model_dir, corpus_dir, tokens_dir,
-                                   out_dirs, curves_paths, runs, checkpoint, checkpoint_every)
+                                   out_dirs, curves_paths, runs, checkpoint, checkpoint_every, shard)
         else:
             n = layers[0]
             train_layer(cfgs[n], n, activations_dir, out_dirs[n], curves_paths[n], runs[n], checkpoint, checkpoint_every)
@@ -511,13 +529,17 @@ def labels_import(file: str, dashboards_root: str, labels_root: str) -> None:
 @params_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Device whose matmul throughput the time estimate uses.")
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              help="Also the training time with N processes, e.g. GPUs (stream profiles) "
+                   "[default: params distributed.nproc_per_node].")
 @one_line_errors
-def plan(params_path: str, device: str) -> None:
-    """Print what the active profile costs before running it: tokens, FLOPs, memory, time."""
+def plan(params_path: str, device: str, processes: int | None) -> None:
+    """Print what the active profile costs before running it: tokens, FLOPs, memory, time (from a measured
+    training step: a few seconds)."""
     from attnsae.models import resolve_device
     from attnsae.plan import describe_plan
 
-    for line in describe_plan(config.read_params(params_path), resolve_device(device)):
+    for line in describe_plan(config.read_params(params_path), resolve_device(device), processes):
         click.echo(line)
 
 

@@ -24,7 +24,7 @@ PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
 PIPELINES_DIR = "pipelines"
 SECTIONS = ("profile", "model", "corpus", "tokenize", "activations", "layers", "sae", "per_layer", "evaluate", "dashboards",
-            "report", "frontier")
+            "report", "frontier", "distributed")
 
 ModelSource = Literal["smollm2-135m", "gpt2", "tiny-gpt2", "gpt2-random"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -173,6 +173,13 @@ class SAEConfig(Section):
     # Deterministic GPU kernels (torch.use_deterministic_algorithms): slower, repeatable on the same GPU.
     # CPU training is deterministic either way.
     deterministic: bool = False
+    # The SAE step's numerics (README: precision): fp32, the paper's; tf32, fp32 with TF32 matmuls on CUDA (the
+    # same as fp32 on a CPU); bf16, the forward (and so the backward) autocast to bf16, with fp32 weights, Adam
+    # state and loss sums.
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    # torch.compile of the SAE's loss (forward; the backward follows): fuses its elementwise work on GPUs. Off by
+    # default until measured to pay (bench/gpu.py).
+    compile: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -281,6 +288,13 @@ class DashboardsConfig(Section):
         if any(f < 0 for f in value) or len(set(value)) != len(value):
             raise ValueError("must be distinct feature ids >= 0")
         return value
+
+
+class DistributedConfig(Section):
+    """The stream pipeline's train stage over several processes (distributed.py): with ``nproc_per_node`` > 1 it
+    starts that many workers on this machine, each training its share of the layers (one per GPU)."""
+
+    nproc_per_node: int = Field(1, ge=1)
 
 
 class FrontierPoints(Section):
@@ -459,6 +473,11 @@ def frontier_config(params: dict[str, Any]) -> FrontierConfig:
     return parse_section(FrontierConfig, params.get("frontier") or {}, "frontier")
 
 
+def distributed_config(params: dict[str, Any]) -> DistributedConfig:
+    # Optional: without it the train stage is one process.
+    return parse_section(DistributedConfig, params.get("distributed") or {}, "distributed")
+
+
 def report_config(params: dict[str, Any]) -> ReportConfig:
     # Optional: params files written before the section existed keep working with the default.
     return parse_section(ReportConfig, params.get("report", {}), "report")
@@ -525,7 +544,7 @@ def validate(params: dict[str, Any]) -> None:
     _check_section_names(params, PARAMS_FILE)
     _check_profile_label(params)
     for load in (model_config, corpus_config, tokenize_config, activations_config, evaluate_config, dashboards_config,
-                 report_config, frontier_config):
+                 report_config, frontier_config, distributed_config):
         load(params)
     layers(params)
     for key in _per_layer(params):

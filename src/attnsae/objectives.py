@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from attnsae.config import SAEConfig
+from attnsae.distributed import WHOLE_BATCH, Shard
 from attnsae.sae import SAE, SAEOutput, reconstruction_loss, row_topk
 
 GEOMETRIC_MEDIAN_STEPS = 100  # Weiszfeld iterations for b_dec's initial value
@@ -92,7 +93,7 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.T
     top = candidates.topk(min(aux_k, pre.shape[-1]), dim=-1)
     values = torch.where(torch.isfinite(top.values), top.values, 0.0)  # fewer dead features than aux_k
     aux_features = torch.zeros_like(pre).scatter(-1, top.indices, values)
-    error = (aux_features @ sae.W_dec - residual).pow(2).sum(-1).mean()
+    error = ((aux_features @ sae.W_dec).float() - residual).pow(2).sum(-1).mean()
     variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()  # a constant: the residual is detached
     return error * torch.where(variance > 0, 1 / variance, 0.0) * dead.any()
 
@@ -125,8 +126,8 @@ class Objective:
 
     kind = "standard"
 
-    def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device):
-        self.cfg, self.d_in, self.device = cfg, d_in, device
+    def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device, shard: Shard = WHOLE_BATCH):
+        self.cfg, self.d_in, self.device, self.shard = cfg, d_in, device, shard
         self.input_scale = 1.0  # the training inputs are x * input_scale (jumprelu only)
 
     def new_sae(self, generator: torch.Generator) -> SAE:
@@ -161,8 +162,8 @@ class Objective:
 class TopKObjective(Objective):
     kind = "topk"
 
-    def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device):
-        super().__init__(cfg, d_in, device)
+    def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device, shard: Shard = WHOLE_BATCH):
+        super().__init__(cfg, d_in, device, shard)
         self.aux_k = cfg.aux_k or d_in // 2  # Gao et al. B.1: half the input width
         self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
 
@@ -186,8 +187,8 @@ class TopKObjective(Objective):
 
     @torch.no_grad()
     def after_step(self, sae: SAE, out: SAEOutput) -> None:
-        fired = (out.features > 0).any(0)
-        self.tokens_since_fired.add_(len(out.features)).masked_fill_(fired, 0)
+        fired = self.shard.reduce((out.features > 0).any(0).to(torch.uint8), "max").bool()  # over the whole batch
+        self.tokens_since_fired.add_(len(out.features) * self.shard.count).masked_fill_(fired, 0)
 
     def state_dict(self) -> dict:
         return {"tokens_since_fired": self.tokens_since_fired.cpu()}
@@ -200,8 +201,8 @@ class TopKObjective(Objective):
 
 
 class BatchTopKObjective(TopKObjective):
-    def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device):
-        super().__init__(cfg, d_in, device)
+    def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device, shard: Shard = WHOLE_BATCH):
+        super().__init__(cfg, d_in, device, shard)
         # float64 as in SAELens: an EMA over thousands of steps in float32 would drift in its last digits
         self.threshold = torch.tensor(0.0, dtype=torch.float64, device=device)
         self.threshold_set = torch.tensor(False, device=device)
@@ -216,7 +217,7 @@ class BatchTopKObjective(TopKObjective):
     def after_step(self, sae: SAE, out: SAEOutput) -> None:
         super().after_step(sae, out)
         kept = out.features
-        smallest = torch.where(kept > 0, kept, torch.inf).min().double()
+        smallest = self.shard.reduce(torch.where(kept > 0, kept, torch.inf).min().double(), "min")
         found = torch.isfinite(smallest)
         rate = self.cfg.threshold_ema_rate
         # The EMA starts at the first batch's value rather than at 0 (SAELens), so a short run is not biased low.
@@ -265,7 +266,7 @@ class JumpReLUObjective(Objective):
         pre = sae.pre_activation(x)
         bandwidth = self.cfg.jumprelu_bandwidth
         out = reconstruction_loss(sae, x, JumpReLUFunction.apply(pre, sae.threshold, bandwidth))
-        l0 = StepFunction.apply(pre, sae.threshold, bandwidth).sum(-1).mean()
+        l0 = StepFunction.apply(pre, sae.threshold, bandwidth).float().sum(-1).mean()  # bf16 counts only to 256
         out.loss = out.mse + self.l0_coeff(step) * l0
         return out
 
@@ -287,5 +288,5 @@ OBJECTIVES = {"standard": Objective, "topk": TopKObjective, "batchtopk": BatchTo
               "jumprelu": JumpReLUObjective}
 
 
-def make_objective(cfg: SAEConfig, d_in: int, device: torch.device) -> Objective:
-    return OBJECTIVES[cfg.architecture](cfg, d_in, device)
+def make_objective(cfg: SAEConfig, d_in: int, device: torch.device, shard: Shard = WHOLE_BATCH) -> Objective:
+    return OBJECTIVES[cfg.architecture](cfg, d_in, device, shard)

@@ -75,6 +75,50 @@ def measure_matmul_flops(device: torch.device, d_in: int, d_sae: int, batch: int
     return 2.0 * batch * d_in * d_sae * repeats / (time.perf_counter() - start)
 
 
+CPU_MATMUL_BATCH = 256  # rows of the measured matmul on a CPU
+CPU_PROBE_BATCH = 64  # rows per measured step on a CPU: about a second at GPT-2 Small's width
+
+
+def measure_step_tokens_per_s(cfg: SAEConfig, d_in: int, device: torch.device, repeats: int = 2) -> tuple[float, int]:
+    """(tokens/s, batch) of the recipe's training step, ``LayerTrainer.step`` (forward, backward, decoder
+    projection, Adam), at ``cfg``'s width, architecture and precision, on steps that neither log nor resample. On a
+    CPU the batch is capped at ``CPU_PROBE_BATCH`` rows (a lower bound there: small batches use the CPU less well)."""
+    from attnsae.train import LayerTrainer, matmul_precision
+
+    batch = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_PROBE_BATCH)
+    never = 10**9
+    # sae.compile is measured on GPUs only: compiling for a CPU probe of three steps would take longer than training
+    probe = cfg.model_copy(update={"batch_size": batch, "train_tokens": batch * never, "buffer_rows": 2 * batch,
+                                   "resample_every": never, "dead_window": 1, "log_every": never,
+                                   "compile": cfg.compile and device.type == "cuda"})
+    trainer = LayerTrainer(probe, d_in, device)
+    rows = torch.randn(batch, d_in, device=device)
+
+    class SameBatch:
+        @staticmethod
+        def next_batch() -> torch.Tensor:
+            return rows
+
+    with matmul_precision(cfg.precision):
+        trainer.step(1, SameBatch)  # warm-up
+        trainer.check_finite(1)  # waits for the device
+        start = time.perf_counter()
+        for step in range(2, 2 + repeats):
+            trainer.step(step, SameBatch)
+        trainer.check_finite(1 + repeats)
+    return batch * repeats / (time.perf_counter() - start), batch
+
+
+def processes_time(layer_plans: list[LayerPlan], step_rate: float, widest: int, forward_rate: float,
+                   processes: int) -> float:
+    """Seconds of training with ``processes`` processes, layers dealt in turn (distributed.py): the slowest rank's
+    SAE steps (``step_rate`` tokens/s at width ``widest``, scaled by width) plus its own model forward over the
+    tokens (``forward_rate`` tokens/s)."""
+    ranks = [layer_plans[r::processes] for r in range(min(processes, len(layer_plans)))]
+    return max(sum(lp.tokens * lp.d_sae / widest / step_rate for lp in rank) + max(lp.tokens for lp in rank) / forward_rate
+               for rank in ranks)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -91,8 +135,9 @@ def human_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def describe_plan(params: dict[str, Any], device: torch.device) -> list[str]:
-    """The lines `attnsae plan` prints for a params file; measures this device's matmul throughput."""
+def describe_plan(params: dict[str, Any], device: torch.device, processes: int | None = None) -> list[str]:
+    """The lines `attnsae plan` prints for a params file; measures this device's matmul throughput and the
+    training step. ``processes``: also the time with that many (default: distributed.nproc_per_node)."""
     config.validate(params)
     source = config.model_config(params).source
     shape = MODEL_SHAPES[source]
@@ -103,6 +148,8 @@ def describe_plan(params: dict[str, Any], device: torch.device) -> list[str]:
             raise UserError(f"layer {lp.layer} is outside {source} (allowed: 0 to {shape.n_layers - 1})")
     widest = max(lp.d_sae for lp in layer_plans)
     batch = config.sae_config(params, layer_plans[0].layer).batch_size
+    if device.type == "cpu":  # a CPU reaches its matmul rate at small batches, and seconds per repeat at big ones
+        batch = min(batch, CPU_MATMUL_BATCH)
     rates = {"fp32": measure_matmul_flops(device, d_in, widest, batch, torch.float32)}
     if device.type == "cuda":
         rates["bf16"] = measure_matmul_flops(device, d_in, widest, batch, torch.bfloat16)
@@ -138,8 +185,31 @@ def describe_plan(params: dict[str, Any], device: torch.device) -> list[str]:
         lines.append(f"time at the {name} matmul roofline (optimistic; see BENCHMARKS.md for achieved fractions): {human_duration((sae_flop + shared) / rate)}")
     if cache.source == "disk":
         lines.append(f"disk for the activation cache (bf16): {human_bytes(tokens * d_in * 2 * len(layer_plans))}")
+    lines += step_lines(params, layer_plans, shape, device, rates, processes)
     lines += evaluate_lines(params, layer_plans, shape, rates["fp32"])
     lines += dashboards_lines(params, layer_plans, shape, rates["fp32"])
+    return lines
+
+
+def step_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, device: torch.device,
+               rates: dict[str, float], processes: int | None) -> list[str]:
+    """The measured training step, and the training time it gives for one process and for ``processes``."""
+    widest = max(layer_plans, key=lambda lp: lp.d_sae)
+    cfg = config.sae_config(params, widest.layer)
+    rate, batch = measure_step_tokens_per_s(cfg, shape.d_in, device)
+    flop_rate = rate * SAE_STEP_FLOP_PER_TOKEN_PER_PARAM * shape.d_in * widest.d_sae
+    roofline = rates["bf16" if cfg.precision == "bf16" and "bf16" in rates else "fp32"]
+    lines = [f"measured training step ({cfg.architecture}, {cfg.precision}, d_sae {widest.d_sae}, batch {batch}) on "
+             f"{device}: {rate:,.0f} tokens/s = {flop_rate / 1e12:.2f} TFLOP/s, {flop_rate / roofline:.0%} of the "
+             f"measured matmul rate"]
+    if config.activations_config(params).source != "stream":
+        return lines
+    forward_rate = rates["bf16" if "bf16" in rates else "fp32"] / lm_forward_flop(shape.n_params, 1, 1)
+    counts = sorted({1, processes or config.distributed_config(params).nproc_per_node})
+    times = ", ".join(f"{n} process{'es' if n > 1 else ''} {human_duration(processes_time(layer_plans, rate, widest.d_sae, forward_rate, n))}"
+                      for n in counts if n <= len(layer_plans))
+    lines.append(f"training time at the measured step, each process with its own model forward (at the matmul "
+                 f"rate, optimistic): {times}")
     return lines
 
 

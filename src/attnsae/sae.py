@@ -111,8 +111,8 @@ class SAE(nn.Module):
 def reconstruction_loss(sae: SAE, x: torch.Tensor, f: torch.Tensor, l1_coeff: float = 0.0) -> SAEOutput:
     """Decode ``f`` and score it: summed squared error and L1, each a mean over the batch."""
     x_hat = sae.decode(f)
-    mse = (x_hat - x).pow(2).sum(-1).mean()
-    l1 = f.sum(-1).mean()
+    mse = (x_hat.float() - x.float()).pow(2).sum(-1).mean()  # in fp32 whatever the matmuls ran in
+    l1 = f.float().sum(-1).mean()
     return SAEOutput(x_hat=x_hat, features=f, mse=mse, l1=l1, loss=mse + l1_coeff * l1)
 
 

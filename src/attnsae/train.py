@@ -40,6 +40,7 @@ from tqdm import tqdm
 from attnsae import layout
 from attnsae.activations import RowSource, ShuffledBuffer
 from attnsae.config import SAEConfig
+from attnsae.distributed import WHOLE_BATCH, Shard
 from attnsae.errors import UserError
 from attnsae.files import write_text_atomic
 from attnsae.models import resolve_device
@@ -51,6 +52,7 @@ CURVE_FIELDS = ("step", "tokens", "loss", "mse", "l1", "l0", "explained_variance
 MAX_NONFINITE_ROW_FRACTION = 0.01  # more NaN/Inf activation rows than this means the activations are broken
 CHECKPOINT_FORMAT = 3  # part of the checkpoint key: a checkpoint of another layout is not resumed
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests swap in "aot_eager" (the same graphs, no codegen)
 
 
 class NonFinite(Exception):
@@ -83,7 +85,27 @@ class TrainResult:
 
 
 def make_optimizer(sae: SAE, cfg: SAEConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
+    """Adam on the fp32 weights; on CUDA its fused kernel (one launch for all parameters instead of several per
+    parameter; the update agrees with the loop to float rounding)."""
+    fused = True if sae.W_enc.device.type == "cuda" else None  # None: torch's default, the loop on a CPU
+    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0,
+                            fused=fused)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """TF32 matmuls on CUDA while training with precision tf32; the global setting is restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast of the SAE's forward (its backward follows the forward's dtypes); nothing otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def dead_features(fire_counts: torch.Tensor, tokens_seen: int, cutoff: float) -> torch.Tensor:
@@ -148,9 +170,10 @@ class LayerTrainer:
     one activation stream (one per layer) and advance in lockstep.
     """
 
-    def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.objective = make_objective(cfg, d_in, device)
+    def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device, shard: Shard = WHOLE_BATCH):
+        self.cfg, self.device, self.shard = cfg, device, shard
+        self.objective = make_objective(cfg, d_in, device, shard)
+        self.loss = torch.compile(self.objective.loss, backend=COMPILE_BACKEND) if cfg.compile else self.objective.loss
         self.sae = self.objective.new_sae(torch.Generator().manual_seed(cfg.seed)).to(device)
         self.optimizer = make_optimizer(self.sae, cfg)
         self.sample_gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -208,11 +231,13 @@ class LayerTrainer:
 
         x = buffer.next_batch()
         if step == 0:
-            self.objective.prepare(self.sae, x)
-        x = self.objective.scaled(x)
-        out = self.objective.loss(self.sae, x, step)
+            self.objective.prepare(self.sae, x)  # from the whole batch, so every shard starts the same
+        x = self.objective.scaled(self.shard.rows(x))
+        with autocast(cfg.precision, self.device):
+            out = self.loss(self.sae, x, step)
         self.watch_loss(step, out.loss.detach())
         out.loss.backward()
+        self.shard.average_gradients(self.sae.parameters())
         self.sae.make_decoder_unit_norm_and_project_grad()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -220,23 +245,27 @@ class LayerTrainer:
 
         with torch.no_grad():
             fired = out.features > 0
-            fires = fired.sum(0).float()
+            fires = self.shard.reduce(fired.sum(0).float())  # over the whole batch
             self.window_counts += fires
-            self.window_tokens += len(x)
+            self.window_tokens += len(x) * self.shard.count
             self.fired_in_window |= fires > 0
             if step >= self.density_from:
                 self.density_counts += fires
             if step % cfg.log_every and step != cfg.steps - 1:
                 return None
             self.check_finite(step)  # never log (or pass to MLflow) a NaN curve
+            shown = torch.stack([out.loss.detach().float(), out.mse.detach().float(), out.l1.detach().float(),
+                                 fired.sum(-1).float().mean(),
+                                 torch.tensor(explained_variance(x, out.x_hat), device=self.device)])
+            loss, mse, l1, l0, ev = (self.shard.reduce(shown) / self.shard.count).tolist()  # the slices' mean
             row = {
                 "step": step,
                 "tokens": (step + 1) * cfg.batch_size,
-                "loss": out.loss.item(),
-                "mse": out.mse.item() / self.objective.input_scale ** 2,  # in the units of the activations
-                "l1": out.l1.item(),
-                "l0": fired.sum(-1).float().mean().item(),
-                "explained_variance": explained_variance(x, out.x_hat),
+                "loss": loss,
+                "mse": mse / self.objective.input_scale ** 2,  # in the units of the activations
+                "l1": l1,
+                "l0": l0,
+                "explained_variance": ev,
                 "dead_fraction": (~self.fired_in_window).float().mean().item(),
                 "lr": lr,
             }
@@ -445,6 +474,7 @@ def train_saes(
     on_step: Callable[[int], None] | None = None,
     shared=None,
     data_key: str = "",
+    shard: Shard = WHOLE_BATCH,
 ) -> dict[int, TrainResult]:
     """Train one SAE per key in lockstep, each with its own buffer over its own source.
 
@@ -455,23 +485,28 @@ def train_saes(
 
     A checkpoint is saved every ``checkpoint_every`` steps and on SIGTERM/SIGINT, which then stop the
     run with ``TrainingInterrupted``. A NaN/Inf loss or weight stops it with a ``UserError``; no
-    checkpoint is saved past the last finite state.
+    checkpoint is saved past the last finite state. ``shard``: this process's slice of every batch when several
+    train the same SAEs data-parallel (distributed.py); only the owner of slice 0 saves checkpoints.
     """
     first = next(iter(cfgs.values()))
     steps = _check_steps(first)
+    shared_settings = ("steps", "batch_size", "buffer_rows", "device", "precision")
     for key, cfg in cfgs.items():
-        if (cfg.steps, cfg.batch_size, cfg.buffer_rows, cfg.device) != (steps, first.batch_size, first.buffer_rows, first.device):
+        if any(getattr(cfg, name) != getattr(first, name) for name in shared_settings):
             raise UserError(
-                f"layers trained together must share sae.train_tokens, batch_size, buffer_rows and device "
-                f"(layer {key} differs)"
+                f"layers trained together must share sae.train_tokens, batch_size, buffer_rows, device and "
+                f"precision (layer {key} differs)"
             )
+    if first.batch_size % shard.count:
+        raise UserError(f"sae.batch_size ({first.batch_size}) must be a multiple of the {shard.count} processes "
+                        f"that share each batch")
     device = resolve_device(first.device)
     use_deterministic_kernels(any(cfg.deterministic for cfg in cfgs.values()))
     torch.manual_seed(first.seed)
     rows = {key: FiniteRows(sources[key], f"train L{key}") for key in cfgs}
     trainers, buffers = {}, {}
     for key, cfg in cfgs.items():
-        trainers[key] = LayerTrainer(cfg, rows[key].d_in, device)
+        trainers[key] = LayerTrainer(cfg, rows[key].d_in, device, shard)
         buffers[key] = ShuffledBuffer(
             rows[key], cfg.buffer_rows, cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1), device
         )
@@ -493,8 +528,8 @@ def train_saes(
     label = f"train {len(cfgs)} SAEs" if len(cfgs) > 1 else f"train d_sae={first.d_sae}"
     layer, step = next(iter(cfgs)), start  # a NonFinite is about the layer and step the loops are at
     try:
-        with stop_signals_deferred() as received, tqdm(range(start, steps), desc=label, unit="step",
-                                                       disable=not progress, initial=start, total=steps) as bar:
+        with stop_signals_deferred() as received, matmul_precision(first.precision), tqdm(
+                range(start, steps), desc=label, unit="step", disable=not progress, initial=start, total=steps) as bar:
             for step in bar:
                 for layer, trainer in trainers.items():
                     row = trainer.step(step, buffers[layer])
@@ -507,13 +542,13 @@ def train_saes(
                 done = step + 1
                 if done == steps:
                     break  # a signal during the last step: the run is complete, let it finish
-                if checkpoint and (received or (checkpoint_every and done % checkpoint_every == 0)):
+                if checkpoint and shard.owner and (received or (checkpoint_every and done % checkpoint_every == 0)):
                     for layer, trainer in trainers.items():
                         trainer.check_finite(step)  # never checkpoint a NaN/Inf state
                     save_checkpoint(checkpoint, done, run_key, trainers, buffers, rows, shared)
                     last_saved = done
                 if received:
-                    raise interrupted(received[0], done, checkpoint)
+                    raise interrupted(received[0], done, checkpoint if shard.owner else None)
         for layer, trainer in trainers.items():
             trainer.check_finite(steps - 1)
     except NonFinite as err:
@@ -615,11 +650,13 @@ def train_layers_streaming(
     runs: dict[int, object] | None = None,
     checkpoint: Path | None = None,
     checkpoint_every: int = 0,
+    shard: Shard = WHOLE_BATCH,
 ) -> dict[int, TrainResult]:
     """Train every layer in ``cfgs`` from one model forward per batch of token rows (no disk cache).
 
     Token rows are packed on the fly from the corpus's train documents (stored or streamed from its
-    pinned sources), split as the tokenize stage split them, in source order and never repeated.
+    pinned sources), split as the tokenize stage split them, in source order and never repeated. With a
+    ``shard`` of several processes (data parallel), only the owner of slice 0 writes the files.
     """
     from attnsae.activations import ModelStream
     from attnsae.corpus import open_documents, read_manifest
@@ -646,14 +683,16 @@ def train_layers_streaming(
         for layer in cfgs
     }
     for layer, cfg in cfgs.items():
-        _log_params(runs.get(layer), cfg, layer, metas[layer])
+        _log_params(runs.get(layer), cfg, layer, metas[layer])  # the caller opens runs on the owner only
     data_key = json.dumps({"corpus": read_manifest(corpus_dir), "tokens": tokens_meta, "model": info.source,
                            "batch_rows": batch_rows, "precision": model_cfg.precision}, sort_keys=True)
     results = train_saes(cfgs, {layer: stream.view(layer) for layer in cfgs}, checkpoint=checkpoint,
-                         checkpoint_every=checkpoint_every, shared=stream, data_key=data_key)
-    for layer, result in results.items():
-        _save_layer(result, cfgs[layer], layer, metas[layer], out_dirs[layer], curves_paths[layer], runs.get(layer))
-    _drop_checkpoint(checkpoint)
+                         checkpoint_every=checkpoint_every, shared=stream, data_key=data_key, shard=shard)
+    if shard.owner:
+        for layer, result in results.items():
+            _save_layer(result, cfgs[layer], layer, metas[layer], out_dirs[layer], curves_paths[layer],
+                        runs.get(layer))
+        _drop_checkpoint(checkpoint)
     print(f"train: {stream.forward_passes} model forward passes ({stream.tokens:,} tokens, "
           f"{rows.documents_read:,} documents read) fed {len(cfgs)} SAEs")
     return results
