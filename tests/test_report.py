@@ -514,3 +514,26 @@ def test_layer_table_has_one_row_per_layer_and_numeric_columns():
     rows = list(csv.DictReader(io.StringIO(table)))
     assert list(rows[0]) == ["layer", "l0", "loss_recovered", "mse"]
     assert [(r["layer"], float(r["l0"]), r["mse"]) for r in rows] == [("1", 3.5, ""), ("2", 7.0, "1.0")]
+
+
+def markdown_tables(text: str) -> list[str]:
+    """Each run of consecutive lines that start with '|', joined: the markdown tables of ``text``."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append("\n".join(current))
+            current = []
+    return tables
+
+
+def test_readme_quickstart_tables_are_copies_of_the_committed_report():
+    """The README's quickstart numbers come from reports/report.md (which dvc.lock records), table for table."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- QUICKSTART-RESULTS -->")[1].split("<!-- /QUICKSTART-RESULTS -->")[0]
+    report_md = (REPO / "reports" / "report.md").read_text()
+    tables = markdown_tables(block)
+    assert len(tables) >= 3
+    for table in tables:
+        assert table in report_md, table.splitlines()[0]
