@@ -89,8 +89,15 @@ def single(inputs, tmp_path_factory) -> Path:
 
 
 def test_two_ranks_train_one_layer_each_bit_identical_to_one_process(inputs, single, tmp_path):
+    """... and log to one MLflow store: one parent run, a child per layer from the rank that trains it."""
+    from attnsae import tracking
+
     folder = workspace(inputs, tmp_path / "w", nproc=2)
-    result = subprocess.run(train_command(inputs), cwd=folder, env=environment(), capture_output=True, text=True)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.open_store(store)  # `attnsae mlflow-init`: the store's tables exist before two writers start
+    command = [part for part in train_command(inputs) if part != "--no-mlflow"]
+    result = subprocess.run(command, cwd=folder, env={**environment(), "MLFLOW_TRACKING_URI": store},
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("fed 1 SAEs") == 2  # each rank its own forward, for its own layer
     assert_same(weights(single), weights(folder))
@@ -98,6 +105,15 @@ def test_two_ranks_train_one_layer_each_bit_identical_to_one_process(inputs, sin
         assert (folder / "reports" / "curves" / f"L{n}.csv").read_text() == \
                (single / "reports" / "curves" / f"L{n}.csv").read_text()
     assert not list((folder / "checkpoints").glob("*.pt"))  # each rank drops its checkpoint when done
+
+    client, experiment_id = tracking.open_store(store)
+    runs = client.search_runs([experiment_id])
+    parents = [r for r in runs if r.data.tags[tracking.LAYER_TAG] == "none"]
+    children = {r.data.tags[tracking.LAYER_TAG]: r for r in runs if r.data.tags[tracking.LAYER_TAG] != "none"}
+    assert len(parents) == 1 and sorted(children) == ["1", "2"]
+    for child in children.values():
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.info.status == "FINISHED"
 
 
 def test_torchrun_as_the_readme_runs_it_on_several_machines(inputs, single, tmp_path):
