@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import FixedBatch, matmul_gflops, synchronize, timed  # noqa: E402
+from throughput import matmul_gflops, sae_step_tokens_per_s, synchronize, timed  # noqa: E402
 
 PAPER_TOKENS = 2_000_000_000
 PAPER_LAYERS = 12
@@ -94,28 +94,6 @@ def precision_agreement(d_in: int, d_sae: int, batch: int, steps: int, device: t
             cosine = torch.nn.functional.cosine_similarity(decoder, decoders["fp32"], dim=-1).mean()
             print(f"quality, {profile} SAE (l1_coeff {cfg.l1_coeff}, k {cfg.k}), {precision} after {steps} steps: explained variance {ev:.4f}, "
                   f"L0 {l0:.1f}, decoder cosine to fp32 {cosine:.4f}")
-
-
-def step_tokens_per_s(d_in: int, d_sae: int, batch: int, precision: str, plain: bool, repeats: int,
-                      device: torch.device, compiled: bool = False) -> float:
-    from attnsae.config import SAEConfig
-    from attnsae.train import LayerTrainer, matmul_precision
-
-    never = 10**9
-    cfg = SAEConfig(d_sae=d_sae, l1_coeff=1.0, train_tokens=batch * never, batch_size=batch, buffer_rows=2 * batch,
-                    resample_every=never, dead_window=1, log_every=never, precision=precision, device=device.type,
-                    compile=compiled)
-    trainer = LayerTrainer(cfg, d_in, device)
-    if plain:  # Adam's per-parameter loop, as attnsae stepped before issue 13
-        trainer.optimizer = torch.optim.Adam(trainer.sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                             foreach=False, fused=False)
-    batches = FixedBatch(torch.randn(batch, d_in, device=device))
-    steps = iter(range(1, never))
-    with matmul_precision(precision):
-        if compiled:
-            for _ in range(3):  # compiles (and recompiles once the step number turns dynamic) before timing
-                trainer.step(next(steps), batches)
-        return batch / timed(lambda: trainer.step(next(steps), batches), repeats, device)
 
 
 def forward_tokens_per_s(bridge, vocab: int, layers: list[int], rows: int, amp, repeats: int,
@@ -188,28 +166,29 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, {'quick smoke test' if quick else 'GPT-2 Small shapes'}")
 
+    from attnsae.train import matmul_precision
+
     roofline = {}
     for precision, dtype in (("fp32", torch.float32), ("tf32", torch.float32), ("bf16", torch.bfloat16)):
-        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        roofline[precision] = matmul_gflops(batch, d_in, d_sae, dtype, repeats, device) * 1e9
+        with matmul_precision(precision):
+            roofline[precision] = matmul_gflops(batch, d_in, d_sae, dtype, repeats, device) * 1e9
         print(f"matmul [{batch},{d_in}]x[{d_in},{d_sae}] {precision}: {roofline[precision] / 1e12:.1f} TFLOP/s")
-    torch.backends.cuda.matmul.allow_tf32 = False
 
     flop_per_token = 12 * d_in * d_sae
-    plain = step_tokens_per_s(d_in, d_sae, batch, "fp32", True, repeats, device)
+    plain = sae_step_tokens_per_s(d_in, d_sae, batch, repeats, device, "fp32", plain_adam=True)
     print(f"SAE step, plain (fp32, Adam loop): {plain:,.0f} tokens/s = "
           f"{plain * flop_per_token / roofline['fp32']:.0%} of the fp32 roofline")
     rates = {}
     for precision in ("fp32", "tf32", "bf16"):
         if precision == "bf16" and device.type == "cpu" and not quick:
             continue  # ~80x slower than fp32 on CPUs without bf16 units
-        rates[precision] = step_tokens_per_s(d_in, d_sae, batch, precision, False, repeats, device)
+        rates[precision] = sae_step_tokens_per_s(d_in, d_sae, batch, repeats, device, precision)
         print(f"SAE step, {precision} (fused Adam on CUDA): {rates[precision]:,.0f} tokens/s = "
               f"{rates[precision] * flop_per_token / roofline[precision]:.0%} of the {precision} roofline, "
               f"{rates[precision] / plain:.2f}x plain")
     best = max(rates, key=rates.get)
     if device.type == "cuda" or quick:
-        compiled = step_tokens_per_s(d_in, d_sae, batch, best, False, repeats, device, compiled=True)
+        compiled = sae_step_tokens_per_s(d_in, d_sae, batch, repeats, device, best, compiled=True)
         print(f"SAE step, {best} + sae.compile: {compiled:,.0f} tokens/s, {compiled / rates[best]:.2f}x without it")
 
     precision_agreement(d_in, d_sae, batch, 30 if quick else 400, device)

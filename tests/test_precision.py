@@ -10,7 +10,7 @@ from helpers import PlantedDictionary
 
 from attnsae.config import SAEConfig
 from attnsae.errors import UserError
-from attnsae.train import autocast, matmul_precision, train_sae, train_saes
+from attnsae.train import matmul_precision, sae_autocast, train_sae, train_saes
 
 # bf16 against fp32 after the same steps from the same weights on the same rows: how far they may drift
 ERROR_REL = 0.05
@@ -89,9 +89,9 @@ def test_tf32_setting_is_restored_after_training():
 
 def test_bf16_autocasts_the_matmuls_only():
     a, b = torch.randn(4, 8), torch.randn(8, 3)
-    with autocast("bf16", torch.device("cpu")):
+    with sae_autocast("bf16", torch.device("cpu")):
         assert (a @ b).dtype == torch.bfloat16
-    with autocast("fp32", torch.device("cpu")):
+    with sae_autocast("fp32", torch.device("cpu")):
         assert (a @ b).dtype == torch.float32
 
 

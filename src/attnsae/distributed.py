@@ -106,8 +106,8 @@ def share_of(layers: list[int], worker: Worker) -> tuple[list[int], Shard]:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     per_layer = worker.world_size // len(layers)
     groups = [dist.new_group([n + len(layers) * j for j in range(per_layer)]) for n in range(len(layers))]
-    position = worker.rank % len(layers)
-    return [layers[position]], Shard(worker.rank // len(layers), per_layer, groups[position])
+    mine = layers_of_rank(layers, worker.rank, worker.world_size)  # rank r: layer r mod len(layers)
+    return mine, Shard(worker.rank // len(layers), per_layer, groups[worker.rank % len(layers)])
 
 
 def layers_of_rank(layers: list[int], rank: int, world_size: int) -> list[int]:

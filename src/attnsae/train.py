@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from attnsae import layout
-from attnsae.activations import RowSource, ShuffledBuffer
+from attnsae.activations import RowSource, ShuffledBuffer, autocast
 from attnsae.config import SAEConfig
 from attnsae.distributed import WHOLE_BATCH, Shard
 from attnsae.errors import UserError
@@ -103,9 +103,9 @@ def matmul_precision(precision: str) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def autocast(precision: str, device: torch.device):
+def sae_autocast(precision: str, device: torch.device):
     """bf16 autocast of the SAE's forward (its backward follows the forward's dtypes); nothing otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return autocast(device, torch.bfloat16 if precision == "bf16" else None)
 
 
 def dead_features(fire_counts: torch.Tensor, tokens_seen: int, cutoff: float) -> torch.Tensor:
@@ -233,7 +233,7 @@ class LayerTrainer:
         if step == 0:
             self.objective.prepare(self.sae, x)  # from the whole batch, so every shard starts the same
         x = self.objective.scaled(self.shard.rows(x))
-        with autocast(cfg.precision, self.device):
+        with sae_autocast(cfg.precision, self.device):
             out = self.loss(self.sae, x, step)
         self.watch_loss(step, out.loss.detach())
         out.loss.backward()
