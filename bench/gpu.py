@@ -62,7 +62,7 @@ def precision_agreement(d_in: int, d_sae: int, batch: int, steps: int, device: t
     gpt2-small-topk, warm-up shortened to fit), then scores each in fp32 on fresh rows: explained variance, L0, and the mean cosine between
     each feature's decoder direction and the fp32 run's."""
     from attnsae.config import SAEConfig, read_params, sae_config
-    from attnsae.train import LayerTrainer, matmul_precision
+    from attnsae.sae.training import LayerTrainer, matmul_precision
 
     profiles = Path(__file__).resolve().parents[1] / "profiles"
     never = 10**9
@@ -98,7 +98,7 @@ def precision_agreement(d_in: int, d_sae: int, batch: int, steps: int, device: t
 
 def forward_tokens_per_s(bridge, vocab: int, layers: list[int], rows: int, amp, repeats: int,
                          device: torch.device) -> float:
-    from attnsae.activations import capture_z
+    from attnsae.data.activations import capture_z
 
     tokens = torch.randint(0, vocab, (rows, 128), device=device)
     return rows * 128 / timed(lambda: capture_z(bridge, tokens, layers, amp), repeats, device)
@@ -115,10 +115,10 @@ class Stream:
         self.token_rows = np.random.default_rng(0).integers(0, vocab, size=(4096, 128)).astype(np.int32)
 
     def seconds(self, layers: list[int], precision: str, steps: int, compiled: bool = False) -> float:
-        from attnsae.activations import ArrayRows, ModelStream
         from attnsae.config import SAEConfig
-        from attnsae.models import autocast_dtype
-        from attnsae.train import train_saes
+        from attnsae.data.activations import ArrayRows, ModelStream
+        from attnsae.data.models import autocast_dtype
+        from attnsae.sae.training import train_saes
 
         stream = ModelStream(self.bridge, ArrayRows(self.token_rows), self.rows_per_forward, layers, self.d_in,
                              self.device, autocast_dtype("auto", self.device))
@@ -166,7 +166,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, {'quick smoke test' if quick else 'GPT-2 Small shapes'}")
 
-    from attnsae.train import matmul_precision
+    from attnsae.sae.training import matmul_precision
 
     roofline = {}
     for precision, dtype in (("fp32", torch.float32), ("tf32", torch.float32), ("bf16", torch.bfloat16)):
@@ -194,7 +194,7 @@ def main() -> None:
     precision_agreement(d_in, d_sae, batch, 30 if quick else 400, device)
 
     from attnsae.config import ModelConfig, read_params
-    from attnsae.models import load_bridge, prepare_model
+    from attnsae.data.models import load_bridge, prepare_model
 
     folder = Path("/tmp") / f"attnsae-bench-{model}"
     if not (folder / "attnsae_model.json").is_file():

@@ -56,7 +56,7 @@ def sae_step_tokens_per_s(d_in: int, d_sae: int, batch: int, repeats: int, devic
     ``precision`` and with ``sae.compile`` when ``compiled``; ``plain_adam``: Adam's per-parameter loop, as attnsae
     stepped before it used the fused kernel on CUDA."""
     from attnsae.config import SAEConfig
-    from attnsae.train import LayerTrainer, matmul_precision
+    from attnsae.sae.training import LayerTrainer, matmul_precision
 
     never = 10**9
     cfg = SAEConfig(d_sae=d_sae, l1_coeff=1.0, train_tokens=batch * never, batch_size=batch, buffer_rows=2 * batch,
@@ -77,8 +77,8 @@ def sae_step_tokens_per_s(d_in: int, d_sae: int, batch: int, repeats: int, devic
 
 def model_tokens_per_s(model_dir: Path, layers: list[int], rows: int, context: int, repeats: int,
                        device: torch.device) -> float:
-    from attnsae.activations import capture_z
-    from attnsae.models import autocast_dtype, load_bridge
+    from attnsae.data.activations import capture_z
+    from attnsae.data.models import autocast_dtype, load_bridge
 
     bridge, info = load_bridge(model_dir, device)
     tokens = torch.randint(0, info.vocab_size, (rows, context), device=device)

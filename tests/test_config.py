@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import yaml
-from helpers import REPO
 
 from attnsae import config
 from attnsae.errors import UserError
+from helpers import REPO
 
 PROFILE_PATHS = sorted((REPO / config.PROFILES_DIR).glob("*.yaml"))
 

@@ -31,12 +31,11 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from helpers import OFFLINE_ENV, read_tiny_params
-
 from attnsae import config, files, layout
-from attnsae.activations import shard_name
 from attnsae.cli import main
+from attnsae.data.activations import shard_name
 from attnsae.errors import UserError
+from helpers import OFFLINE_ENV, read_tiny_params
 
 ATTNSAE = Path(sys.executable).with_name("attnsae")
 LAYER = 1
@@ -83,12 +82,12 @@ def tiny_params() -> dict:
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
     """A repository with every artifact of the cache pipeline for one layer, made by the real stage functions."""
-    from attnsae.activations import DiskActivations, cache_activations
-    from attnsae.corpus import build_corpus
-    from attnsae.evaluate import evaluate_layer
-    from attnsae.models import prepare_model
-    from attnsae.tokenization import tokenize_stage
-    from attnsae.train import train_layer, train_saes
+    from attnsae.data.activations import DiskActivations, cache_activations
+    from attnsae.data.corpus import build_corpus
+    from attnsae.data.models import prepare_model
+    from attnsae.data.tokenization import tokenize_stage
+    from attnsae.evaluation.evaluate import EvaluationFiles, evaluate_layers
+    from attnsae.sae.training import CachedActivations, run_train_stage, train_saes
 
     root = tmp_path_factory.mktemp("tree")
     params = tiny_params()
@@ -100,11 +99,12 @@ def tree(tmp_path_factory) -> Path:
         cache_activations(config.activations_config(params), config.model_config(params), MODEL, TOKENS, [LAYER],
                           ACTIVATIONS)
         sae_cfg = config.sae_config(params, LAYER)
-        train_layer(sae_cfg, LAYER, ACTIVATIONS, SAE, CURVES)
-        # train_layer drops its checkpoint when done; train_saes keeps the last one, a real one to corrupt.
+        run_train_stage({LAYER: sae_cfg}, CachedActivations(ACTIVATIONS), {LAYER: Path(SAE)}, {LAYER: Path(CURVES)})
+        # the stage drops its checkpoint when done; train_saes keeps the last one, a real one to corrupt.
         train_saes({LAYER: sae_cfg}, {LAYER: DiskActivations(layout.activations_dir(LAYER, ACTIVATIONS))}, progress=False,
                    checkpoint=Path(CHECKPOINT), checkpoint_every=2)
-        evaluate_layer(config.evaluate_config(params), MODEL, TOKENS, SAE, LAYER, METRICS, DENSITY, HELDOUT_METRICS)
+        evaluate_layers(config.evaluate_config(params), MODEL, TOKENS, {LAYER: SAE},
+                        {LAYER: EvaluationFiles(METRICS, DENSITY, HELDOUT_METRICS)})
     assert (root / SHARD).is_file() and (root / CHECKPOINT).is_file()
     return root
 
@@ -477,7 +477,7 @@ def test_writers_under_a_real_file_size_limit(tmp_path, writer):
 
 def test_synthetic_corpus_follows_the_corpus_seed(tmp_path):
     from attnsae.config import CorpusConfig
-    from attnsae.corpus import build_corpus, open_documents, read_documents
+    from attnsae.data.corpus import build_corpus, open_documents, read_documents
 
     def documents(seed: int, stream: bool) -> list[str]:
         out = tmp_path / f"{seed}-{stream}"

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from attnsae import labels, layout
-from attnsae.dashboards import content_hash
-from attnsae.dashboard_pages import SOURCES_SHOWN, render_layer_page
+from attnsae import layout
 from attnsae.errors import UserError
+from attnsae.features import labels, pages
+from attnsae.features.pages import SOURCES_SHOWN, render_layer_page
+from attnsae.formats.features import content_hash
 
 LAYER = 3
 D_SAE = 12
@@ -182,6 +183,31 @@ def test_rating_controls_per_card_and_nothing_external(doc, dom):
     assert options == (["", *TAGS, "other"]) * len(CARDED)
     references = [a.get("src") or a.get("href") for t, a in dom.elements if "src" in a or "href" in a]
     assert all(ref.startswith("#") or ref == "data:," for ref in references), references
+
+
+def test_page_inlines_the_shipped_script_and_style_verbatim(doc):
+    """The assets are package data: a wheel built without them fails here rather than shipping bare pages."""
+    page = render_layer_page(doc)
+    script = (pages.ASSETS / "page.js").read_text(encoding="utf-8")
+    assert f"<script>\n{script}</script>" in page
+    style = (pages.ASSETS / "page.css").read_text(encoding="utf-8")
+    pieces = re.split(r"\$\{\w+\}", style)  # the file's text between the placeholders the renderer fills
+    assert len(pieces) > 1 and re.search("<style>\n" + "[^<]+".join(map(re.escape, pieces)) + "</style>", page)
+
+
+@pytest.mark.parametrize("missing", ["page.css", "page.js"])
+def test_a_missing_asset_fails_loudly(doc, monkeypatch, tmp_path, missing):
+    for name in {"page.css", "page.js"} - {missing}:
+        (tmp_path / name).write_text((pages.ASSETS / name).read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setattr(pages, "ASSETS", tmp_path)
+    pages.asset.cache_clear()
+    pages.style.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match=f"{missing} is missing .*package data"):
+            render_layer_page(doc)
+    finally:  # the next render reads the real assets again
+        pages.asset.cache_clear()
+        pages.style.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------------

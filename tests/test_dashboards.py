@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import REPO
 
-from attnsae import dashboards, families
 from attnsae.config import DashboardsConfig, TagThresholds
+from attnsae.data.models import load_bridge, load_tokenizer
 from attnsae.errors import UserError
-from attnsae.models import load_bridge, load_tokenizer
-from attnsae.sae import SAE
+from attnsae.features import dashboards, families
+from attnsae.sae.autoencoder import SAE
+from helpers import REPO
 
 LAYER = 1
 CFG = DashboardsConfig(first_n=4, features=[5], top_k=4, intervals=3, interval_examples=2, histogram_bins=6,
@@ -186,10 +186,11 @@ def test_alive_rows_are_evaluates_rows():
     assert dashboards.alive_row_count(eval_max_rows=100, rows=64) == 64  # a split shorter than max_rows
 
 
-def test_readme_quotes_every_tag_formula_and_threshold():
-    """The README's tag table is what the code computes: each formula verbatim, each default threshold."""
-    readme = (REPO / "README.md").read_text()
+def test_docs_quote_every_tag_formula_and_threshold():
+    """The docs' tag table (docs/features-json.md) is what the code computes: each formula verbatim, each default
+    threshold."""
+    page = (REPO / "docs" / "features-json.md").read_text()
     for tag in families.TAGS:
         definition = families.TAG_DEFINITIONS[tag]
-        row = next(line for line in readme.splitlines() if line.startswith(f"| `{tag}` |"))
+        row = next(line for line in page.splitlines() if line.startswith(f"| `{tag}` |")).replace("\\|", "|")
         assert definition["formula"] in row and row.rstrip(" |").endswith(str(getattr(TagThresholds(), tag)))

@@ -17,15 +17,16 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import TINY_PROFILE
 
 from attnsae.config import CorpusConfig, TokenizeConfig
-from attnsae.corpus import build_corpus, open_documents
-from attnsae.distributed import Worker, how_it_ended, layers_of_rank, share_of
+from attnsae.data.corpus import build_corpus, open_documents
+from attnsae.data.models import load_tokenizer
+from attnsae.data.tokenization import tokenize_corpus
 from attnsae.errors import UserError
-from attnsae.models import load_tokenizer, read_model_info
-from attnsae.sae import load_sae
-from attnsae.tokenization import tokenize_corpus
+from attnsae.formats.model_info import read_model_info
+from attnsae.launcher import Worker, how_it_ended, layers_of_rank, share_of
+from attnsae.sae.autoencoder import load_sae
+from helpers import TINY_PROFILE
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +91,7 @@ def single(inputs, tmp_path_factory) -> Path:
 
 def test_two_ranks_train_one_layer_each_bit_identical_to_one_process(inputs, single, tmp_path):
     """... and log to one MLflow store: one parent run, a child per layer from the rank that trains it."""
-    from attnsae import tracking
+    from attnsae.reporting import tracking
 
     folder = workspace(inputs, tmp_path / "w", nproc=2)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"

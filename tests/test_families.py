@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from attnsae import attribution, families
 from attnsae.config import TagThresholds
+from attnsae.data.models import byte_level_tokenizer, load_bridge, load_tokenizer
+from attnsae.features import attribution, families
 from attnsae.files import sha256_file
-from attnsae.models import META_FILE, ModelInfo, byte_level_tokenizer, load_bridge, load_tokenizer
-from attnsae.sae import SAE
+from attnsae.formats.model_info import META_FILE, ModelInfo
+from attnsae.sae.autoencoder import SAE
 
 BOS = 256  # the byte-level tokenizer's <|endoftext|>
 

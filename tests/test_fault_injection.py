@@ -39,6 +39,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+
 from helpers import pipeline_repository, run
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,9 @@ import pytest
 import yaml
 from dvc.utils.hydra import apply_overrides
 
-from attnsae import config, frontier
+from attnsae import config
 from attnsae.errors import UserError
+from attnsae.reporting import frontier
 
 POINTS = {
     "standard": {"values": [0.01, 0.1], "settings": {"lr": 1.2e-3}},

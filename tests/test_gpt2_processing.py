@@ -19,19 +19,15 @@ each block's ``attn.c_proj`` of a plain ``GPT2LMHeadModel``, b_V and W_V from it
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+from attnsae.data.activations import capture_z
+from attnsae.data.models import hook_z_name, load_bridge, load_tokenizer
 from helpers import strong_layernorm
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from attnsae.activations import capture_z  # noqa: E402
-from attnsae.models import hook_z_name, load_bridge, load_tokenizer  # noqa: E402
 
 ATOL = 1e-5  # float32 error of the identities below is ~2e-7 on these models
 LOSS_ATOL = 1e-4

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import PlantedDictionary
 
 from attnsae.config import SAEConfig
-from attnsae.train import train_sae, use_deterministic_kernels
+from attnsae.sae.training import train_sae, use_deterministic_kernels
+from helpers import PlantedDictionary
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,7 +36,7 @@ def test_gpu_training_matches_cpu_within_float_tolerance():
 def test_each_precision_on_the_gpu_follows_fp32(precision):
     """The same steps on the GPU in fp32 and in ``precision`` (fused Adam in both): decoder rows point the same
     way and the final losses agree within 5% (tests/test_precision.py's tolerances, there on a CPU)."""
-    from attnsae.train import LayerTrainer
+    from attnsae.sae.training import LayerTrainer
 
     base = dict(d_sae=256, l1_coeff=0.3, batch_size=256, train_tokens=256 * 200, buffer_rows=2048, resample_every=400,
                 dead_window=10, max_resamples=0, resample_inputs=512, warmup_steps=5, device="cuda")
@@ -52,7 +52,7 @@ def test_each_precision_on_the_gpu_follows_fp32(precision):
 def test_two_cuda_ranks_when_there_are_two_gpus():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
-    from attnsae.distributed import Worker, bind_device
+    from attnsae.launcher import Worker, bind_device
 
     bind_device(Worker(rank=1, world_size=2, local_rank=1))
     assert torch.cuda.current_device() == 1

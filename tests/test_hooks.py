@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from attnsae.activations import capture_z, flatten_heads, unflatten_heads  # noqa: E402
-from attnsae.models import hook_z_name, load_bridge  # noqa: E402
+from attnsae.data.activations import capture_z, flatten_heads, unflatten_heads
+from attnsae.data.models import hook_z_name, load_bridge
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, TINY_EVAL_CFG, TINY_EVAL_LAYER, assert_one_line_error, invoke, perfect_sae
 from safetensors.torch import save_file
 
-from attnsae import published_saes
 from attnsae.errors import UserError
-from attnsae.evaluate import evaluate_sae
-from attnsae.published_saes import PUBLISHED, REVISION, PublishedSAE, import_layer
-from attnsae.sae import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, load_sae
+from attnsae.evaluation import paper_saes
+from attnsae.evaluation.evaluate import evaluate_sae
+from attnsae.evaluation.paper_saes import PAPER_SAES, REVISION, PaperSAE, import_layer
+from attnsae.formats.sae_cfg import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE
+from attnsae.sae.autoencoder import load_sae
+from helpers import REPO, TINY_EVAL_CFG, TINY_EVAL_LAYER, assert_one_line_error, invoke, perfect_sae
 
 D_SAE = 64  # small stand-in for 24576; d_in stays GPT-2's 768 so the real CLI checks apply unchanged
 
@@ -115,7 +116,7 @@ def random_state(d_in: int, d_sae: int, seed: int) -> OrderedDict:
     )
 
 
-def published_cfg(entry: PublishedSAE, d_in: int) -> dict:
+def published_cfg(entry: PaperSAE, d_in: int) -> dict:
     """The keys and values the published _cfg.json files hold (seen on the hub for L0 and L7)."""
     return {
         "seed": 49, "batch_size": entry.batch_size, "buffer_mult": 384, "lr": entry.lr, "num_tokens": 2_000_000_000,
@@ -132,20 +133,20 @@ def published_cfg(entry: PublishedSAE, d_in: int) -> dict:
 
 
 def publish(folder: Path, layer: int, *, state=None, cfg=None, d_in: int = 768, d_sae: int = D_SAE, seed: int = 0,
-            pin: bool | str = True) -> tuple[PublishedSAE, OrderedDict]:
+            pin: bool | str = True) -> tuple[PaperSAE, OrderedDict]:
     """Write one layer's .pt and _cfg.json into ``folder``; the entry pins the file's real sha256 unless told."""
-    real = PUBLISHED[layer]
-    entry = PublishedSAE(layer, d_sae, real.l1_coeff, real.dead_cutoff, real.version, None)
+    real = PAPER_SAES[layer]
+    entry = PaperSAE(layer, d_sae, real.l1_coeff, real.dead_cutoff, real.version, None)
     state = random_state(d_in, d_sae, seed) if state is None else state
     torch.save(state, folder / entry.weights_file)
     (folder / entry.cfg_file).write_text(json.dumps(published_cfg(entry, d_in) if cfg is None else cfg))
     digest = hashlib.sha256((folder / entry.weights_file).read_bytes()).hexdigest()
     sha = digest if pin is True else (pin or None)
-    return PublishedSAE(layer, d_sae, real.l1_coeff, real.dead_cutoff, real.version, sha), state
+    return PaperSAE(layer, d_sae, real.l1_coeff, real.dead_cutoff, real.version, sha), state
 
 
-def use_table(monkeypatch, *entries: PublishedSAE) -> None:
-    monkeypatch.setattr(published_saes, "PUBLISHED", {e.layer: e for e in entries})
+def use_table(monkeypatch, *entries: PaperSAE) -> None:
+    monkeypatch.setattr(paper_saes, "PAPER_SAES", {e.layer: e for e in entries})
 
 
 def leftovers(out: Path) -> list[str]:
@@ -157,21 +158,21 @@ def leftovers(out: Path) -> list[str]:
 
 
 def test_file_names_are_rebuilt_from_the_recipe():
-    assert [PUBLISHED[n].stem for n in range(12)] == HUB_NAMES
-    assert PUBLISHED[3].weights_file == HUB_NAMES[3] + ".pt"
-    assert PUBLISHED[3].cfg_file == HUB_NAMES[3] + "_cfg.json"
+    assert [PAPER_SAES[n].stem for n in range(12)] == HUB_NAMES
+    assert PAPER_SAES[3].weights_file == HUB_NAMES[3] + ".pt"
+    assert PAPER_SAES[3].cfg_file == HUB_NAMES[3] + "_cfg.json"
 
 
 def test_every_weights_file_and_the_revision_are_pinned():
     assert len(REVISION) == 40 and int(REVISION, 16) >= 0
-    shas = [PUBLISHED[n].sha256 for n in range(12)]
+    shas = [PAPER_SAES[n].sha256 for n in range(12)]
     assert all(s is not None and len(s) == 64 and int(s, 16) >= 0 for s in shas)
     assert len(set(shas)) == 12
 
 
 def test_table_agrees_with_the_gpt2_small_profile():
     profile = yaml.safe_load((REPO / "profiles" / "gpt2-small.yaml").read_text())
-    for n, entry in PUBLISHED.items():
+    for n, entry in PAPER_SAES.items():
         layer = {**profile["sae"], **profile["per_layer"][f"L{n}"]}
         assert (entry.d_sae, entry.l1_coeff, entry.dead_cutoff) == (layer["d_sae"], layer["l1_coeff"], layer["dead_cutoff"])
         assert (entry.lr, entry.batch_size, entry.resample_every, entry.n_resamples) == (
@@ -179,10 +180,10 @@ def test_table_agrees_with_the_gpt2_small_profile():
 
 
 def test_table_agrees_with_the_published_table_the_report_compares_with():
-    from attnsae.comparison import PUBLISHED_GPT2_SMALL
+    from attnsae.evaluation.comparison import PUBLISHED_GPT2_SMALL
 
-    assert sorted(PUBLISHED) == sorted(PUBLISHED_GPT2_SMALL)
-    for n, entry in PUBLISHED.items():
+    assert sorted(PAPER_SAES) == sorted(PUBLISHED_GPT2_SMALL)
+    for n, entry in PAPER_SAES.items():
         assert (entry.d_sae, entry.l1_coeff) == (PUBLISHED_GPT2_SMALL[n]["d_sae"], PUBLISHED_GPT2_SMALL[n]["l1_coeff"])
 
 
@@ -299,7 +300,7 @@ def test_not_a_torch_file_is_one_line(hub, tmp_path, monkeypatch):
     entry, _ = publish(folder, 6)
     (folder / entry.weights_file).write_bytes(b"not a zip or a pickle")
     digest = hashlib.sha256(b"not a zip or a pickle").hexdigest()
-    use_table(monkeypatch, PublishedSAE(6, D_SAE, entry.l1_coeff, entry.dead_cutoff, entry.version, digest))
+    use_table(monkeypatch, PaperSAE(6, D_SAE, entry.l1_coeff, entry.dead_cutoff, entry.version, digest))
     result = invoke("import", "--layer", "6", "--endpoint", url, "--out", tmp_path / "out")
     assert_one_line_error(result, "weights_only=True")
 
@@ -335,7 +336,11 @@ def test_cfg_with_dict_mult_instead_of_dict_size(hub, tmp_path, monkeypatch):
     del cfg["dict_size"]
     (folder / entry.cfg_file).write_text(json.dumps(cfg))
     use_table(monkeypatch, entry)
-    assert invoke("import", "--layer", "7", "--endpoint", url, "--out", tmp_path / "out").exit_code == 0
+    result = invoke("import", "--layer", "7", "--endpoint", url, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    sae, saved = load_sae(tmp_path / "out" / "L7")  # the width comes from dict_mult x d_in
+    assert (sae.d_in, sae.d_sae) == (768, 768 * 2) and (saved["d_in"], saved["d_sae"]) == (768, 768 * 2)
+    assert tuple(sae.W_enc.shape) == (768, 768 * 2) and tuple(sae.W_dec.shape) == (768 * 2, 768)
 
 
 def test_unpinned_file_needs_a_hash_or_explicit_trust(hub, tmp_path, monkeypatch):
@@ -407,7 +412,7 @@ def test_unreachable_server_is_one_line(tmp_path, monkeypatch):
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    use_table(monkeypatch, PublishedSAE(0, D_SAE, 1.8, 1e-6, 9, "0" * 64))
+    use_table(monkeypatch, PaperSAE(0, D_SAE, 1.8, 1e-6, 9, "0" * 64))
     result = invoke("import", "--layer", "0", "--endpoint", f"http://127.0.0.1:{port}", "--out", tmp_path / "out")
     assert_one_line_error(result, "could not download", f"127.0.0.1:{port}")
 

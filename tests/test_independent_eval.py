@@ -13,7 +13,6 @@ One test shows that the comparison catches a wrong splice."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,23 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from helpers import strong_layernorm  # noqa: E402
-from independent_eval import (  # noqa: E402
-    folded_value_bias,
-    independent_hook_z,
-    independent_metrics,
-    load_hf_model,
-    read_sae_folder,
-)
-
-from attnsae.config import EvaluateConfig  # noqa: E402
-from attnsae.evaluate import evaluate_sae  # noqa: E402
-from attnsae.files import sha256_file  # noqa: E402
-from attnsae.models import META_FILE, load_bridge, read_model_info  # noqa: E402
-from attnsae.sae import SAE, load_sae, sae_cfg, save_sae  # noqa: E402
+from attnsae.config import EvaluateConfig
+from attnsae.data.models import load_bridge
+from attnsae.evaluation.evaluate import evaluate_sae
+from attnsae.files import sha256_file
+from attnsae.formats.model_info import META_FILE, read_model_info
+from attnsae.formats.sae_cfg import sae_cfg
+from attnsae.sae.autoencoder import SAE, load_sae, save_sae
+from helpers import strong_layernorm
+from independent_eval import folded_value_bias, independent_hook_z, independent_metrics, load_hf_model, read_sae_folder
 
 TOL = 1e-4  # the acceptance tolerance; measured differences are ~1e-5 or less
 KINK_MARGIN = 1e-3  # how far every SAE pre-activation is kept from 0 (see keep_pre_activations_off_zero)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from attnsae import layout
-from attnsae.dashboards import content_hash
 from attnsae.errors import UserError
-from attnsae.labels import Rating, import_labels, interpretable, read_labels
+from attnsae.features.labels import Rating, import_labels, interpretable, read_labels
+from attnsae.formats.features import content_hash
 
 LAYER = 3
 CARDED = [2, 7, 9]

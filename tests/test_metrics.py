@@ -1,24 +1,21 @@
-"""The metrics of design.md 4: pure functions on known answers, then evaluate_sae on a tiny GPT-2."""
+"""The metrics of docs/design.md 4: pure functions on known answers, then evaluate_sae on a tiny GPT-2."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_EVAL_CFG, TINY_EVAL_LAYER, TINY_PROFILE, perfect_sae
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from attnsae.activations import capture_z  # noqa: E402
-from attnsae.config import EvaluateConfig, TokenizeConfig  # noqa: E402
-from attnsae.corpus import synthetic_documents  # noqa: E402
-from attnsae.errors import UserError  # noqa: E402
-from attnsae.evaluate import (  # noqa: E402
+from attnsae.config import EvaluateConfig, TokenizeConfig
+from attnsae.data.activations import capture_z
+from attnsae.data.corpus import synthetic_documents
+from attnsae.data.models import hook_z_name
+from attnsae.data.tokenization import tokenize_corpus
+from attnsae.errors import UserError
+from attnsae.evaluation.evaluate import (
     SE_METRICS,
     Totals,
     block_inputs,
@@ -34,9 +31,9 @@ from attnsae.evaluate import (  # noqa: E402
     summed_metrics,
     token_ce,
 )
-from attnsae.models import hook_z_name, read_model_info  # noqa: E402
-from attnsae.sae import SAE  # noqa: E402
-from attnsae.tokenization import tokenize_corpus  # noqa: E402
+from attnsae.formats.model_info import read_model_info
+from attnsae.sae.autoencoder import SAE
+from helpers import TINY_EVAL_CFG, TINY_EVAL_LAYER, TINY_PROFILE, perfect_sae
 
 # ---------------------------------------------------------------------------------------------------
 # Pure functions
@@ -322,8 +319,9 @@ def test_evaluate_empty_rows(tiny_eval_case):
 
 @pytest.fixture(scope="module")
 def sae_folder_and_tokens(tmp_path_factory, tiny_model_dir):
-    from attnsae.models import load_tokenizer
-    from attnsae.sae import sae_cfg, save_sae
+    from attnsae.data.models import load_tokenizer
+    from attnsae.formats.sae_cfg import sae_cfg
+    from attnsae.sae.autoencoder import save_sae
 
     root = tmp_path_factory.mktemp("evaluate-cli")
     model = tiny_model_dir(seed=0)
@@ -363,8 +361,8 @@ def test_cli_evaluates_the_heldout_split_into_its_own_file(sae_folder_and_tokens
     from click.testing import CliRunner
 
     from attnsae.cli import main
-    from attnsae.evaluate import read_heldout_metrics
-    from attnsae.models import load_tokenizer
+    from attnsae.data.models import load_tokenizer
+    from attnsae.formats.metrics import read_heldout_metrics
 
     root, model = sae_folder_and_tokens
     docs = [("synthetic", d) for d in synthetic_documents(30, 1)] + [("other", d) for d in synthetic_documents(12, 2)]
@@ -421,7 +419,7 @@ def test_cli_evaluate_refuses_unclear_sae_choices_in_one_line(args, message, tmp
 
 
 def test_sae_layer_needs_an_attention_output_hook():
-    from attnsae.evaluate import sae_layer
+    from attnsae.evaluation.evaluate import sae_layer
 
     assert sae_layer({"hook_name": "blocks.11.attn.hook_z"}, "x") == 11
     with pytest.raises(UserError, match=r"hook 'blocks.3.hook_resid_pre' is not an attention output \(allowed: blocks.<L>.attn.hook_z\)"):
@@ -465,8 +463,8 @@ def written_metrics() -> dict:
 
 
 def test_metrics_and_density_files_read_back_what_evaluate_writes(tmp_path):
-    from attnsae.evaluate import density_csv, read_density, read_metrics
     from attnsae.files import write_json_atomic
+    from attnsae.formats.metrics import density_csv, read_density, read_metrics
 
     metrics = written_metrics()
     write_json_atomic(tmp_path / "L2.json", metrics)
@@ -483,8 +481,8 @@ def test_metrics_and_density_files_read_back_what_evaluate_writes(tmp_path):
     ({"mse": None}, "metrics key 'mse' must be a finite int or float, got None"),
 ])
 def test_metrics_of_the_wrong_type_are_one_line_naming_file_and_key(tmp_path, change, message):
-    from attnsae.evaluate import read_metrics
     from attnsae.files import write_json_atomic
+    from attnsae.formats.metrics import read_metrics
 
     write_json_atomic(tmp_path / "L2.json", {**written_metrics(), **change})
     with pytest.raises(UserError) as err:
@@ -493,8 +491,8 @@ def test_metrics_of_the_wrong_type_are_one_line_naming_file_and_key(tmp_path, ch
 
 
 def test_metrics_missing_a_key_and_garbled_density_are_one_line(tmp_path):
-    from attnsae.evaluate import read_density, read_metrics
     from attnsae.files import write_json_atomic
+    from attnsae.formats.metrics import read_density, read_metrics
 
     metrics = written_metrics()
     del metrics["kl_score"]

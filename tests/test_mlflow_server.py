@@ -21,10 +21,10 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from helpers import read_tiny_params, run
 from safetensors.torch import save_file
 
 from attnsae.cli import main
+from helpers import read_tiny_params, run
 
 pytestmark = pytest.mark.integration
 
@@ -160,7 +160,7 @@ def test_every_run_is_on_the_server_under_one_parent(server, trained):
 def test_every_metric_point_artifact_and_registry_version_arrived(server, trained):
     from mlflow.tracking import MlflowClient
 
-    from attnsae.repository import dvc_md5
+    from attnsae.reporting.repository import dvc_md5
 
     url, _ = server
     client = MlflowClient(url)

@@ -3,14 +3,16 @@ the key path and says what is allowed, instead of a traceback (or a silently use
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import REPO
 
 from attnsae import config
 from attnsae.cli import main
 from attnsae.errors import UserError
+from helpers import REPO
 
 NAN, INF = float("nan"), float("inf")
 SEED_RANGE = "an integer >= 0 and <= 4294967295"
@@ -296,6 +298,29 @@ def test_bad_structure_refused_in_one_line(tiny_params, key_path, value, expecte
 def test_missing_required_section_named(tiny_params, section):
     del tiny_params[section]
     assert f"missing section '{section}'" in validation_error(tiny_params)
+
+
+def test_sections_are_checked_in_a_fixed_order(tiny_params):
+    """With every section bad, validate names them one at a time in this order (a per_layer entry's bad name, listed
+    first, before sae's bad value)."""
+    breaks = [("profile", ""), ("model.source", "nope"), ("corpus.sources", []), ("tokenize.context_size", 1),
+              ("activations.tokens", 0), ("evaluate.batch_rows", 0), ("dashboards.top_k", 0), ("report.compare", ""),
+              ("frontier.standard", {"values": []}), ("distributed.nproc_per_node", 0), ("layers", []),
+              ("per_layer", {"X3": {}, **tiny_params["per_layer"]}), ("sae.lr", -1.0)]
+    good = copy.deepcopy(tiny_params)
+    for key_path, value in breaks:
+        with_value(tiny_params, key_path, value)
+    for key_path, _ in breaks:
+        assert f"'{key_path}" in validation_error(tiny_params)
+        *parents, last = key_path.split(".")
+        broken, original = tiny_params, good
+        for key in parents:
+            broken, original = broken[key], original.get(key, {})
+        if last in original:
+            broken[last] = original[last]
+        else:
+            del broken[last]
+    config.validate(tiny_params)
 
 
 def test_optional_sections_may_be_left_out(tiny_params):

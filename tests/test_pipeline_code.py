@@ -13,41 +13,54 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers import REPO
 
-SRC = REPO / "src" / "attnsae"
+SRC = REPO / "src"
 # attnsae subcommand -> the modules whose functions it calls (the stage module, and files for check-params).
 COMMAND_MODULES = {
-    "check-params": ("config", "files"),
-    "model": ("models",),
-    "corpus": ("corpus",),
-    "tokenize": ("tokenization",),
-    "activations": ("activations",),
-    "train": ("train",),
-    "evaluate": ("evaluate",),
-    "dashboards": ("dashboards",),
-    "report": ("report",),
-    "publish": ("publish",),
-    "import": ("published_saes",),
+    "check-params": ("attnsae.config", "attnsae.files"),
+    "model": ("attnsae.data.models",),
+    "corpus": ("attnsae.data.corpus",),
+    "tokenize": ("attnsae.data.tokenization",),
+    "activations": ("attnsae.data.activations",),
+    "train": ("attnsae.sae.training",),
+    "evaluate": ("attnsae.evaluation.evaluate",),
+    "dashboards": ("attnsae.features.dashboards",),
+    "report": ("attnsae.reporting.report",),
+    "publish": ("attnsae.reporting.publish",),
+    "import": ("attnsae.evaluation.paper_saes",),
 }
+# `train --stream` places its workers with the launcher (which layers and which slice of each batch a process
+# trains), so the stream pipeline's train stage runs it too; the cache pipeline's never does.
+STREAM_COMMAND_MODULES = {**COMMAND_MODULES, "train": ("attnsae.sae.training", "attnsae.launcher")}
 PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
+# Files a module reads at run time besides its imports (package data): a stage that runs the module depends on them.
+MODULE_DATA = {"attnsae.features.pages": "src/attnsae/features/assets"}
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of a module of the package (None for a package or a name that is no module)."""
+    path = SRC / (module.replace(".", "/") + ".py")
+    return path if path.is_file() else None
 
 
 def imported_modules(module: str) -> set[str]:
-    tree = ast.parse((SRC / f"{module}.py").read_text())
+    """The attnsae modules that ``module`` imports anywhere in its body (imports inside functions count)."""
+    tree = ast.parse(module_file(module).read_text())
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "attnsae":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("attnsae."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "attnsae":
+            for alias in node.names:  # `from attnsae.features import families` names a module
+                found.add(f"{node.module}.{alias.name}" if module_file(f"{node.module}.{alias.name}") else node.module)
         elif isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("attnsae.")}
-    return {m for m in found if (SRC / f"{m}.py").is_file()}
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "attnsae"}
+    return {m for m in found if module_file(m)}
 
 
 def code_of(modules: tuple[str, ...]) -> set[str]:
-    """The modules and everything they import, transitively, as repository paths."""
+    """The modules and everything they import, transitively, as repository paths. Package __init__ files are
+    not listed: they hold a docstring only (test_package_inits_hold_only_a_docstring), so no stage runs them."""
     seen: set[str] = set()
     todo = list(modules)
     while todo:
@@ -55,7 +68,11 @@ def code_of(modules: tuple[str, ...]) -> set[str]:
         if module not in seen:
             seen.add(module)
             todo += imported_modules(module)
-    return {f"src/attnsae/{m}.py" for m in seen}
+    return {module_file(m).relative_to(REPO).as_posix() for m in seen} | {MODULE_DATA[m] for m in seen & MODULE_DATA.keys()}
+
+
+def command_modules(pipeline: Path) -> dict[str, tuple[str, ...]]:
+    return STREAM_COMMAND_MODULES if pipeline.stem == "stream" else COMMAND_MODULES
 
 
 def stage_command(cmd: str) -> str:
@@ -77,7 +94,7 @@ def test_every_stage_lists_exactly_the_code_it_runs(pipeline):
     for name, stage in stages(pipeline).items():
         definition = body(stage)
         listed = {d for d in definition.get("deps", []) if str(d).startswith("src/")}
-        expected = code_of(COMMAND_MODULES[stage_command(definition["cmd"])])
+        expected = code_of(command_modules(pipeline)[stage_command(definition["cmd"])])
         assert listed == expected, (
             f"{pipeline.name} stage {name}: missing {sorted(expected - listed)}, not run {sorted(listed - expected)}"
         )
@@ -93,6 +110,11 @@ def test_every_stage_after_the_check_depends_on_it_and_no_param_is_a_label(pipel
 
 
 def md5(path: Path) -> str:
+    """The md5 dvc.lock records: of the file, or DVC's of a folder (package data)."""
+    if path.is_dir():
+        from attnsae.reporting.repository import dvc_md5
+
+        return dvc_md5(path)
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
@@ -105,7 +127,7 @@ def test_committed_lock_records_the_committed_code():
     for stage_name, entry in lock.items():
         for dep in entry.get("deps", []):
             path = REPO / dep["path"]
-            if dep["path"].startswith("src/") and (not path.is_file() or md5(path) != dep["md5"]):
+            if dep["path"].startswith("src/") and (not path.exists() or md5(path) != dep["md5"]):
                 stale.append(f"{stage_name}: {dep['path']}")
     assert not stale, f"dvc.lock records other code than the files hold (run `dvc repro`): {stale}"
     for name, stage in pipeline.items():
@@ -115,3 +137,33 @@ def test_committed_lock_records_the_committed_code():
             listed = {d for d in body(stage).get("deps", []) if str(d).startswith("src/")}
             recorded = {d["path"] for d in lock[key].get("deps", []) if d["path"].startswith("src/")}
             assert recorded == listed, f"dvc.lock's {key} was recorded with other code deps than dvc.yaml lists"
+
+
+def test_package_inits_hold_only_a_docstring():
+    """Importing a subpackage runs its __init__.py, which no stage lists: so it must run nothing."""
+    for init in (SRC / "attnsae").rglob("__init__.py"):
+        body = ast.parse(init.read_text()).body
+        assert len(body) <= 1 and all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body), (
+            f"{init.relative_to(REPO)} runs code: move it into a module that the stages that need it import"
+        )
+
+
+def test_every_package_data_folder_is_some_modules_data():
+    """A data folder that no module claims would change a stage's output without making it stale."""
+    folders = {p.parent.relative_to(REPO).as_posix() for p in (SRC / "attnsae").rglob("*")
+               if p.is_file() and p.suffix not in (".py", ".pyc")}
+    assert folders <= set(MODULE_DATA.values()), f"package data no module claims: {sorted(folders - set(MODULE_DATA.values()))}"
+
+
+def test_the_architecture_page_lists_each_stages_code_as_it_is():
+    """docs/architecture.md's 'after' column is the cache pipeline's code deps now, module for module."""
+    page = (REPO / "docs" / "architecture.md").read_text().split("## Stage code deps, before and after", 1)[1]
+    listed = {}
+    for row in page.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] not in ("stage", "---"):
+            listed[cells[0].removesuffix("@L")] = {f"src/attnsae/{m}" for m in cells[5].split(", ")}
+    pipeline = stages(REPO / "pipelines" / "cache.yaml")
+    assert listed.keys() == pipeline.keys()
+    for name, stage in pipeline.items():
+        assert listed[name] == {d for d in body(stage)["deps"] if str(d).startswith("src/")}, name

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import yaml
-from helpers import run
 
-from attnsae import frontier
+from attnsae.reporting import frontier
+from helpers import run
 
 pytestmark = pytest.mark.integration
 

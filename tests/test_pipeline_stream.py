@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from attnsae.sae import load_sae
-from helpers import REPO, pipeline_repository, run, stages_run
+from attnsae.sae.autoencoder import load_sae
+from helpers import REPO, pipeline_repository, run, stages_run, status_after_changing
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def test_gpt2_small_profile_streams_end_to_end_on_tiny_gpt2(tmp_path):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # Importing the published SAEs needs the hub and the real GPT-2: not part of the tiny run.
     pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
-    for stage in ("import_published", "evaluate_published", "dashboards_published"):
+    for stage in ("import_paper_saes", "evaluate_paper_saes", "dashboards_paper_saes"):
         del pipeline["stages"][stage]
     (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
 
@@ -55,6 +55,9 @@ def test_gpt2_small_profile_streams_end_to_end_on_tiny_gpt2(tmp_path):
         metrics = json.loads((root / "reports" / "metrics" / f"L{layer}.json").read_text())
         assert metrics["dead_fraction_tokens"] == 8 * 64
     assert stages_run(run(["dvc", "repro"], root, env)) == set()
+    # The launcher places `train --stream`'s workers: here, and only here, it is a stage's code.
+    status = status_after_changing(root / "src" / "attnsae" / "launcher.py", root, env)
+    assert status == {"train": [{"changed deps": {"src/attnsae/launcher.py": "modified"}}]}
 
 
 def test_committed_dvc_yaml_is_the_pipeline_of_the_active_profile():

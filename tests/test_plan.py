@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from click.testing import CliRunner
 
 from attnsae import config
@@ -20,7 +19,7 @@ def test_paper_layer_costs_match_design_numbers():
     lp = plan_layer(0, config.sae_config(params, 0), d_in=768)
     assert lp.steps == 488_281  # 2e9 tokens / 4096
     assert lp.tokens == 488_281 * 4096
-    # ~226 MFLOP per token (design.md 7): 12 * 768 * 24576
+    # ~226 MFLOP per token (docs/design.md 7): 12 * 768 * 24576
     assert lp.sae_flop / lp.tokens == 12 * 768 * 24576
     assert lp.buffer_bytes == 1_572_864 * 768 * 2
     assert lp.sae_bytes == (2 * 768 * 24576 + 24576 + 768) * 16

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import PlantedDictionary
 
 from attnsae.config import SAEConfig
 from attnsae.errors import UserError
-from attnsae.train import matmul_precision, sae_autocast, train_sae, train_saes
+from attnsae.sae.training import matmul_precision, sae_autocast, train_sae, train_saes
+from helpers import PlantedDictionary
 
 # bf16 against fp32 after the same steps from the same weights on the same rows: how far they may drift
 ERROR_REL = 0.05
@@ -110,9 +110,9 @@ def test_the_recipe_records_the_precision():
 def test_compiled_loss_trains_as_the_eager_one(architecture, monkeypatch):
     """sae.compile: the loss goes through torch.compile (here its aot_eager backend: the same captured forward and
     backward graphs, without generating kernels, which would take minutes on a CPU) and training matches eager."""
-    from attnsae import train
+    from attnsae.sae import training
 
-    monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(training, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     runs = [train_sae(planted_cfg(architecture, "fp32", train_tokens=256 * 30, compile=c), PlantedDictionary(seed=0),
                       progress=False) for c in (False, True)]

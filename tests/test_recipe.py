@@ -1,4 +1,4 @@
-"""The training recipe of design.md 3, end to end through ``train_sae`` on small synthetic data.
+"""The training recipe of docs/design.md 3, end to end through ``train_sae`` on small synthetic data.
 
 - a planted sparse dictionary is recovered by the trained decoder (and the criterion rejects an
   untrained SAE, an unrelated dictionary and an SAE trained without the L1 penalty);
@@ -16,12 +16,12 @@ import math
 
 import pytest
 import torch
-from helpers import PlantedDictionary
 
-import attnsae.train as train_module
+import attnsae.sae.training as train_module
 from attnsae.config import SAEConfig
-from attnsae.sae import SAE
-from attnsae.train import TrainResult, train_sae
+from attnsae.sae.autoencoder import SAE
+from attnsae.sae.training import TrainResult, train_sae
+from helpers import PlantedDictionary
 
 COS_THRESHOLD = 0.9
 MIN_RECOVERED = 0.9
@@ -223,7 +223,7 @@ def test_dead_features_are_resampled_at_the_first_check_and_revived():
 def test_a_check_with_nothing_dead_leaves_the_batches_alone(monkeypatch):
     """Drawing resampling inputs moves the buffer's generator, so a check that finds no dead feature must draw
     none: otherwise every later batch differs from the recipe's (the committed quickstart SAEs would change)."""
-    from attnsae.activations import ShuffledBuffer
+    from attnsae.data.activations import ShuffledBuffer
 
     draws = []
     sample = ShuffledBuffer.sample
@@ -239,7 +239,7 @@ def test_a_check_with_nothing_dead_leaves_the_batches_alone(monkeypatch):
 def test_deterministic_switch_is_applied_and_recorded():
     """sae.deterministic turns on torch's deterministic kernels for the run; its value is in the config
     that is logged to MLflow (cfg.model_dump()) and written into cfg.json."""
-    from attnsae.train import use_deterministic_kernels
+    from attnsae.sae.training import use_deterministic_kernels
 
     source = PlantedDictionary(seed=3)
     cfg = SAEConfig(d_sae=16, l1_coeff=0.1, batch_size=64, train_tokens=64 * 3, buffer_rows=512,

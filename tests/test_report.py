@@ -19,16 +19,18 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+
+from attnsae.cli import main
+from attnsae.errors import UserError
+from attnsae.evaluation import comparison
+from attnsae.features.labels import import_labels
+from attnsae.formats.features import content_hash
+from attnsae.formats.sae_cfg import sae_cfg
+from attnsae.reporting import publish, report
+from attnsae.sae.autoencoder import SAE, load_sae, save_sae
 from helpers import REPO
 
-from attnsae import comparison, publish, report
-from attnsae.cli import main
-from attnsae.dashboards import content_hash
-from attnsae.errors import UserError
-from attnsae.labels import import_labels
-from attnsae.sae import SAE, load_sae, sae_cfg, save_sae
-
-# design.md 2, transcribed by hand (a second, independent copy of the anchor table).
+# docs/design.md 2, transcribed by hand (a second, independent copy of the anchor table).
 DESIGN_TABLE = """
 | 0 | 24576 | 1.8 | 3 | 99% | 13% | 97% |
 | 1 | 24576 | 0.8 | 20 | 78% | 49% | 87% |
@@ -231,7 +233,7 @@ def test_report_provenance(tmp_path):
 
 
 def test_report_draws_the_frontier_when_there_is_one(tmp_path):
-    from attnsae import frontier
+    from attnsae.reporting import frontier
 
     dirs = make_run(tmp_path, SMOLLM2, {3: metrics_for(3, SMOLLM2)})
     assert "No frontier yet" in build(dirs, [3], "none")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from attnsae.report import build_report
+from attnsae.reporting.report import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

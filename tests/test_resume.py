@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attnsae.activations import DiskActivations
 from attnsae.config import SAEConfig
-from attnsae.train import train_saes
+from attnsae.data.activations import DiskActivations
+from attnsae.sae.training import train_saes
 
 D_IN = 16
 

@@ -1,4 +1,4 @@
-"""The SAE of design.md 3: loss, decoder constraint, init, LR schedule, resampling, folder format."""
+"""The SAE of docs/design.md 3: loss, decoder constraint, init, LR schedule, resampling, folder format."""
 
 from __future__ import annotations
 
@@ -11,19 +11,11 @@ from safetensors.torch import load_file, save_file
 
 from attnsae.config import SAEConfig
 from attnsae.errors import UserError
-from attnsae.sae import (
-    CFG_FILE,
-    SAE,
-    SPARSITY_FILE,
-    WEIGHTS_FILE,
-    cosine_warmup_lr,
-    load_log10_density,
-    load_sae,
-    sae_cfg,
-    save_sae,
-)
-from attnsae.train import (
+from attnsae.formats.sae_cfg import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, sae_cfg
+from attnsae.sae.autoencoder import SAE, load_log10_density, load_sae, save_sae
+from attnsae.sae.training import (
     RESAMPLE_ENCODER_SCALE,
+    cosine_warmup_lr,
     dead_features,
     is_check_step,
     make_optimizer,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from attnsae.config import ActivationsConfig, CorpusConfig, ModelConfig
-from attnsae.corpus import (
+from attnsae.data.corpus import (
     brown_detag,
     build_corpus,
     doc_comments,
@@ -17,9 +17,9 @@ from attnsae.corpus import (
     read_documents,
     synthetic_documents,
 )
+from attnsae.data.models import prepare_model
 from attnsae.errors import UserError
 from attnsae.files import check_sha256, sha256_file
-from attnsae.models import prepare_model
 
 
 def test_check_sha256_names_both_hashes(tmp_path):
@@ -140,10 +140,11 @@ def test_gpt2_without_hub_fails_in_one_line_and_writes_nothing(tmp_path, monkeyp
 
 
 def test_layer_outside_the_model_is_rejected(tmp_path, tiny_model_dir):
-    from attnsae.activations import cache_activations
     from attnsae.config import TokenizeConfig
-    from attnsae.models import load_tokenizer, read_model_info
-    from attnsae.tokenization import tokenize_corpus
+    from attnsae.data.activations import cache_activations
+    from attnsae.data.models import load_tokenizer
+    from attnsae.data.tokenization import tokenize_corpus
+    from attnsae.formats.model_info import read_model_info
 
     model_dir = tiny_model_dir(seed=0)
     info = read_model_info(model_dir)
@@ -156,7 +157,7 @@ def test_layer_outside_the_model_is_rejected(tmp_path, tiny_model_dir):
 
 def test_context_longer_than_the_model_takes_is_one_line_before_anything_is_written(tmp_path, tiny_model_dir):
     from attnsae.config import TokenizeConfig
-    from attnsae.tokenization import tokenize_stage
+    from attnsae.data.tokenization import tokenize_stage
 
     build_corpus(CorpusConfig(sources=["synthetic"], synthetic_documents=5), tmp_path / "corpus")
     with pytest.raises(UserError) as err:
@@ -188,8 +189,9 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
 def test_gpt2_random_has_gpt2_small_shape_and_runs_offline(tmp_path):
     import torch
 
-    from attnsae.activations import capture_z
-    from attnsae.models import load_bridge, read_model_info
+    from attnsae.data.activations import capture_z
+    from attnsae.data.models import load_bridge
+    from attnsae.formats.model_info import read_model_info
 
     info = prepare_model(ModelConfig(source="gpt2-random", seed=0), tmp_path / "base")
     assert (info.n_layers, info.n_heads, info.d_head, info.d_in) == (12, 12, 64, 768)

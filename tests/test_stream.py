@@ -11,27 +11,16 @@ from click.testing import CliRunner
 
 from attnsae import layout
 from attnsae.cli import main
-
-from attnsae.activations import (
-    DiskActivations,
-    ArrayRows,
-    ModelStream,
-    cache_activations,
-)
 from attnsae.config import ActivationsConfig, CorpusConfig, ModelConfig, SAEConfig, TokenizeConfig
-from attnsae.corpus import build_corpus, open_documents, synthetic_documents
+from attnsae.data.activations import ArrayRows, DiskActivations, ModelStream, cache_activations
+from attnsae.data.corpus import build_corpus, open_documents, synthetic_documents
+from attnsae.data.models import load_bridge, load_tokenizer
+from attnsae.data.tokenization import is_eval_document, load_rows, pack_rows, tokenize_corpus, train_row_stream
 from attnsae.errors import UserError
-from attnsae.models import load_bridge, load_tokenizer, read_model_info
-from attnsae.sae import load_sae
-from attnsae.tokenization import (
-    is_eval_document,
-    load_rows,
-    pack_rows,
-    read_tokens_meta,
-    tokenize_corpus,
-    train_row_stream,
-)
-from attnsae.train import train_sae, train_saes
+from attnsae.formats.model_info import read_model_info
+from attnsae.formats.tokens_meta import read_tokens_meta
+from attnsae.sae.autoencoder import load_sae
+from attnsae.sae.training import train_sae, train_saes
 
 LAYERS = [1, 2]
 BATCH_ROWS = 8

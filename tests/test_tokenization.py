@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 
 from attnsae.config import TokenizeConfig, check_split_sources
-from attnsae.errors import UserError
-from attnsae.models import DOCUMENT_SEPARATOR, byte_level_tokenizer
-from attnsae.tokenization import (
+from attnsae.data.models import DOCUMENT_SEPARATOR, byte_level_tokenizer
+from attnsae.data.tokenization import (
     TokenRowStream,
     balanced_prefix,
     is_eval_document,
     load_rows,
     mixture_order,
     pack_rows,
-    read_tokens_meta,
     stream_source_tokens,
     tokenize_corpus,
 )
+from attnsae.errors import UserError
+from attnsae.formats.tokens_meta import read_tokens_meta
 
 BOS = 0
 DOCS = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]  # stream: 1 2 3 0 4 5 0 6 7 8 9 (11 tokens, BOS between documents)
@@ -309,6 +309,11 @@ def test_heldout_rows_sample_the_whole_source_in_a_seeded_order(tmp_path, tokeni
     text = tokenizer.decode(load_rows(tmp_path / "tokens", "heldout").ravel().tolist(), skip_special_tokens=True)
     numbers = {int(m) for m in re.findall(r"\{(\d{4})\}", text)}
     assert len(numbers) >= 3 and max(numbers) > 10  # documents from all over the source, not its first ones
+    # seeded: the same seed draws the same rows in the same order, another seed other rows or another order
+    tokenize_corpus(cfg, docs, tokenizer, bos, tmp_path / "same")
+    assert np.array_equal(load_rows(tmp_path / "same", "heldout"), load_rows(tmp_path / "tokens", "heldout"))
+    tokenize_corpus(cfg.model_copy(update={"seed": 8}), docs, tokenizer, bos, tmp_path / "other")
+    assert not np.array_equal(load_rows(tmp_path / "other", "heldout"), load_rows(tmp_path / "tokens", "heldout"))
 
 
 def test_split_sources_must_be_the_corpus_and_leave_one_to_train_on():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from attnsae import repository, tracking
+from attnsae.reporting import repository, tracking
 
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t",
        "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
@@ -157,9 +157,9 @@ def test_layer_run_in_an_experiment_copy_logs_to_the_main_store_and_registers(tm
 
 
 def test_fresh_sqlite_store_opened_by_several_processes_at_once(tmp_path):
-    """Without the lock, processes creating a fresh store together fail in MLflow's migrations (design.md 6)."""
+    """Without the lock, processes creating a fresh store together fail in MLflow's migrations (docs/design.md 6)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = f"from attnsae.tracking import open_store; print(open_store({uri!r})[1])"
+    code = f"from attnsae.reporting.tracking import open_store; print(open_store({uri!r})[1])"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
@@ -236,7 +236,7 @@ def test_retrain_to_a_new_sae_replaces_the_earlier_run_and_adds_a_version(repo):
 
 
 def test_an_attempt_killed_mid_stage_is_superseded_by_the_rerun(repo):
-    code = ("import os, signal\nfrom attnsae import tracking\n"
+    code = ("import os, signal\nfrom attnsae.reporting import tracking\n"
             f"with tracking.layer_run(2, 'train', 'tiny', params={PARAMS!r}) as run:\n"
             "    run.log_curves([{'step': 0, 'loss': 9.0}])\n"
             "    print(run.run_id, flush=True)\n"
@@ -325,7 +325,7 @@ def test_a_copied_repository_logs_artifacts_into_its_own_folder(tmp_path, clean_
     (copy / "models/sae/L2/cfg.json").write_text('{"d_in": 8}\n')
     (copy / "report.md").write_text("# copy\n")
     # A new process, as after a move (MLflow caches each run's artifact folder in the process that used it).
-    code = ("from attnsae import tracking\n"
+    code = ("from attnsae.reporting import tracking\n"
             f"with tracking.layer_run(2, 'train', 'tiny', params={PARAMS!r}) as run:\n"
             "    run.register_sae('models/sae/L2', 'tiny-gpt2', 2)\n"
             "    run.log_artifact('models/sae/L2/cfg.json', 'sae')\n"

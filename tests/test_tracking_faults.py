@@ -15,9 +15,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from attnsae import tracking
 from attnsae.cli import main
 from attnsae.errors import UserError
+from attnsae.reporting import tracking
 
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -129,7 +129,7 @@ def test_a_full_disk_at_the_first_write_leaves_no_empty_store(tmp_path):
 def test_a_full_disk_while_logging_ends_the_stage_in_one_line(tmp_path):
     db = tmp_path / "mlflow.db"
     tracking.init_store(f"sqlite:///{db}")
-    code = ("import resource, sys\nfrom attnsae import tracking\nfrom attnsae.errors import UserError\n"
+    code = ("import resource, sys\nfrom attnsae.reporting import tracking\nfrom attnsae.errors import UserError\n"
             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({db.stat().st_size + 65536},) * 2)\n"
             "try:\n"
             "    with tracking.layer_run(2, 'train', 'tiny') as run:\n"

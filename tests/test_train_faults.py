@@ -24,22 +24,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import read_tiny_params
 from safetensors.torch import load_file, save_file
 
 from attnsae import layout
-from attnsae.activations import DiskActivations
 from attnsae.config import SAEConfig
+from attnsae.data.activations import DiskActivations
 from attnsae.errors import UserError
-from attnsae.sae import CFG_FILE, SAE, WEIGHTS_FILE
-from attnsae.train import (
-    NonFinite,
-    TrainingInterrupted,
-    make_optimizer,
-    resample_dead,
-    train_layer,
-    train_saes,
-)
+from attnsae.formats.sae_cfg import CFG_FILE, WEIGHTS_FILE
+from attnsae.sae.autoencoder import SAE
+from attnsae.sae.checkpoints import TrainingInterrupted
+from attnsae.sae.training import NonFinite, make_optimizer, resample_dead, train_layer, train_saes
+from helpers import read_tiny_params
 
 LAYER = 3
 D_IN = 16

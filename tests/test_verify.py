@@ -16,12 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from helpers import REPO, run, stages_run
 
 from attnsae import config
 from attnsae.errors import UserError
-from attnsae.profiles import artifact_name, artifacts_section, pipeline_mode, render_pipeline
-from attnsae.verify import (
+from attnsae.evaluation.verify import (
     Check,
     compare_copies,
     compare_listings,
@@ -30,6 +28,8 @@ from attnsae.verify import (
     subtree,
     summarize,
 )
+from attnsae.profiles import artifact_name, artifacts_section, pipeline_mode, render_pipeline
+from helpers import REPO, run, stages_run
 
 # What the README tells a new user to pull: the SAE folders, their dashboards (the report reads them), and what
 # `attnsae verify` re-evaluates them on.

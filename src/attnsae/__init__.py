@@ -1,3 +1,1 @@
 """attnsae: sparse autoencoders on attention-layer outputs (hook_z), trained, evaluated and reproduced."""
-
-__version__ = "0.1.0"

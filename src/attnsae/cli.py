@@ -19,7 +19,6 @@ from attnsae.errors import UserError
 from attnsae.files import DISK_FULL
 
 
-
 def one_line_errors(fn):
     """Bad input ends the command with one line on stderr and exit status 1, never a traceback."""
 
@@ -48,14 +47,24 @@ params_option = click.option(
     help="The params file to read.",
 )
 layer_option = click.option("--layer", required=True, help="Layer number, e.g. 3 or L3.")
+# The pipeline's inputs, at layout.py's paths unless given: declared once, used by every command that reads them.
+model_option = click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True,
+                            help="The pinned model folder (the model stage's output).")
+tokens_option = click.option("--tokens", "tokens_dir", default=str(layout.TOKENS_DIR), show_default=True,
+                             help="The token rows folder (the tokenize stage's output).")
+no_mlflow_option = click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+
+
+def corpus_option(help: str | None = None):
+    return click.option("--corpus", "corpus_dir", default=str(layout.CORPUS_DIR), show_default=True, help=help)
 
 
 def sae_on_tokens_options(command):
     """--layer, --model, --tokens, --sae: any hook_z SAE folder, read on the pinned model's evaluation tokens."""
     for option in reversed([
         click.option("--layer", default=None, help="Layer number, e.g. 3 or L3 [default: the layer in the SAE's cfg.json]."),
-        click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True),
-        click.option("--tokens", "tokens_dir", default=str(layout.TOKENS_DIR), show_default=True),
+        model_option,
+        tokens_option,
         click.option("--sae", "sae_dir", default=None,
                      help=f"Any hook_z SAE folder in the SAELens format (ours, imported, SAELens) "
                           f"[default: {layout.SAE_ROOT}/L<layer>]"),
@@ -98,7 +107,7 @@ def logging_on(no_mlflow: bool) -> bool:
     stops the command here, in seconds, before any work (or, with ATTNSAE_TRACKING=optional, is skipped)."""
     if no_mlflow:
         return False
-    from attnsae.tracking import check_store
+    from attnsae.reporting.tracking import check_store
 
     return check_store()
 
@@ -107,7 +116,7 @@ def tracked(params: dict, layer: int, stage: str, log: bool):
     """This stage's MLflow run for the layer, or nothing when it does not log."""
     if not log:
         return contextlib.nullcontext(None)
-    from attnsae.tracking import layer_run
+    from attnsae.reporting.tracking import layer_run
 
     return layer_run(layer, stage, profile_label(params), params=params)
 
@@ -164,7 +173,7 @@ def check_params(params_path: str, out: str) -> None:
 @one_line_errors
 def model(params_path: str, out: str) -> None:
     """Obtain, check and pin the base model (params: model)."""
-    from attnsae.models import prepare_model
+    from attnsae.data.models import prepare_model
 
     cfg = config.model_config(config.read_params(params_path))
     info = prepare_model(cfg, out)
@@ -179,7 +188,7 @@ def model(params_path: str, out: str) -> None:
 @one_line_errors
 def corpus(params_path: str, out: str, stream: bool) -> None:
     """Fetch and write the text documents, or with --stream pin their sources (params: corpus)."""
-    from attnsae.corpus import build_corpus
+    from attnsae.data.corpus import build_corpus
 
     cfg = config.corpus_config(config.read_params(params_path))
     manifest = build_corpus(cfg, out, stream=stream)
@@ -191,8 +200,8 @@ def corpus(params_path: str, out: str, stream: bool) -> None:
 
 @main.command()
 @params_option
-@click.option("--corpus", "corpus_dir", default=str(layout.CORPUS_DIR), show_default=True)
-@click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True)
+@corpus_option()
+@model_option
 @click.option("--out", default=str(layout.TOKENS_DIR), show_default=True)
 @one_line_errors
 def tokenize(params_path: str, corpus_dir: str, model_dir: str, out: str) -> None:
@@ -200,7 +209,7 @@ def tokenize(params_path: str, corpus_dir: str, model_dir: str, out: str) -> Non
 
     A streamed corpus gets its eval rows only; training makes its train rows on the fly.
     """
-    from attnsae.tokenization import tokenize_stage
+    from attnsae.data.tokenization import tokenize_stage
 
     meta = tokenize_stage(config.tokenize_config(config.read_params(params_path)), corpus_dir, model_dir, out)
     train = f"{meta['tokens']['train']:,} tokens" if "train" in meta["tokens"] else "streamed during training"
@@ -209,13 +218,13 @@ def tokenize(params_path: str, corpus_dir: str, model_dir: str, out: str) -> Non
 
 @main.command()
 @params_option
-@click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True)
-@click.option("--tokens", "tokens_dir", default=str(layout.TOKENS_DIR), show_default=True)
+@model_option
+@tokens_option
 @click.option("--out", default=str(layout.ACTIVATIONS_DIR), show_default=True)
 @one_line_errors
 def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> None:
     """Cache hook_z of every selected layer from one forward pass per batch (params: activations, model, layers)."""
-    from attnsae.activations import cache_activations
+    from attnsae.data.activations import cache_activations
 
     params = config.read_params(params_path)
     summary = cache_activations(
@@ -232,10 +241,9 @@ def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> 
 @click.option("--stream", is_flag=True,
               help="Run the model on the fly instead of reading the activation cache; all --layer SAEs share one pass.")
 @click.option("--activations", "activations_dir", default=str(layout.ACTIVATIONS_DIR), show_default=True)
-@click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True)
-@click.option("--corpus", "corpus_dir", default=str(layout.CORPUS_DIR), show_default=True,
-              help="Corpus to stream from (--stream).")
-@click.option("--tokens", "tokens_dir", default=str(layout.TOKENS_DIR), show_default=True)
+@model_option
+@corpus_option(help="Corpus to stream from (--stream).")
+@tokens_option
 @click.option("--out", default=None, help=f"SAE folder, one layer only [default: {layout.SAE_ROOT}/L<layer>]")
 @click.option("--curves", default=None,
               help=f"Training curves CSV, one layer only [default: {layout.CURVES_DIR}/L<layer>.csv]")
@@ -243,7 +251,7 @@ def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> 
               help="Save a checkpoint every N steps (0: never); a restarted run resumes from it.")
 @click.option("--checkpoint", "checkpoint_path", default=None,
               help=f"Checkpoint file [default: {layout.CHECKPOINT_DIR}/train-L<layer>.pt]")
-@click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+@no_mlflow_option
 @one_line_errors
 def train(
     params_path: str, layer_args: tuple[str, ...], all_layers: bool, stream: bool, activations_dir: str,
@@ -256,8 +264,8 @@ def train(
     --stream and distributed.nproc_per_node > 1 it starts that many workers, which share the layers (or, with more
     workers than layers, each layer's batches); under torchrun each worker trains its rank's share.
     """
-    from attnsae.distributed import WHOLE_BATCH, bind_device, launch_workers, share_of, this_worker
-    from attnsae.train import train_layer, train_layers_streaming
+    from attnsae import launcher
+    from attnsae.sae.training import CachedActivations, StreamedActivations, run_train_stage
 
     params = config.read_params(params_path)
     layers = chosen_layers(layer_args, config.layers(params) if all_layers else None)
@@ -265,35 +273,30 @@ def train(
         raise UserError("--out and --curves name one layer's files; leave them out when training several layers")
     if len(layers) > 1 and not stream:
         raise UserError("several --layer values share one model pass only with --stream")
-    worker, nproc = this_worker(), config.distributed_config(params).nproc_per_node
-    if stream and worker is None and nproc > 1:
+    nproc = config.distributed_config(params).nproc_per_node
+    if launcher.starts_workers(stream, nproc):
         if checkpoint_path:
             raise UserError("--checkpoint names one process's file; with distributed.nproc_per_node > 1 each rank "
                             "keeps its own (checkpoints/train-L<its layers>.pt)")
         args = ["train", "--params", params_path, "--stream", *(f"--layer={n}" for n in layers), "--model", model_dir,
                 "--corpus", corpus_dir, "--tokens", tokens_dir, "--checkpoint-every", str(checkpoint_every)]
-        launch_workers(nproc, args + (["--no-mlflow"] if no_mlflow else []), layers)
+        launcher.launch_workers(nproc, args + (["--no-mlflow"] if no_mlflow else []), layers)
         return
-    shard = WHOLE_BATCH
-    if worker is not None:
-        if not stream:
-            raise UserError("torchrun spreads only `attnsae train --stream` over processes (the stream pipeline)")
-        bind_device(worker)
-        layers, shard = share_of(layers, worker)
+    layers, shard = launcher.this_process_share(layers, stream)
     cfgs = {n: config.sae_config(params, n) for n in layers}
+    if stream:
+        data = StreamedActivations(config.model_config(params), config.activations_config(params).batch_rows,
+                                   model_dir, corpus_dir, tokens_dir)
+    else:
+        data = CachedActivations(activations_dir)
     log = shard.owner and logging_on(no_mlflow)
-    out_dirs = {n: Path(out) if out else layout.sae_dir(n) for n in layers}
-    curves_paths = {n: Path(curves) if curves else layout.curves_file(n) for n in layers}
-    checkpoint = Path(checkpoint_path) if checkpoint_path else layout.checkpoint_file(layers)
     with contextlib.ExitStack() as stack:
         runs = {n: stack.enter_context(tracked(params, n, "train", log)) for n in layers}
-        if stream:
-            act = config.activations_config(params)
-            train_layers_streaming(cfgs, config.model_config(params), act.batch_rows, model_dir, corpus_dir, tokens_dir,
-                                   out_dirs, curves_paths, runs, checkpoint, checkpoint_every, shard)
-        else:
-            n = layers[0]
-            train_layer(cfgs[n], n, activations_dir, out_dirs[n], curves_paths[n], runs[n], checkpoint, checkpoint_every)
+        run_train_stage(cfgs, data,
+                        {n: Path(out) if out else layout.sae_dir(n) for n in layers},
+                        {n: Path(curves) if curves else layout.curves_file(n) for n in layers}, runs,
+                        Path(checkpoint_path) if checkpoint_path else layout.checkpoint_file(layers), checkpoint_every,
+                        shard)
 
 
 @main.command()
@@ -302,8 +305,8 @@ def train(
               help="Layer number, e.g. 3 or L3; repeat to evaluate several layers' SAEs in one pass over the rows "
                    "[with --sae: default the layer in its cfg.json].")
 @click.option("--all-layers", is_flag=True, help="Every layer in params.yaml's `layers` (the evaluate stage).")
-@click.option("--model", "model_dir", default=str(layout.MODEL_DIR), show_default=True)
-@click.option("--tokens", "tokens_dir", default=str(layout.TOKENS_DIR), show_default=True)
+@model_option
+@tokens_option
 @click.option("--sae", "sae_dir", default=None,
               help=f"Any hook_z SAE folder in the SAELens format (ours, imported, SAELens) "
                    f"[default: {layout.SAE_ROOT}/L<layer>]")
@@ -320,7 +323,7 @@ def train(
 @click.option("--heldout-out", "heldout_out", default=None,
               help=f"Held-out metrics JSON, the SAE measured on the held-out split too, one SAE only "
                    f"[default: {layout.HELDOUT_METRICS_DIR}/L<layer>.json for the pipeline's own SAE]")
-@click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+@no_mlflow_option
 @one_line_errors
 def evaluate(
     params_path: str, layer_args: tuple[str, ...], all_layers: bool, model_dir: str, tokens_dir: str,
@@ -334,8 +337,9 @@ def evaluate(
     the pipeline's metrics, held-out metrics and density files and logs to the layers' MLflow runs. Every
     CE-based metric and L0 comes with a bootstrap standard error over rows.
     """
-    from attnsae.evaluate import evaluate_layers, read_heldout_metrics, sae_layer
-    from attnsae.sae import read_sae_cfg
+    from attnsae.evaluation.evaluate import evaluate_layers, sae_layer
+    from attnsae.formats.metrics import read_heldout_metrics
+    from attnsae.formats.sae_cfg import read_sae_cfg
 
     params = config.read_params(params_path)
     overrides = {k: v for k, v in (("max_rows", max_rows), ("batch_rows", batch_rows)) if v is not None}
@@ -372,7 +376,7 @@ def evaluate(
 def evaluation_files(layer: int, own: bool, out: str | None, density: str | None, heldout_out: str | None):
     """Where `attnsae evaluate` writes a layer's results: the pipeline's files for its own SAE (unless others are
     given); for another SAE only the files given, never the pipeline's."""
-    from attnsae.evaluate import EvaluationFiles
+    from attnsae.evaluation.evaluate import EvaluationFiles
 
     pipeline = EvaluationFiles(layout.metrics_file(layer), layout.density_file(layer),
                                layout.heldout_metrics_file(layer))
@@ -387,7 +391,7 @@ def evaluation_files(layer: int, own: bool, out: str | None, density: str | None
 
 
 def echo_evaluation(layer: int, metrics: dict, heldout: dict | None, written: bool) -> None:
-    from attnsae.evaluate import format_metrics
+    from attnsae.formats.metrics import format_metrics
 
     click.echo(f"evaluate L{layer}: {metrics['model']}" + ("" if written else " (not written: pass --out to keep it)"))
     for line in format_metrics(metrics):
@@ -403,7 +407,7 @@ def echo_evaluation(layer: int, metrics: dict, heldout: dict | None, written: bo
 @sae_on_tokens_options
 @click.option("--out", default=None,
               help=f"Folder for features.json and index.html [default: {layout.DASHBOARDS_DIR}/L<layer>]")
-@click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+@no_mlflow_option
 @one_line_errors
 def dashboards(params_path: str, layer: str | None, model_dir: str, tokens_dir: str, sae_dir: str | None,
                out: str | None, no_mlflow: bool) -> None:
@@ -414,9 +418,9 @@ def dashboards(params_path: str, layer: str | None, model_dir: str, tokens_dir: 
     histogram, logit effects, head attribution and DFA by source position for every shown example. Only the
     pipeline's own SAE logs to the layer's MLflow run.
     """
-    from attnsae.dashboards import build_dashboards
-    from attnsae.evaluate import sae_layer
-    from attnsae.sae import read_sae_cfg
+    from attnsae.evaluation.evaluate import sae_layer
+    from attnsae.features.dashboards import build_dashboards
+    from attnsae.formats.sae_cfg import read_sae_cfg
 
     params = config.read_params(params_path)
     if layer is None and sae_dir is None:
@@ -453,11 +457,11 @@ def head_scores(params_path: str, layer: str, min_score: float, min_share: float
     """Check the induction tags against the model: each head's induction score on repeated random tokens, and the
     share of features tagged induction among features whose decoder weight sits on the induction heads versus the
     others (reads models/base, models/sae/L<layer> and its dashboards; writes nothing)."""
-    from attnsae.calibration import check_induction
+    from attnsae.features.head_scores import score_heads
 
     n = config.parse_layer(layer)
     cfg = config.dashboards_config(config.read_params(params_path))
-    check = check_induction(layout.MODEL_DIR, layout.sae_dir(n), layout.features_file(n), n, cfg.probe_prompts,
+    check = score_heads(layout.MODEL_DIR, layout.sae_dir(n), layout.features_file(n), n, cfg.probe_prompts,
                             cfg.seed, min_score, min_share)
     for line in check.lines(n, min_score, min_share):
         click.echo(line)
@@ -477,7 +481,7 @@ def frontier_queue(params_path: str, dry_run: bool) -> None:
     stages); run them with `dvc exp run --run-all`, then `attnsae frontier collect`."""
     import shlex
 
-    from attnsae import frontier as frontier_module
+    from attnsae.reporting import frontier as frontier_module
 
     params = config.read_params(params_path)
     if dry_run:
@@ -494,7 +498,7 @@ def frontier_queue(params_path: str, dry_run: bool) -> None:
 @one_line_errors
 def frontier_collect(out: str) -> None:
     """Read every finished frontier-* experiment from `dvc exp show` into OUT (the report draws it)."""
-    from attnsae import frontier as frontier_module
+    from attnsae.reporting import frontier as frontier_module
 
     rows, pending = frontier_module.collect(out)
     points = len({row["experiment"] for row in rows})
@@ -519,7 +523,7 @@ def labels_import(file: str, dashboards_root: str, labels_root: str) -> None:
     The file must name the layer, the content hash of the page as the pipeline has it now, and only features
     that have a card; anything else stops the import with one line, and nothing is written.
     """
-    from attnsae.labels import import_labels
+    from attnsae.features.labels import import_labels
 
     path, written = import_labels(file, Path(dashboards_root), Path(labels_root))
     click.echo(f"labels import: {written} ratings from {file} -> {path}")
@@ -536,7 +540,7 @@ def labels_import(file: str, dashboards_root: str, labels_root: str) -> None:
 def plan(params_path: str, device: str, processes: int | None) -> None:
     """Print what the active profile costs before running it: tokens, FLOPs, memory, time (from a measured
     training step: a few seconds)."""
-    from attnsae.models import resolve_device
+    from attnsae.data.models import resolve_device
     from attnsae.plan import describe_plan
 
     for line in describe_plan(config.read_params(params_path), resolve_device(device), processes):
@@ -553,13 +557,13 @@ def report(params_path: str, out: str, no_mlflow: bool) -> None:
 
     The report and the per-layer table also go to the pipeline's MLflow parent run.
     """
-    from attnsae.report import build_report
+    from attnsae.reporting.report import build_report
 
     params = config.read_params(params_path)
     log = logging_on(no_mlflow)
     written = build_report(config.layers(params), out, config.report_config(params).compare)
     if log:
-        from attnsae.tracking import log_report
+        from attnsae.reporting.tracking import log_report
 
         log_report(profile_label(params), params, written.per_layer, written.files)
     click.echo(written.markdown)
@@ -575,7 +579,7 @@ def mlflow_init(uri: str | None) -> None:
     `mlflow server` on it) or a server (http://host:port: creates the attnsae experiment there)
     [default: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db].
     """
-    from attnsae.tracking import init_store
+    from attnsae.reporting.tracking import init_store
 
     uri, done = init_store(uri)
     click.echo(f"mlflow-init: {uri}: {done}")
@@ -589,7 +593,7 @@ def mlflow_init(uri: str | None) -> None:
 @one_line_errors
 def publish(layer: str, sae_dir: str | None, metrics_path: str | None, out: str | None) -> None:
     """Copy one layer's SAE into a publishable folder with a model card (README.md) built from its metrics."""
-    from attnsae.publish import publish_layer
+    from attnsae.reporting.publish import publish_layer
 
     n = config.parse_layer(layer)
     out = out or str(layout.published_dir(n))
@@ -624,12 +628,12 @@ def import_saes(
     no sparsity file: none was published). Each folder appears complete or not at all. Evaluate one with
     `attnsae evaluate --sae OUT/L<layer> --out ...`.
     """
-    from attnsae.published_saes import PUBLISHED, REVISION, import_published
+    from attnsae.evaluation.paper_saes import PAPER_SAES, REVISION, import_paper_saes
 
-    layers = chosen_layers(layer_args, sorted(PUBLISHED) if all_layers else None)
+    layers = chosen_layers(layer_args, sorted(PAPER_SAES) if all_layers else None)
     if sha256 is not None and len(layers) != 1:
         raise UserError("--sha256 pins one file; use it with a single --layer")
-    imported = import_published(layers, out, revision=revision or REVISION, endpoint=endpoint, sha256=sha256,
+    imported = import_paper_saes(layers, out, revision=revision or REVISION, endpoint=endpoint, sha256=sha256,
                                 trust_unpinned=trust_unpinned)
     for n, info in imported.items():
         click.echo(f"import L{n}: {info['file']} sha256 {info['sha256'][:16]}... "
@@ -653,7 +657,7 @@ def verify(params_path: str, layer_args: tuple[str, ...], no_evaluate: bool) -> 
     activations crossing zero; dead and dense fractions 2 features; counts and names exact.
     Prints one line per layer and check; exit status 1 on any mismatch.
     """
-    from attnsae.verify import summarize, verify_layers
+    from attnsae.evaluation.verify import summarize, verify_layers
 
     params = config.read_params(params_path)
     known = config.layers(params)

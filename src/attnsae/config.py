@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 import types
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -23,8 +25,6 @@ from attnsae.errors import UserError
 PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
 PIPELINES_DIR = "pipelines"
-SECTIONS = ("profile", "model", "corpus", "tokenize", "activations", "layers", "sae", "per_layer", "evaluate", "dashboards",
-            "report", "frontier", "distributed")
 
 ModelSource = Literal["smollm2-135m", "gpt2", "tiny-gpt2", "gpt2-random"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -121,7 +121,7 @@ K = Annotated[int, Field(ge=1)]  # active features per token
 L0Coeff = Annotated[float, Field(ge=0)]
 
 Architecture = Literal["standard", "topk", "batchtopk", "jumprelu"]
-# Each architecture's own settings and their reference values (README: architectures gives the sources). None
+# Each architecture's own settings and their reference values (docs/architectures.md gives the sources). None
 # means required. A setting of another architecture is refused, so a params file says what it trains.
 SPARSITY_SETTINGS = {"standard": "l1_coeff", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coeff"}
 ARCHITECTURE_SETTINGS: dict[str, dict[str, Any]] = {
@@ -135,7 +135,7 @@ ARCHITECTURE_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 class SAEConfig(Section):
-    """The training recipe of design.md 3 (architecture standard) or one of its successors (objectives.py);
+    """The training recipe of docs/design.md 3 (architecture standard) or one of its successors (objectives.py);
     per-layer values override these in ``per_layer``."""
 
     architecture: Architecture = "standard"
@@ -173,7 +173,7 @@ class SAEConfig(Section):
     # Deterministic GPU kernels (torch.use_deterministic_algorithms): slower, repeatable on the same GPU.
     # CPU training is deterministic either way.
     deterministic: bool = False
-    # The SAE step's numerics (README: precision): fp32, the paper's; tf32, fp32 with TF32 matmuls on CUDA (the
+    # The SAE step's numerics (docs/gpu.md: precision): fp32, the paper's; tf32, fp32 with TF32 matmuls on CUDA (the
     # same as fp32 on a CPU); bf16, the forward (and so the backward) autocast to bf16, with fp32 weights, Adam
     # state and loss sums.
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
@@ -437,50 +437,10 @@ def _check_profile_label(params: dict[str, Any]) -> None:
         raise UserError(f"{PARAMS_FILE}: bad value for 'profile': must be a non-empty name (got {label!r})")
 
 
-def _section(params: dict[str, Any], name: str) -> Any:
+def _required_section(params: dict[str, Any], name: str) -> Any:
     if name not in params:
         raise UserError(f"{PARAMS_FILE}: missing section '{name}'")
     return params[name]
-
-
-def model_config(params: dict[str, Any]) -> ModelConfig:
-    return parse_section(ModelConfig, _section(params, "model"), "model")
-
-
-def corpus_config(params: dict[str, Any]) -> CorpusConfig:
-    return parse_section(CorpusConfig, _section(params, "corpus"), "corpus")
-
-
-def tokenize_config(params: dict[str, Any]) -> TokenizeConfig:
-    return parse_section(TokenizeConfig, _section(params, "tokenize"), "tokenize")
-
-
-def activations_config(params: dict[str, Any]) -> ActivationsConfig:
-    return parse_section(ActivationsConfig, _section(params, "activations"), "activations")
-
-
-def evaluate_config(params: dict[str, Any]) -> EvaluateConfig:
-    return parse_section(EvaluateConfig, _section(params, "evaluate"), "evaluate")
-
-
-def dashboards_config(params: dict[str, Any]) -> DashboardsConfig:
-    # Optional: params files written before the section existed get the defaults.
-    return parse_section(DashboardsConfig, params.get("dashboards", {}), "dashboards")
-
-
-def frontier_config(params: dict[str, Any]) -> FrontierConfig:
-    # Optional: a profile without one has no frontier to queue.
-    return parse_section(FrontierConfig, params.get("frontier") or {}, "frontier")
-
-
-def distributed_config(params: dict[str, Any]) -> DistributedConfig:
-    # Optional: without it the train stage is one process.
-    return parse_section(DistributedConfig, params.get("distributed") or {}, "distributed")
-
-
-def report_config(params: dict[str, Any]) -> ReportConfig:
-    # Optional: params files written before the section existed keep working with the default.
-    return parse_section(ReportConfig, params.get("report", {}), "report")
 
 
 def layer_key(layer: int) -> str:
@@ -496,7 +456,7 @@ def parse_layer(text: str | int) -> int:
 
 
 def layers(params: dict[str, Any]) -> list[int]:
-    value = _section(params, "layers")
+    value = _required_section(params, "layers")
     if not isinstance(value, list) or not value or not all(type(v) is int and v >= 0 for v in value):
         raise UserError(f"{PARAMS_FILE}: 'layers' must be a non-empty list of layer numbers, got {value!r}")
     if len(set(value)) != len(value):
@@ -527,7 +487,7 @@ def _entry_layer(key: Any) -> int:
 def sae_config(params: dict[str, Any], layer: int) -> SAEConfig:
     """The shared ``sae`` section with ``per_layer.L<layer>`` applied on top."""
     # The shared section must be valid by itself, even where every layer overrides a bad value.
-    base = parse_section(SAEConfig, _section(params, "sae"), "sae")
+    base = section(params, "sae")
     per_layer = _per_layer(params)
     key = layer_key(layer)
     if key not in per_layer:
@@ -538,17 +498,100 @@ def sae_config(params: dict[str, Any], layer: int) -> SAEConfig:
     return parse_section(SAEConfig, {**base.model_dump(), **override.model_dump(exclude_none=True)}, "sae")
 
 
-def validate(params: dict[str, Any]) -> None:
-    """Check every section, and every ``per_layer`` entry merged onto ``sae`` (listed layer or not), so a params
-    file is known good before anything uses it."""
-    _check_section_names(params, PARAMS_FILE)
-    _check_profile_label(params)
-    for load in (model_config, corpus_config, tokenize_config, activations_config, evaluate_config, dashboards_config,
-                 report_config, frontier_config, distributed_config):
-        load(params)
-    layers(params)
+def _check_layer_entries(params: dict[str, Any]) -> None:
+    """Every ``per_layer`` entry merged onto ``sae``, listed layer or not."""
     for key in _per_layer(params):
         sae_config(params, _entry_layer(key))
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    """What one top-level section of params.yaml holds, and how it is read."""
+
+    schema: type[Section] | None = None  # what `section` parses it into
+    # When the schema's defaults stand in for the section: never (then it is missing), when it is absent, or when it is
+    # absent or empty (null, {}).
+    defaults_when: Literal["never", "absent", "absent or empty"] = "never"
+    check: Callable[[dict[str, Any]], object] | None = None  # how validate checks it, where `section` cannot read it
+
+
+# Every top-level section, in the order validate checks them: the first bad value it reports is the first in this order.
+SECTIONS: dict[str, SectionSpec] = {
+    "profile": SectionSpec(check=_check_profile_label),
+    "model": SectionSpec(ModelConfig),
+    "corpus": SectionSpec(CorpusConfig),
+    "tokenize": SectionSpec(TokenizeConfig),
+    "activations": SectionSpec(ActivationsConfig),
+    "evaluate": SectionSpec(EvaluateConfig),
+    # Added after params files were written, which keep working with the defaults.
+    "dashboards": SectionSpec(DashboardsConfig, defaults_when="absent"),
+    "report": SectionSpec(ReportConfig, defaults_when="absent"),
+    "frontier": SectionSpec(FrontierConfig, defaults_when="absent or empty"),  # none: no frontier to queue
+    "distributed": SectionSpec(DistributedConfig, defaults_when="absent or empty"),  # none: training is one process
+    "layers": SectionSpec(check=layers),
+    # Checks each entry's name, then sae, then the entry merged onto sae; listed before sae to keep that order.
+    "per_layer": SectionSpec(check=_check_layer_entries),
+    "sae": SectionSpec(SAEConfig),
+}
+
+
+def section(params: dict[str, Any], name: str) -> Any:
+    """Section ``name`` of ``params``, parsed into its schema."""
+    spec = SECTIONS[name]
+    if spec.defaults_when == "absent or empty":
+        data = params.get(name) or {}
+    elif spec.defaults_when == "absent":
+        data = params.get(name, {})
+    else:
+        data = _required_section(params, name)
+    return parse_section(spec.schema, data, name)
+
+
+def model_config(params: dict[str, Any]) -> ModelConfig:
+    return section(params, "model")
+
+
+def corpus_config(params: dict[str, Any]) -> CorpusConfig:
+    return section(params, "corpus")
+
+
+def tokenize_config(params: dict[str, Any]) -> TokenizeConfig:
+    return section(params, "tokenize")
+
+
+def activations_config(params: dict[str, Any]) -> ActivationsConfig:
+    return section(params, "activations")
+
+
+def evaluate_config(params: dict[str, Any]) -> EvaluateConfig:
+    return section(params, "evaluate")
+
+
+def dashboards_config(params: dict[str, Any]) -> DashboardsConfig:
+    return section(params, "dashboards")
+
+
+def frontier_config(params: dict[str, Any]) -> FrontierConfig:
+    return section(params, "frontier")
+
+
+def distributed_config(params: dict[str, Any]) -> DistributedConfig:
+    return section(params, "distributed")
+
+
+def report_config(params: dict[str, Any]) -> ReportConfig:
+    return section(params, "report")
+
+
+def validate(params: dict[str, Any]) -> None:
+    """Check every section, in the order of SECTIONS, then the rules between sections, so a params file is known good
+    before anything uses it."""
+    _check_section_names(params, PARAMS_FILE)
+    for name, spec in SECTIONS.items():
+        if spec.check:
+            spec.check(params)
+        else:
+            section(params, name)
     check_dashboards_rows(params)
     check_split_sources(tokenize_config(params), corpus_config(params).sources)
 

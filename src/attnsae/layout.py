@@ -1,28 +1,30 @@
 """Where every artifact of the pipeline lands: the one module that owns the repository's paths.
 
 Paths are relative to the repository root, where DVC runs every stage. Each artifact has one writer
-(its stage's module), and that module also owns the function that reads it back:
+(its stage's module). Its reader lives with the writer, or, where other stages read the file, in a light module of
+``formats`` that imports no stage, so a reader's DVC code deps stay its own code (module paths below are under
+``attnsae``):
 
 | artifact | path | written by (stage: function) | read with | read by stages |
 |---|---|---|---|---|
-| params check | `reports/params-check.txt` | `params`: `cli.check_params` | - | every other stage (a dep) |
-| base model | `models/base/` (transformers folder + `attnsae_model.json`) | `model`: `models.prepare_model` | `models.load_bridge`, `models.read_model_info` | all but corpus |
-| corpus | `data/corpus/` (`documents.jsonl` + `manifest.json`; streamed: the manifest only) | `corpus`: `corpus.build_corpus` | `corpus.open_documents`, `corpus.open_sourced_documents`, `corpus.read_manifest` | tokenize, train (stream) |
-| token rows | `data/tokens/` (`train.npy`, `eval.npy`, `heldout.npy` when sources are held out, `meta.json`) | `tokenize`: `tokenization.tokenize_corpus` | `tokenization.load_rows`, `tokenization.read_tokens_meta` | activations, train (stream), evaluate, report |
-| activation cache | `data/activations/L<n>/` (bf16 shards + `meta.json`) | `activations`: `activations.cache_activations` | `activations.DiskActivations` | train@L |
-| SAE | `models/sae/L<n>/` (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`) | `train@L` / `train`: `train.run_train_stage` | `sae.load_sae`, `sae.read_sae_cfg` | evaluate, report, publish |
+| params check | `reports/params-check.txt` | `params`: `cli.check_params` (`config.validate`) | - | every other stage (a dep) |
+| base model | `models/base/` (transformers folder + `attnsae_model.json`) | `model`: `data.models.prepare_model` | `data.models.load_bridge`, `data.models.read_model_info` | all but corpus |
+| corpus | `data/corpus/` (`documents.jsonl` + `manifest.json`; streamed: the manifest only) | `corpus`: `data.corpus.build_corpus` | `data.corpus.open_documents`, `data.corpus.open_sourced_documents`, `data.corpus.read_manifest` | tokenize, train (stream) |
+| token rows | `data/tokens/` (`train.npy`, `eval.npy`, `heldout.npy` when sources are held out, `meta.json`) | `tokenize`: `data.tokenization.tokenize_stage` | `data.tokenization.load_rows`, `data.tokenization.read_tokens_meta` | activations, train (stream), evaluate, report |
+| activation cache | `data/activations/L<n>/` (bf16 shards + `meta.json`) | `activations`: `data.activations.cache_activations` | `data.activations.DiskActivations` | train@L |
+| SAE | `models/sae/L<n>/` (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`) | `train@L` / `train`: `sae.training.run_train_stage` | `sae.autoencoder.load_sae`, `sae.autoencoder.read_sae_cfg` | evaluate, report, publish |
 | training curves | `reports/curves/L<n>.csv` | `train@L` / `train` | `dvc plots` | - |
-| metrics | `reports/metrics/L<n>.json` | `evaluate`: `evaluate.evaluate_layers` | `evaluate.read_metrics` | report, publish, verify |
-| held-out metrics | `reports/metrics_heldout/L<n>.json` (says so when no source is held out) | `evaluate` | `evaluate.read_heldout_metrics` | report |
-| density histogram | `reports/density/L<n>.csv` | `evaluate` | `evaluate.read_density` | report |
-| dashboards | `reports/dashboards/L<n>/` (`features.json` + `index.html`) | `dashboards@L`: `dashboards.build_dashboards` | `dashboards.read_features` | report |
-| labels | `labels/L<n>.csv` (git-tracked, people's ratings) | `attnsae labels import`: `labels.import_labels` | `labels.read_labels` | report |
-| report | `reports/report.md`, `reports/index.html`, `reports/layers.csv` | `report`: `report.build_report` | people; `dvc plots` (frontier) | - |
-| published SAE | `models/published/L<n>/` (SAE + model card) | `publish@L`: `publish.publish_layer` | `sae.load_sae` | `attnsae verify`, other repos |
-| imported SAE | `models/imported/L<n>/` | `import_published@L`: `published_saes.import_published` | `sae.load_sae` | evaluate_published |
-| imported metrics | `reports/imported/{metrics,density}/L<n>.*` | `evaluate_published@L` | `evaluate.read_metrics` | report (`report.compare`) |
-| checkpoints | `checkpoints/train-L<n>[-L<m>...].pt` (outside every DVC output) | train | `train.load_checkpoint` | train (resume) |
-| MLflow store | `mlflow.db`, `mlruns/` | `tracking` | `mlflow ui` | - |
+| metrics | `reports/metrics/L<n>.json` | `evaluate`: `evaluation.evaluate.evaluate_layers` | `formats.metrics.read_metrics` | report, publish, verify |
+| held-out metrics | `reports/metrics_heldout/L<n>.json` (says so when no source is held out) | `evaluate` | `formats.metrics.read_heldout_metrics` | report |
+| density histogram | `reports/density/L<n>.csv` | `evaluate` | `formats.metrics.read_density` | report |
+| dashboards | `reports/dashboards/L<n>/` (`features.json` + `index.html`) | `dashboards@L`: `features.dashboards.build_dashboards` | `formats.features.read_features` | report |
+| labels | `labels/L<n>.csv` (git-tracked, people's ratings) | `attnsae labels import`: `features.labels.import_labels` | `features.labels.read_labels` | report |
+| report | `reports/report.md`, `reports/index.html`, `reports/layers.csv` | `report`: `reporting.report.build_report` | people; `dvc plots` (frontier) | - |
+| published SAE | `models/published/L<n>/` (SAE + model card) | `publish@L`: `reporting.publish.publish_layer` | `sae.autoencoder.load_sae` | `attnsae verify`, other repos |
+| imported SAE | `models/imported/L<n>/` | `import_paper_saes@L`: `evaluation.paper_saes.import_paper_saes` | `sae.autoencoder.load_sae` | evaluate_paper_saes |
+| imported metrics | `reports/imported/{metrics,density}/L<n>.*` | `evaluate_paper_saes@L` | `formats.metrics.read_metrics` | report (`report.compare`) |
+| checkpoints | `checkpoints/train-L<n>[-L<m>...].pt` (outside every DVC output) | train | `sae.checkpoints.load_checkpoint` | train (resume) |
+| MLflow store | `mlflow.db`, `mlruns/` | `reporting.tracking` | `mlflow ui` | - |
 
 DVC deletes a stage's outputs before it runs the stage, which is why checkpoints live outside them.
 """

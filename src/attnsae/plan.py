@@ -1,15 +1,15 @@
 """`attnsae plan`: what a profile costs before it runs: tokens, steps, FLOPs, memory and time.
 
-Cost model (design.md 7): an SAE training step costs 12 * d_in * d_sae FLOP per token (forward 4,
+Cost model (docs/design.md 7): an SAE training step costs 12 * d_in * d_sae FLOP per token (forward 4,
 backward 8); the LM forward costs 2 FLOP per parameter per token, once per token for all selected
 layers when they share one pass (the activation cache's tokens for a disk cache). The time estimate
 divides FLOPs by matmul throughput measured on this device at the SAE's shape: real steps reach a
 fraction of that (82% for the CPU SAE step in BENCHMARKS.md), so read it as optimistic.
 
-The evaluate stage (evaluate.py) over T evaluation and held-out tokens: one clean pass for all layers, then for
+The evaluate stage (evaluation/evaluate.py) over T evaluation and held-out tokens: one clean pass for all layers, then for
 each layer L the rest of the model twice (SAE, zeroed), 2 * n_params * T * (1 + sum_L 2 (n_layers - L)/n_layers).
 
-The dashboards (dashboards.py) of layer L over T tokens: the model up to layer L once (its layer tensors kept for
+The dashboards (features/dashboards.py) of layer L over T tokens: the model up to layer L once (its layer tensors kept for
 the shown examples' DFA), 2 * n_params * (L+1)/n_layers * T; the SAE's and the null's encoders,
 2 * d_in * (d_sae + null) * T, and the family statistics' reads of every firing feature, at most as much again.
 Memory: 16 bytes per nonzero activation (16 * L0 * T) plus one batch's activations (batch tokens x d_sae x 4 B).
@@ -26,7 +26,7 @@ import torch
 from attnsae import config
 from attnsae.config import SAEConfig
 from attnsae.errors import UserError
-from attnsae.models import MODEL_SHAPES
+from attnsae.formats.model_info import MODEL_SHAPES
 
 SAE_STEP_FLOP_PER_TOKEN_PER_PARAM = 12  # x d_in * d_sae
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient, two moments
@@ -83,7 +83,7 @@ def measure_step_tokens_per_s(cfg: SAEConfig, d_in: int, device: torch.device, r
     """(tokens/s, batch) of the recipe's training step, ``LayerTrainer.step`` (forward, backward, decoder
     projection, Adam), at ``cfg``'s width, architecture and precision, on steps that neither log nor resample. On a
     CPU the batch is capped at ``CPU_PROBE_BATCH`` rows (a lower bound there: small batches use the CPU less well)."""
-    from attnsae.train import LayerTrainer, matmul_precision
+    from attnsae.sae.training import LayerTrainer, matmul_precision
 
     batch = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_PROBE_BATCH)
     never = 10**9
@@ -111,7 +111,7 @@ def measure_step_tokens_per_s(cfg: SAEConfig, d_in: int, device: torch.device, r
 
 def processes_time(layer_plans: list[LayerPlan], step_rate: float, widest: int, forward_rate: float,
                    processes: int) -> float:
-    """Seconds of training with ``processes`` processes, layers dealt in turn (distributed.py): the slowest rank's
+    """Seconds of training with ``processes`` processes, layers dealt in turn (launcher.py): the slowest rank's
     SAE steps (``step_rate`` tokens/s at width ``widest``, scaled by width) plus its own model forward over the
     tokens (``forward_rate`` tokens/s)."""
     ranks = [layer_plans[r::processes] for r in range(min(processes, len(layer_plans)))]

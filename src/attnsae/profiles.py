@@ -42,7 +42,7 @@ def artifacts_section(profile: str, params: dict[str, Any]) -> dict[str, dict[st
     from dvc.exceptions import InvalidArgumentError
     from dvc.repo.artifacts import check_name_format
 
-    from attnsae.models import hook_z_name
+    from attnsae.data.models import hook_z_name
 
     model = config.model_config(params).source
     section = {}

