@@ -129,7 +129,7 @@ def main() -> None:
     params (check-params) -> model -> corpus -> tokenize -> activations -> train@L -> evaluate ->
     dashboards@L -> report, publish@L;
     streaming profiles (gpt2-small) store no text, tokens or activations, train every layer in one
-    stage from one model pass, and also import and evaluate the published SAEs.
+    stage from one model pass, and also import and evaluate the paper's SAEs (attnsae import).
     """
 
 
@@ -620,7 +620,7 @@ def import_saes(
     layer_args: tuple[str, ...], all_layers: bool, revision: str | None, endpoint: str | None, out: str,
     sha256: str | None, trust_unpinned: bool,
 ) -> None:
-    """Import the published GPT-2 Small attention SAEs (Kissane et al.) as SAE folders.
+    """Import the paper's GPT-2 Small attention SAEs (Kissane et al., on the Hugging Face hub) as SAE folders.
 
     Downloads each layer's .pt and _cfg.json from ckkissane/attn-saes-gpt2-small-all-layers at a pinned
     commit (with huggingface_hub), checks the .pt against its pinned sha256 and the cfg against the published recipe, loads the
