@@ -530,6 +530,25 @@ def _log_params(run, cfg: SAEConfig, layer: int, meta: dict) -> None:
         run.log_params({"layer": layer, "hook_name": meta["hook_name"], "model": meta["model"], **cfg.recipe()})
 
 
+@dataclass(frozen=True)
+class CachedActivations:
+    """train@L's data: one layer's activation cache under ``root`` (the cache pipeline)."""
+
+    root: str | Path
+
+
+@dataclass(frozen=True)
+class StreamedActivations:
+    """The stream pipeline's data: the model run on the fly over the corpus's train documents, one forward pass
+    per ``batch_rows`` token rows feeding every layer's SAE."""
+
+    model_cfg: ModelConfig
+    batch_rows: int
+    model_dir: str | Path
+    corpus_dir: str | Path
+    tokens_dir: str | Path
+
+
 def train_layer(
     cfg: SAEConfig,
     layer: int,
@@ -555,17 +574,13 @@ def train_layer(
 
 def train_layers_streaming(
     cfgs: dict[int, SAEConfig],
-    model_cfg,
-    batch_rows: int,
-    model_dir: str | Path,
-    corpus_dir: str | Path,
-    tokens_dir: str | Path,
+    data: StreamedActivations,
     out_dirs: dict[int, Path],
     curves_paths: dict[int, Path],
-    runs: dict[int, object] | None = None,
-    checkpoint: Path | None = None,
-    checkpoint_every: int = 0,
-    shard: Shard = WHOLE_BATCH,
+    runs: dict[int, object],
+    checkpoint: Path | None,
+    checkpoint_every: int,
+    shard: Shard,
 ) -> dict[int, TrainResult]:
     """Train every layer in ``cfgs`` from one model forward per batch of token rows (no disk cache).
 
@@ -579,15 +594,14 @@ def train_layers_streaming(
     from attnsae.data.tokenization import train_row_stream
     from attnsae.formats.tokens_meta import read_tokens_meta
 
-    runs = runs or {}
-    device = resolve_device(model_cfg.device)
-    bridge, info = load_bridge(model_dir, device)
+    device = resolve_device(data.model_cfg.device)
+    bridge, info = load_bridge(data.model_dir, device)
     for layer in cfgs:
         info.check_layer(layer)
-    tokens_meta = read_tokens_meta(tokens_dir)
-    rows = train_row_stream(open_documents(corpus_dir), tokens_meta, load_tokenizer(model_dir))
-    stream = ModelStream(bridge, rows, batch_rows, sorted(cfgs), info.d_in, device,
-                         autocast_dtype(model_cfg.precision, device))
+    tokens_meta = read_tokens_meta(data.tokens_dir)
+    rows = train_row_stream(open_documents(data.corpus_dir), tokens_meta, load_tokenizer(data.model_dir))
+    stream = ModelStream(bridge, rows, data.batch_rows, sorted(cfgs), info.d_in, device,
+                         autocast_dtype(data.model_cfg.precision, device))
     metas = {
         layer: {
             "hook_name": hook_z_name(layer),
@@ -600,8 +614,8 @@ def train_layers_streaming(
     }
     for layer, cfg in cfgs.items():
         _log_params(runs.get(layer), cfg, layer, metas[layer])  # the caller opens runs on the owner only
-    data_key = json.dumps({"corpus": read_manifest(corpus_dir), "tokens": tokens_meta, "model": info.source,
-                           "batch_rows": batch_rows, "precision": model_cfg.precision}, sort_keys=True)
+    data_key = json.dumps({"corpus": read_manifest(data.corpus_dir), "tokens": tokens_meta, "model": info.source,
+                           "batch_rows": data.batch_rows, "precision": data.model_cfg.precision}, sort_keys=True)
     results = train_saes(cfgs, {layer: stream.view(layer) for layer in cfgs}, checkpoint=checkpoint,
                          checkpoint_every=checkpoint_every, shared=stream, data_key=data_key, shard=shard)
     if shard.owner:
@@ -612,25 +626,6 @@ def train_layers_streaming(
     print(f"train: {stream.forward_passes} model forward passes ({stream.tokens:,} tokens, "
           f"{rows.documents_read:,} documents read) fed {len(cfgs)} SAEs")
     return results
-
-
-@dataclass(frozen=True)
-class CachedActivations:
-    """train@L's data: one layer's activation cache under ``root`` (the cache pipeline)."""
-
-    root: str | Path
-
-
-@dataclass(frozen=True)
-class StreamedActivations:
-    """The stream pipeline's data: the model run on the fly over the corpus's train documents, one forward pass
-    per ``batch_rows`` token rows feeding every layer's SAE."""
-
-    model_cfg: ModelConfig
-    batch_rows: int
-    model_dir: str | Path
-    corpus_dir: str | Path
-    tokens_dir: str | Path
 
 
 def run_train_stage(
@@ -653,5 +648,4 @@ def run_train_stage(
         ((layer, cfg),) = cfgs.items()
         return {layer: train_layer(cfg, layer, data.root, out_dirs[layer], curves_paths[layer], runs.get(layer),
                                    checkpoint, checkpoint_every)}
-    return train_layers_streaming(cfgs, data.model_cfg, data.batch_rows, data.model_dir, data.corpus_dir,
-                                  data.tokens_dir, out_dirs, curves_paths, runs, checkpoint, checkpoint_every, shard)
+    return train_layers_streaming(cfgs, data, out_dirs, curves_paths, runs, checkpoint, checkpoint_every, shard)
