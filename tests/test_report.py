@@ -372,6 +372,17 @@ def test_cli_report_bad_compare_is_one_line(tmp_path, monkeypatch, compare, frag
     assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], result.output
 
 
+def test_cli_report_out_naming_a_file_is_one_line_and_keeps_the_file(tmp_path):
+    """--out is the report's folder: a file there (say reports/report.md) is named in one line, not overwritten."""
+    existing = tmp_path / "report.md"
+    existing.write_text("kept\n")
+    result = CliRunner().invoke(main, ["report", "--out", str(existing), "--no-mlflow"])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: --out {existing}: a file; --out names the folder that receives report.md, "
+                             "index.html and layers.csv (default reports)\n")
+    assert existing.read_text() == "kept\n"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Model cards and the publish stage
 

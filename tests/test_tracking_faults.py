@@ -4,6 +4,7 @@ a server that refuses connections or is not MLflow, a corrupt or read-only SQLit
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import os
 import resource
 import socket
@@ -148,3 +149,21 @@ def test_mlflow_http_retries_are_bounded_unless_the_user_set_them(tmp_path, monk
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     tracking.open_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert (os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"], os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]) == ("2", "60")
+
+
+@pytest.mark.parametrize("uri, driver", [
+    ("postgresql://u:p@127.0.0.1:9/db", "psycopg"),
+    ("mysql://u:p@127.0.0.1:9/db", "MySQLdb"),
+])
+def test_a_database_store_without_its_driver_is_named_in_one_line_before_any_work(tmp_path, uri, driver):
+    """attnsae installs no database driver but SQLite's: a postgresql:// or mysql:// store stops the command at its
+    check, in one line, instead of a traceback at the first write."""
+    if importlib.util.find_spec(driver) is not None:
+        pytest.skip(f"{driver} is installed here")
+    result = CliRunner(env={"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": uri}).invoke(
+        main, ["report", "--out", str(tmp_path / "report")])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: MLflow store {uri} is not usable (its Python driver {driver} is not installed); "
+                             "install the driver SQLAlchemy needs for it, unset MLFLOW_TRACKING_URI to use the local "
+                             "SQLite store, or set ATTNSAE_TRACKING=optional to run without logging\n")
+    assert not (tmp_path / "report").exists()

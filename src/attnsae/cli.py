@@ -559,6 +559,9 @@ def report(params_path: str, out: str, no_mlflow: bool) -> None:
     """
     from attnsae.reporting.report import build_report
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out}: a file; --out names the folder that receives report.md, index.html and "
+                        f"layers.csv (default {layout.REPORT_DIR})")
     params = config.read_params(params_path)
     log = logging_on(no_mlflow)
     written = build_report(config.layers(params), out, config.report_config(params).compare)

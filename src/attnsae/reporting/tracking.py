@@ -27,6 +27,7 @@ import re
 import sqlite3
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,12 +106,35 @@ def check_store(uri: str | None = None) -> bool:
 
 
 def _probe(uri: str) -> None:
-    """Raise a one-line UserError unless the store answers (a server) or can be written (a SQLite file).
-    Other stores (a database server, Databricks) are left to fail in one line at first use."""
+    """Raise a one-line UserError unless the store answers (a server) or can be written (a SQLite file), or, for
+    another database, unless its driver is installed. Other failures of a database server or Databricks are left
+    to fail in one line at first use."""
     db = _sqlite_file(uri)
-    problem = _sqlite_problem(db) if db else _server_problem(uri) if _is_server(uri) else None
+    problem = (_sqlite_problem(db) if db else _server_problem(uri) if _is_server(uri)
+               else _database_driver_problem(uri) if _is_database(uri) else None)
     if problem:
         raise _store_error(uri, "is not reachable" if _is_server(uri) else "is not usable", problem)
+
+
+def _is_database(uri: str) -> bool:
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    return urllib.parse.urlparse(uri).scheme.split("+")[0] in DATABASE_ENGINES
+
+
+def _database_driver_problem(uri: str) -> str | None:
+    """Whether SQLAlchemy can load the Python driver the URI names (postgresql://, mysql+pymysql://, ...): attnsae
+    installs none but SQLite's, and a missing one would otherwise end the stage in a traceback."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError) as err:
+        return f"not a database URI SQLAlchemy knows: {err}"
+    except ImportError as err:
+        return f"its Python driver {err.name or 'module'} is not installed"
+    return None
 
 
 def _server_problem(uri: str) -> str | None:
@@ -154,8 +178,12 @@ def _sqlite_problem(db: Path) -> str | None:
 def _store_error(uri: str, state: str, reason: str) -> UserError:
     db = _sqlite_file(uri)
     name = f"MLflow store {db}" if db else f"MLflow tracking server {uri}" if _is_server(uri) else f"MLflow store {uri}"
-    fix = ("start it, unset MLFLOW_TRACKING_URI to use the local SQLite store" if _is_server(uri)
-           else "free disk space, fix its permissions or move it away, or point MLFLOW_TRACKING_URI elsewhere")
+    if _is_server(uri):
+        fix = "start it, unset MLFLOW_TRACKING_URI to use the local SQLite store"
+    elif db is None and _is_database(uri):
+        fix = "install the driver SQLAlchemy needs for it, unset MLFLOW_TRACKING_URI to use the local SQLite store"
+    else:
+        fix = "free disk space, fix its permissions or move it away, or point MLFLOW_TRACKING_URI elsewhere"
     return UserError(f"{name} {state} ({reason}); {fix}, or set {MODE_VARIABLE}=optional to run without logging")
 
 
