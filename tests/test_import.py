@@ -461,7 +461,7 @@ def small_state(seed: int = 0, d_in: int = 8, d_sae: int = 12) -> dict:
 
 
 def saelens_reference(state: dict, x: torch.Tensor, apply_b_dec: bool = True, scale: torch.Tensor | None = None):
-    """What SAELens computes for a standard SAE, written out here independently of sae.py."""
+    """What SAELens computes for a standard SAE, written out here independently of sae/autoencoder.py."""
     sae_in = x - state["b_dec"] * apply_b_dec
     acts = torch.relu(sae_in @ state["W_enc"] + state["b_enc"])
     if scale is not None:

@@ -1,7 +1,7 @@
 """Import the published GPT-2 Small attention SAEs (docs/design.md 2) into our SAE folder format.
 
 Writes ``models/imported/L<n>`` (``import_paper_saes``), which evaluate_paper_saes@L reads with
-``sae.load_sae``. Every path: layout.py.
+``sae.autoencoder.load_sae``. Every path: layout.py.
 
 The Hugging Face repo ``ckkissane/attn-saes-gpt2-small-all-layers`` holds, per layer, a ``torch.save``d
 state dict ``{W_enc [768, d_sae], W_dec [d_sae, 768], b_enc [d_sae], b_dec [768]}`` and a
