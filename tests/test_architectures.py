@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from attnsae.config import SAEConfig
 from attnsae.data.activations import DiskActivations
+from attnsae.errors import UserError
 from attnsae.formats.sae_cfg import sae_cfg
 from attnsae.sae.autoencoder import SAE, load_sae, save_sae
 from attnsae.sae.objectives import BatchTopKObjective, JumpReLUObjective, TopKObjective, geometric_median
@@ -281,6 +282,21 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, kind, k):
     assert loaded.state_dict().keys() == sae.state_dict().keys()
     for name, tensor in sae.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+@pytest.mark.parametrize(("kind", "tensor", "value"), [("jumprelu", "threshold", float("nan")),
+                                                      ("standard", "W_enc", float("nan")),
+                                                      ("topk", "b_enc", float("-inf"))])
+def test_an_sae_with_a_non_finite_weight_is_refused_on_load(tmp_path, kind, tensor, value):
+    """A NaN weight would make every metric NaN without an error (measured: evaluate wrote a bare NaN, exit 0)."""
+    sae = SAE(2, 3, generator=torch.Generator().manual_seed(0), kind=kind, k=2 if kind == "topk" else None)
+    with torch.no_grad():
+        getattr(sae, tensor).view(-1)[1] = value
+    save_sae(sae, tmp_path / "sae", saved_cfg(kind, sae.k), None)
+    with pytest.raises(UserError) as err:
+        load_sae(tmp_path / "sae")
+    assert str(err.value) == (f"{tmp_path / 'sae' / 'sae_weights.safetensors'}: tensor '{tensor}' holds 1 non-finite "
+                              f"value (NaN or inf); an SAE's weights must be finite numbers")
 
 
 def test_cfg_json_is_what_saelens_reads(tmp_path):

@@ -172,6 +172,12 @@ def shard_edit(edit: Callable[[dict], dict]) -> Callable[[Path], None]:
     return corrupt
 
 
+def with_nan(tensor):
+    tensor = tensor.clone()
+    tensor.view(-1)[len(tensor.view(-1)) // 2] = float("nan")
+    return tensor
+
+
 def last_line_without_newline(path: Path) -> None:
     path.write_bytes(path.read_bytes().rstrip(b"\n")[:-5] + b"\n")
 
@@ -254,6 +260,10 @@ ROWS = [
     Row("SAE cfg", "missing key", "evaluate", SAE_CFG, without("d_sae")),
     Row("SAE weights", "truncated", "evaluate", SAE_WEIGHTS, truncate),
     Row("SAE weights", "random bytes", "evaluate", SAE_WEIGHTS, random_bytes),
+    Row("SAE weights", "one NaN in W_enc", "evaluate", SAE_WEIGHTS, shard_edit(lambda t: {**t, "W_enc": with_nan(t["W_enc"])})),
+    Row("SAE weights", "inf in b_dec", "evaluate", SAE_WEIGHTS,
+        shard_edit(lambda t: {**t, "b_dec": t["b_dec"].clone().fill_(float("inf"))})),
+    Row("model config", "wrong type", "activations", f"{MODEL}/config.json", with_value("num_hidden_layers", "thirty")),
     Row("metrics", "truncated", "report", METRICS, truncate),
     Row("metrics", "not UTF-8", "report", METRICS, not_utf8),
     Row("metrics", "missing key", "report", METRICS, without("l0")),
@@ -356,6 +366,24 @@ def test_file_size_limit_during_a_stage_keeps_the_previous_output(tree, tmp_path
     line = assert_one_line_error(status, stderr)
     TABLE.append((command, "file size limit", line))
     assert line == f"Error: {out}: file too large while writing (nothing was replaced)"
+    assert snapshot(copy) == before
+
+
+def test_the_reports_files_are_replaced_together_or_not_at_all(tree, tmp_path):
+    """Measured: under a file-size limit between report.md's size and index.html's, the report said "nothing was
+    replaced" while report.md had been."""
+    copy = tmp_path / "tree"
+    shutil.copytree(tree, copy)
+    assert run_attnsae([*COMMANDS["report"], "--params", "params.yaml"], copy, in_subprocess=False)[0] == 0
+    sizes = {path: (copy / path).stat().st_size for path in (layout.REPORT_MD, layout.REPORT_HTML, layout.LAYERS_CSV)}
+    assert sizes[layout.REPORT_MD] + 1024 < sizes[layout.REPORT_HTML]  # the limit below lets report.md through only
+    for path in sizes:
+        (copy / path).write_text("the previous report\n")
+    before = snapshot(copy)
+    status, stderr = run_attnsae([*COMMANDS["report"], "--params", "params.yaml"], copy, in_subprocess=True,
+                                 preexec_fn=limit_file_size(sizes[layout.REPORT_MD] + 1024), env={"TQDM_DISABLE": "1"})
+    line = assert_one_line_error(status, stderr)
+    assert line == f"Error: {layout.REPORT_HTML}: file too large while writing (nothing was replaced)"
     assert snapshot(copy) == before
 
 

@@ -4,14 +4,18 @@ tampered files refused in one line with nothing written, corrupt CSVs, and the "
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from attnsae import layout
 from attnsae.errors import UserError
-from attnsae.features.labels import Rating, import_labels, interpretable, read_labels
+from attnsae.features.labels import Rating, import_labels, interpretable, labels_csv, read_labels
 from attnsae.formats.features import content_hash
+from helpers import OFFLINE_ENV, assert_one_line_error, invoke
 
 LAYER = 3
 CARDED = [2, 7, 9]
@@ -46,7 +50,7 @@ def labels_file(folder: Path, dashboards: Path, rater: str = "ada", ratings: lis
             "rater": rater, "ratings": ratings if ratings is not None else [
                 {"feature": 2, "answer": "yes", "family": "induction", "note": "A B ... A, \"quoted\", comma", "date": "2026-05-01"},
                 {"feature": 7, "answer": "unsure", "family": "", "note": "", "date": "2026-05-02"}]}
-    path = folder / f"labels-{rater or 'nobody'}-{len(list(folder.glob('labels-*')))}.json"
+    path = folder / f"labels-{rater[:20] or 'nobody'}-{len(list(folder.glob('labels-*')))}.json"
     path.write_text(json.dumps({**data, **changes}))
     return path
 
@@ -94,6 +98,17 @@ TAMPERED = {
     "wrong format": ({"format": "attnsae-dashboards"}, "not a labels file"),
     "extra key": ({"score": 0.9}, "unknown key 'score'"),
     "feature as text": ({"ratings": [{**rating(2, "yes"), "feature": "2"}]}, "feature '2' is not a feature id"),
+    # issue 21: values that reach a file name, a message or the CSV and must still be one short line
+    "400-digit layer": ({"layer": 10**400}, "layer 100000000000... (401 digits) is not a layer number"),
+    "400-digit feature": ({"ratings": [{**rating(2, "yes"), "feature": -10**400}]},
+                          "feature -10000000000... (401 digits) has no card"),
+    "deeply nested note": ({"ratings": [{**rating(2, "yes"), "note": json.loads("[" * 500 + "]" * 500)}]},
+                           "note " + "[" * 77 + "... is not text"),  # cut to 80 characters
+    # what csv could not read back: a field over its 131072 characters, a carriage return it leaves unquoted
+    "long note": ({"ratings": [{**rating(2, "yes"), "note": "x" * 200_000}]}, "is 200000 characters long"),
+    "long rater": ({"rater": "r" * 20_000}, "rater 'rrrrrrrrrr"),
+    "carriage return": ({"ratings": [{**rating(2, "yes"), "note": "one\rtwo"}]},
+                        "note 'one\\rtwo' holds a carriage return"),
 }
 
 
@@ -134,12 +149,83 @@ def test_a_hand_edited_features_json_refuses_every_file(roots, tmp_path):
     assert not labels_root.exists()
 
 
+def test_another_layers_features_json_copied_here_refuses_every_file(roots, tmp_path):
+    """Intact is not enough (measured: L10's features.json copied to L3 took ratings of L10's page as layer 3's)."""
+    dashboards, labels_root = roots
+    layout.features_file(LAYER, dashboards).write_text(json.dumps(features_doc(layer=10)))
+    rated_on_l10 = labels_file(tmp_path, dashboards)  # names layer 3 and the hash of the file now there: L10's
+    with pytest.raises(UserError) as err:
+        import_labels(rated_on_l10, dashboards, labels_root)
+    assert str(err.value) == (f"{layout.features_file(LAYER, dashboards)}: holds the dashboards of layer 10, not of "
+                              f"layer 3 (copied from another layer?); re-run `attnsae dashboards --layer 3`")
+    assert not labels_root.exists()
+
+
 def test_not_json_is_one_line(roots, tmp_path):
     dashboards, labels_root = roots
     bad = tmp_path / "labels.json"
     bad.write_text('{"format": "attnsae-labels",')
     with pytest.raises(UserError, match=r"labels\.json: corrupt JSON"):
         import_labels(bad, dashboards, labels_root)
+
+
+def hostile_file(folder: Path, dashboards: Path, case: str) -> Path:
+    """Issue 21's probes: a layer of 400 or 5000 digits (json.dumps refuses to write the longer one), or
+    200,000 nested brackets."""
+    if case == "nested":
+        path = folder / "nested.json"
+        path.write_text("[" * 200_000 + "]" * 200_000)
+        return path
+    path = labels_file(folder, dashboards, layer="LAYER")
+    path.write_text(path.read_text().replace('"LAYER"', "9" * int(case)))
+    return path
+
+
+HOSTILE = {
+    "400": "layer 999999999999... (400 digits) is not a layer number (an integer from 0 to 9999)",
+    "5000": "corrupt JSON (a 5000-digit number)",
+    "nested": "corrupt JSON (nested too deeply)",
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=["400-digit layer", "5000-digit layer", "200000 nested brackets"])
+def test_a_hostile_file_is_one_line_from_the_command(roots, tmp_path, case):
+    dashboards, labels_root = roots
+    import_labels(labels_file(tmp_path, dashboards), dashboards, labels_root)
+    csv_path = layout.labels_file(LAYER, labels_root)
+    before = csv_path.read_bytes()
+    bad = hostile_file(tmp_path, dashboards, case)
+    result = invoke("labels", "import", bad, "--dashboards", dashboards, "--labels", labels_root)
+    line = assert_one_line_error(result, f"Error: {bad}: {HOSTILE[case]}")
+    assert len(line) < 200, line
+    assert csv_path.read_bytes() == before
+
+
+ATTNSAE = Path(sys.executable).with_name("attnsae")
+OLD_PAGE = "sha256:" + "a" * 64
+
+
+def test_raters_imported_at_once_all_keep_their_rows(roots, tmp_path):
+    """Six `attnsae labels import` processes at once (issue 21): each reads L3.csv, merges and replaces it, so
+    without a lock the last to write dropped the others' rows. 10,000 rows rated on an older version of the page
+    make each read-merge-write take long enough (~0.15 s) that the processes overlap in every trial."""
+    dashboards, labels_root = roots
+    csv_path = layout.labels_file(LAYER, labels_root)
+    csv_path.parent.mkdir()
+    old = [Rating(n, "yes", "", "", f"old{n}", "2026-01-01", OLD_PAGE) for n in range(10_000)]
+    raters = [f"rater{n}" for n in range(6)]
+    files = [labels_file(tmp_path, dashboards, rater, [rating(f, "yes") for f in CARDED]) for rater in raters]
+    for trial in range(2):
+        csv_path.write_text(labels_csv(old))
+        procs = [subprocess.Popen([str(ATTNSAE), "labels", "import", str(f), "--dashboards", str(dashboards),
+                                   "--labels", str(labels_root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, **OFFLINE_ENV}) for f in files]
+        outputs = [(*proc.communicate(timeout=120), proc.returncode) for proc in procs]
+        assert all(code == 0 for *_, code in outputs), outputs
+        ratings = read_labels(LAYER, labels_root)
+        new = sorted((r.rater, r.feature) for r in ratings if r.content_hash != OLD_PAGE)
+        assert new == [(rater, f) for rater in raters for f in CARDED], f"trial {trial}: rows lost"
+        assert len(ratings) == len(old) + len(new)
 
 
 def test_read_labels_absent_is_none(tmp_path):
@@ -155,6 +241,7 @@ CORRUPT = {
     "date": (HEADER + GOOD_ROW.replace("2026-05-01", "May 1"), "line 2: date 'May 1'"),
     "hash": (HEADER + GOOD_ROW.replace("a" * 64, "xyz"), "line 2: content_hash"),
     "duplicate": (HEADER + GOOD_ROW + GOOD_ROW, "line 3: feature 2 rated twice"),
+    "5000-digit feature": (HEADER + GOOD_ROW.replace("2,yes", "9" * 5000 + ",yes"), "line 2: feature '999999999"),
 }
 
 

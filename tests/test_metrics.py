@@ -445,10 +445,18 @@ def test_cli_evaluating_another_sae_leaves_the_pipelines_outputs_alone(sae_folde
     assert "not written" in printed.output and "loss_recovered" in printed.output
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["reports", "reports/metrics",
                                                                                         "reports/metrics/L2.json"]
-    refused = CliRunner().invoke(main, [*common, "--out", str(layout.metrics_file(2))])
-    assert refused.exit_code != 0
-    assert "belongs to the evaluate stage" in refused.output and len(refused.output.strip().splitlines()) == 1
+    # every path inside a stage's outputs, this layer's or another's (measured: another layer's files were overwritten)
+    for option, path in [("--out", layout.metrics_file(2)), ("--out", layout.metrics_file(10)),
+                         ("--density", layout.density_file(10)), ("--heldout-out", layout.heldout_metrics_file(10)),
+                         ("--out", layout.REPORT_MD), ("--density", layout.sae_dir(10) / "x.csv")]:
+        refused = CliRunner().invoke(main, [*common, option, str(path)])
+        assert refused.exit_code == 1
+        assert refused.stderr.strip().splitlines() == [
+            f"Error: {path} lies in the pipeline's output {layout.stage_output_holding(path)}, which holds its own SAEs' "
+            f"results, each at its own path: write {root / 'sae'}'s results outside the pipeline's outputs"]
     assert layout.metrics_file(2).read_text() == "the pipeline's own result\n"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["reports", "reports/metrics",
+                                                                                        "reports/metrics/L2.json"]
 
 
 def written_metrics() -> dict:

@@ -9,6 +9,7 @@ only that layer's stages.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -161,21 +162,63 @@ def test_a_changed_byte_of_code_makes_exactly_its_stages_stale(pipeline, changed
     assert json.loads(run(["dvc", "status", "--json"], root, env)) == {}
 
 
-def test_a_bad_param_stops_the_pipeline_before_any_result_is_deleted(pipeline):
+def _as_topk(params: dict, k: int) -> None:
+    params["sae"] = {key: v for key, v in params["sae"].items() if key != "l1_coeff"} | {"architecture": "topk", "k": k}
+    params["per_layer"] = {layer: {} for layer in params["per_layer"]}
+
+
+def _with_layer(params: dict, layer: int) -> None:
+    params["layers"].append(layer)
+    params["per_layer"][f"L{layer}"] = {}
+
+
+def _set(section: str, key: str, value):
+    return lambda params: params[section].__setitem__(key, value)
+
+
+def _results(root: Path) -> dict[Path, bytes]:
+    """Every file of models/, data/ and reports/ but the params check's own (DVC deletes it before the check runs)."""
+    files = [p for folder in ("models", "data", "reports") for p in (root / folder).rglob("*")
+             if p.is_file() and p.name != "params-check.txt"]
+    return {p: p.read_bytes() for p in sorted(files)}
+
+
+# (change, the stage `dvc repro` is asked for, what the one line says): the probes of issue 21, each of which had
+# DVC delete that stage's outputs before the stage itself failed (or, for k, train a useless SAE).
+BAD_PARAMS = [
+    (_set("sae", "lr", -0.001), None, "params.yaml: bad value for 'sae.lr': must be a finite number > 0 and <= 1 (got -0.001)"),
+    (lambda params: _as_topk(params, 5000), "train@1", "params.yaml: bad value for 'sae.k': must be <= d_sae (256) (got 5000)"),
+    (_set("tokenize", "context_size", 100000), "tokenize",
+     "params.yaml: bad value for 'tokenize.context_size': tiny-gpt2 takes at most 256 positions"),
+    (lambda params: _with_layer(params, 99), "activations",
+     "params.yaml: bad value for 'layers': layer 99 is not in tiny-gpt2 (allowed: 0 to 3)"),
+    pytest.param(_set("evaluate", "device", "cuda"), "evaluate",
+                 "params.yaml: bad value for 'evaluate.device': this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the probe needs a machine without CUDA")),
+    (_set("sae", "buffer_rows", 2**31), "train@1",  # 2**31 rows of 64 bf16 values: 256 GiB
+     "params.yaml: stage train@1 needs at least 256.0 GiB of machine memory"),
+]
+
+
+@pytest.mark.parametrize(("change", "target", "expected"), BAD_PARAMS, ids=lambda v: str(v)[:40] if isinstance(v, str) else None)
+def test_a_bad_param_stops_the_pipeline_before_any_result_is_deleted(pipeline, change, target, expected):
     """DVC deletes a stage's outputs before running it: the params stage must refuse the value first."""
     root, env, _ = pipeline
-    results = sorted(p for p in (root / "reports").rglob("*") if p.is_file() and p.name != "params-check.txt")
-    before = {p: p.read_bytes() for p in [*results, *(root / "models/sae").rglob("*.safetensors")]}
+    if "machine memory" in expected and os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >= 256 * 2**30:
+        pytest.skip("this machine has the memory the probe asks for")
+    before = _results(root)
     original = (root / "params.yaml").read_text()
     params = yaml.safe_load(original)
-    params["sae"]["lr"] = -0.001
+    change(params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        failed = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True)
+        failed = subprocess.run(["dvc", "repro", *([target] if target else [])], cwd=root, env=env,
+                                capture_output=True, text=True)
     finally:
         (root / "params.yaml").write_text(original)
     assert failed.returncode != 0
-    assert "params.yaml: bad value for 'sae.lr': must be a finite number > 0 (got -0.001)" in failed.stderr + failed.stdout
+    errors = [line for line in (failed.stderr + failed.stdout).splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and expected in errors[0], failed.stderr + failed.stdout
     assert stages_run(failed.stdout) == {"params"}
-    assert {p: p.read_bytes() for p in before} == before  # every result is still there, unchanged
+    assert _results(root) == before  # every result is still there, unchanged
     assert stages_run(run(["dvc", "repro"], root, env)) == {"params"}  # the check passes again; nothing else reruns

@@ -17,9 +17,9 @@ import yaml
 from helpers import REPO
 
 SRC = REPO / "src"
-# attnsae subcommand -> the modules whose functions it calls (the stage module, and files for check-params).
+# attnsae subcommand -> the modules whose functions it calls (the stage module; for check-params the checks and files).
 COMMAND_MODULES = {
-    "check-params": ("attnsae.config", "attnsae.files"),
+    "check-params": ("attnsae.preflight", "attnsae.files"),
     "model": ("attnsae.data.models",),
     "corpus": ("attnsae.data.corpus",),
     "tokenize": ("attnsae.data.tokenization",),

@@ -20,7 +20,7 @@ LAYERS = (1, 2)
 def test_every_layer_has_a_page_and_features_with_evaluates_alive_set(tiny_pipeline):
     root, _, _ = tiny_pipeline
     for layer in LAYERS:
-        doc = read_features(root / layout.features_file(layer))
+        doc = read_features(root / layout.features_file(layer), layer)
         metrics = json.loads((root / layout.metrics_file(layer)).read_text())
         # one definition of alive: the same tokens and rule as evaluate's dead_fraction
         assert doc["alive"]["tokens"] == metrics["dead_fraction_tokens"]
@@ -45,7 +45,7 @@ def test_the_layer_run_logs_tag_counts_and_the_page_hash(tiny_pipeline):
     assert sorted(by_layer) == ["1", "2"]
     for layer in LAYERS:
         found = by_layer[str(layer)]
-        doc = read_features(root / layout.features_file(layer))
+        doc = read_features(root / layout.features_file(layer), layer)
         assert found.data.tags["attnsae.dashboard_hash"] == doc["content_hash"]
         for tag in doc["tag_definitions"]:
             assert found.data.metrics[f"dashboards/tag_{tag}"] == sum(tag in t for t in doc["summary"]["tags"])
@@ -69,13 +69,18 @@ def test_any_sae_folder_gets_the_same_dashboards_elsewhere_and_never_the_stages_
     root, env, _ = tiny_pipeline
     imported = tmp_path / "imported" / "L1"
     shutil.copytree(root / layout.sae_dir(1), imported)
-    refused = subprocess.run(["attnsae", "dashboards", "--sae", str(imported), "--no-mlflow"], cwd=root, env=env,
-                             capture_output=True, text=True)
-    assert refused.returncode == 1 and "belongs to the dashboards@1 stage" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
+    # the stage's folder, another layer's (measured: overwritten with exit 0), or for our own SAE another layer's
+    before = {p: p.read_bytes() for p in (root / layout.DASHBOARDS_DIR).rglob("*") if p.is_file()}
+    for args in (["--sae", str(imported)], ["--sae", str(imported), "--out", str(layout.dashboards_dir(2))],
+                 ["--layer", "1", "--out", str(layout.dashboards_dir(2))]):
+        refused = subprocess.run(["attnsae", "dashboards", *args, "--no-mlflow"], cwd=root, env=env,
+                                 capture_output=True, text=True)
+        assert refused.returncode == 1 and "lies in the pipeline's output reports/dashboards" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in before} == before
     out = tmp_path / "out" / "L1"
     run(["attnsae", "dashboards", "--sae", str(imported), "--out", str(out), "--no-mlflow"], root, env)
-    ours, theirs = (read_features(path) for path in (root / layout.features_file(1), out / "features.json"))
+    ours, theirs = (read_features(path, 1) for path in (root / layout.features_file(1), out / "features.json"))
     assert theirs["sae"] == str(imported)
     assert {k: v for k, v in theirs.items() if k not in ("sae", "content_hash")} == \
         {k: v for k, v in ours.items() if k not in ("sae", "content_hash")}
@@ -89,7 +94,7 @@ def test_head_scores_report_each_head_and_the_tag_share_on_and_off_the_induction
     assert [s.split()[0] for s in scores] == ["H0", "H1", "H2", "H3"]  # tiny-gpt2: 4 heads
     assert all(0.0 <= float(s.split()[1]) <= 1.0 for s in scores)
     assert lines[1] == "L2 induction heads (score >= 0.0): H0, H1, H2, H3"  # every head qualifies at 0
-    doc = read_features(root / layout.features_file(2))
+    doc = read_features(root / layout.features_file(2), 2)
     fired = [d > 0 for d in doc["summary"]["density"]]
     tagged = sum("induction" in t for t, f in zip(doc["summary"]["tags"], fired) if f)
     # every fired feature sits on "the induction heads" when they are all the heads
@@ -107,7 +112,7 @@ def copy_of_pipeline(tiny_pipeline, tmp_path):
 
 def exported_labels(root, layer: int, answers: dict[int, str]) -> dict:
     """What the page's export button writes (tests/test_dashboard_pages.py drives the button itself)."""
-    doc = read_features(root / layout.features_file(layer))
+    doc = read_features(root / layout.features_file(layer), layer)
     return {"format": "attnsae-labels", "version": 1, "layer": layer, "content_hash": doc["content_hash"],
             "rater": "ada", "ratings": [{"feature": f, "answer": a, "family": "", "note": "", "date": "2026-11-30"}
                                         for f, a in answers.items()]}
@@ -115,7 +120,7 @@ def exported_labels(root, layer: int, answers: dict[int, str]) -> dict:
 
 def test_imported_ratings_fill_the_reports_column_and_a_tampered_file_writes_nothing(copy_of_pipeline):
     root, env = copy_of_pipeline
-    first = [c["feature"] for c in read_features(root / layout.features_file(1))["cards"] if c["reason"] == "first_n"]
+    first = [c["feature"] for c in read_features(root / layout.features_file(1), 1)["cards"] if c["reason"] == "first_n"]
     answers = dict(zip(first[:4], ["yes", "yes", "no", "unsure"]))
     exported = root / "labels-L1.json"
     exported.write_text(json.dumps(exported_labels(root, 1, answers)))
@@ -134,3 +139,38 @@ def test_imported_ratings_fill_the_reports_column_and_a_tampered_file_writes_not
     assert stages_run(repro) == {"report"}  # ratings change the report and nothing else
     rows = [line for line in (root / "reports/report.md").read_text().splitlines() if line.startswith("| 1 |")]
     assert rows[0].rstrip(" |").endswith("50% (2/4 rated)")
+
+
+def test_killing_dvc_alone_stops_the_stage_it_was_running(copy_of_pipeline):
+    """Measured: `kill -TERM` of `dvc repro` alone while dashboards@3 ran; DVC exited after deleting the stage's outputs
+    and `attnsae dashboards` ran on and rewrote them 20 s later, outputs no dvc.lock vouches for (lifeline.py)."""
+    import signal
+    import time
+
+    import psutil
+
+    from attnsae.lifeline import is_alive
+
+    root, env = copy_of_pipeline
+    lock = (root / "dvc.lock").read_bytes()
+    dvc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "dashboards@1"], cwd=root, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    stage = None
+    while stage is None:
+        assert time.monotonic() < deadline and dvc.poll() is None, "the stage never started"
+        stage = next((p for p in psutil.Process(dvc.pid).children(recursive=True)
+                      if "dashboards" in " ".join(p.cmdline())), None)
+        time.sleep(0.05)
+    time.sleep(1.0)  # into its work (the tiny stage takes several seconds)
+    assert is_alive(stage.pid)
+    dvc.send_signal(signal.SIGTERM)  # the pipeline alone, not its process group
+    dvc.wait(60)
+    deadline = time.monotonic() + 10
+    while is_alive(stage.pid):
+        assert time.monotonic() < deadline, "the stage outlived the pipeline that started it"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    assert not (root / layout.dashboards_dir(1)).exists()  # DVC deleted it, and nothing wrote it again
+    assert stages_run(run(["dvc", "repro"], root, env)) == {"dashboards@1"}
+    assert (root / "dvc.lock").read_bytes() == lock  # the same outputs again

@@ -287,9 +287,9 @@ def test_report_shows_standard_errors_and_the_heldout_source(tmp_path):
 
 
 def write_dashboard(dirs: dict[str, Path], layer: int, tags: list[list[str]], first_alive: list[int],
-                    listed: list[int]) -> str:
+                    listed: list[int], fields: dict | None = None) -> str:
     """A layer's features.json with what the report reads (tags per feature, the cards and why they have one)."""
-    doc = {"format": "attnsae-dashboards", "version": 1, "layer": layer,
+    doc = {"format": "attnsae-dashboards", "version": 1, "layer": layer, **(fields or {}),
            "tag_definitions": {"induction": {}, "previous_token": {}},
            "summary": {"tags": tags},
            "cards": [{"feature": f, "reason": "first_n"} for f in first_alive] +
@@ -299,6 +299,33 @@ def write_dashboard(dirs: dict[str, Path], layer: int, tags: list[list[str]], fi
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(doc))
     return doc["content_hash"]
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"layer": 10}, "holds the dashboards of layer 10, not of layer 3 (copied from another layer?)"),
+    ({"sae": "models/sae/L10"}, "holds the dashboards of the SAE 'models/sae/L10', not of models/sae/L3"),
+])
+def test_a_features_json_of_another_layer_or_sae_is_refused(tmp_path, changes, expected):
+    """Measured: L10's features.json copied into L3's folder put L10's tag counts in L3's row."""
+    dirs = make_run(tmp_path, SMOLLM2, {3: {**metrics_for(3, SMOLLM2), "sae": "models/sae/L3"}})
+    write_dashboard(dirs, 3, [[]], first_alive=[0], listed=[], fields={"sae": "models/sae/L3", **changes})
+    with pytest.raises(UserError) as err:
+        build(dirs, [3], "none")
+    assert str(err.value) == f"{dirs['dashboards'] / 'L3' / 'features.json'}: {expected}; re-run `attnsae dashboards --layer 3`"
+    assert not (dirs["out"] / "report.md").exists()
+
+
+@pytest.mark.parametrize("kind", ["metrics", "heldout"])
+def test_metrics_of_another_layer_are_refused(tmp_path, kind):
+    dirs = make_run(tmp_path, SMOLLM2, {3: metrics_for(10, SMOLLM2)} if kind == "metrics" else {3: metrics_for(3, SMOLLM2)})
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    (heldout / "L3.json").write_text(json.dumps({**metrics_for(10 if kind == "heldout" else 3, SMOLLM2),
+                                                 "split": "heldout", "sources": ["npm:brown"]}))
+    with pytest.raises(UserError, match=r"L3\.json: holds the metrics of layer 10, not of layer 3 \(copied from another layer\?\)"):
+        report.build_report([3], dirs["out"], "none", metrics_dir=dirs["metrics"], heldout_dir=heldout,
+                            density_dir=dirs["density"], model_dir=dirs["model"], tokens_dir=dirs["tokens"],
+                            sae_root=dirs["sae"], dashboards_root=dirs["dashboards"], labels_root=dirs["labels"])
 
 
 def test_interpretable_column_counts_only_peoples_ratings_of_the_first_alive(tmp_path):

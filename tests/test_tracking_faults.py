@@ -87,8 +87,8 @@ def test_off_never_touches_the_store_and_a_wrong_mode_is_named(tmp_path, mode):
 
 def test_a_usable_sqlite_store_is_checked_without_being_created(tmp_path, mode):
     mode("required")
-    assert tracking.check_store(f"sqlite:///{tmp_path / 'new/mlflow.db'}") is True
-    assert not (tmp_path / "new").exists()
+    assert tracking.check_store(f"sqlite:///{tmp_path / 'mlflow.db'}") is True
+    assert list(tmp_path.iterdir()) == []  # nor is the file that tried the folder left behind
 
 
 def test_a_file_that_is_not_sqlite_is_named(tmp_path, mode):
@@ -167,3 +167,80 @@ def test_a_database_store_without_its_driver_is_named_in_one_line_before_any_wor
                              "install the driver SQLAlchemy needs for it, unset MLFLOW_TRACKING_URI to use the local "
                              "SQLite store, or set ATTNSAE_TRACKING=optional to run without logging\n")
     assert not (tmp_path / "report").exists()
+
+
+# A store that fails slowly: found by running the quickstart's `attnsae report` against such stores. The command's
+# work is replaced by a record of whether it ran, as the store must be checked before it.
+QUICK_S = 20  # generous: these stores took 108 s (MLflow retrying to open the file) before they failed
+on_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+
+
+@pytest.fixture()
+def report_with_store(monkeypatch, tiny_params_file, tmp_path):
+    """Run `attnsae report` with MLFLOW_TRACKING_URI and ATTNSAE_TRACKING set: (result, seconds, whether it built)."""
+    from attnsae.reporting.report import Report
+
+    built = []
+    monkeypatch.setattr("attnsae.reporting.report.build_report", lambda *args: built.append(args) or Report("# report", [], []))
+
+    def run(uri: str, tracking_mode: str):
+        runner = CliRunner(env={"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": uri,
+                                tracking.MODE_VARIABLE: tracking_mode})
+        start = time.monotonic()
+        result = runner.invoke(main, ["report", "--params", str(tiny_params_file), "--out", str(tmp_path / "report")])
+        return result, time.monotonic() - start, bool(built)
+
+    return run
+
+
+@on_linux
+def test_a_store_in_a_folder_where_no_file_can_be_created_fails_in_one_line_before_any_work(report_with_store):
+    """/proc exists and os.access calls it writable for root, but no file can be created there."""
+    result, seconds, built = report_with_store("sqlite:////proc/attnsae-test.db", "required")
+    assert (result.exit_code, built) == (1, False) and seconds < QUICK_S
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: MLflow store /proc/attnsae-test.db is not usable (") and "folder /proc" in line
+    assert line.endswith(", or set ATTNSAE_TRACKING=optional to run without logging")
+
+
+@on_linux
+def test_optional_tracking_runs_on_past_a_store_where_no_file_can_be_created(report_with_store):
+    result, seconds, built = report_with_store("sqlite:////proc/attnsae-test.db", "optional")
+    assert (result.exit_code, built) == (0, True) and seconds < QUICK_S
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("warning: this run is not logged to MLflow: MLflow store /proc/attnsae-test.db is not "
+                           "usable (") and "folder /proc" in line
+    assert "=optional" not in line and result.stdout == "# report\n"
+
+
+@pytest.mark.parametrize("tracking_mode", ["required", "optional"])
+def test_a_store_in_a_missing_folder_is_named_not_created(report_with_store, tmp_path, tracking_mode):
+    folder = tmp_path / "some/missing/folder"
+    result, seconds, built = report_with_store(f"sqlite:///{folder / 'mlflow.db'}", tracking_mode)
+    (line,) = result.stderr.splitlines()
+    problem = (f"MLflow store {folder / 'mlflow.db'} is not usable (folder {folder} does not exist); create that "
+               "folder or point MLFLOW_TRACKING_URI at a file in an existing folder, or set ATTNSAE_TRACKING=")
+    if tracking_mode == "required":
+        assert (result.exit_code, built) == (1, False)
+        assert line == f"Error: {problem}optional to run without logging"
+    else:
+        assert (result.exit_code, built) == (0, True)
+        assert line == f"warning: this run is not logged to MLflow: {problem}off never to log"
+    assert seconds < QUICK_S and not (tmp_path / "some").exists()
+
+
+@on_linux
+def test_a_sqlite_file_that_cannot_be_opened_fails_at_once_even_past_the_check(monkeypatch, mode):
+    """Should a store pass the check and still not open (it changed in between), MLflow's ten attempts to open it
+    (~100 s) are cut to one. In optional mode the message offers what is left: off."""
+    from mlflow.store.db import utils as db_utils
+
+    mode("optional")
+    monkeypatch.setattr(db_utils, "MAX_RETRY_COUNT", db_utils.MAX_RETRY_COUNT)  # restored after the test
+    monkeypatch.setattr(tracking, "_probe", lambda uri: None)
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        tracking.open_store("sqlite:////proc/attnsae-test.db")
+    assert time.monotonic() - start < QUICK_S
+    assert str(err.value).startswith("MLflow store /proc/attnsae-test.db failed (unable to open database file); ")
+    assert str(err.value).endswith(", or set ATTNSAE_TRACKING=off never to log")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -92,6 +93,18 @@ def chosen_layers(layer_args: tuple[str, ...], all_layers: list[int] | None, kno
     return layers
 
 
+def check_result_path(path: str | Path, sae_dir: str | Path) -> None:
+    """A run may write inside the pipeline's outputs only the results the pipeline keeps for its SAE: another SAE's
+    results (or another layer's) there would pass for the pipeline's own."""
+    held, allowed = layout.stage_output_holding(path), layout.results_of(sae_dir)
+    if held is not None and Path(path).resolve() not in allowed:
+        where = "outside the pipeline's outputs"
+        if allowed:
+            where += f" or at its own paths ({', '.join(sorted(os.path.relpath(p) for p in allowed))})"
+        raise UserError(f"{path} lies in the pipeline's output {held}, which holds its own SAEs' results, each at its "
+                        f"own path: write {sae_dir}'s results {where}")
+
+
 def is_pipeline_sae(sae_dir: str | None, layer: int) -> bool:
     """Whether --sae names the pipeline's own SAE of the layer (or is left out): only its results are the stage's."""
     return sae_dir is None or Path(sae_dir).resolve() == layout.sae_dir(layer).resolve()
@@ -131,6 +144,9 @@ def main() -> None:
     streaming profiles (gpt2-small) store no text, tokens or activations, train every layer in one
     stage from one model pass, and also import and evaluate the paper's SAEs (attnsae import).
     """
+    from attnsae.lifeline import follow_pipeline
+
+    follow_pipeline()  # a stage that DVC started stops when DVC does, instead of writing outputs after it
 
 
 @main.command()
@@ -157,12 +173,15 @@ def check_params(params_path: str, out: str) -> None:
     """Check every section of the params file before any stage runs (the pipeline's first stage).
 
     DVC deletes a stage's outputs before running it, so a value that a stage would reject must stop the
-    pipeline here, before it reaches any stage that holds results. The file written does not depend on the
-    values, so a passing check never makes a later stage run again.
+    pipeline here, before it reaches any stage that holds results: each value's range, the rules between values,
+    the model's layers, positions and vocabulary, the devices asked for, and each stage's memory and the
+    activation cache's disk against this machine. The file written depends on none of them, so a passing check
+    never makes a later stage run again.
     """
+    from attnsae import preflight
     from attnsae.files import write_text_atomic
 
-    config.validate(config.read_params(params_path))
+    preflight.check(config.read_params(params_path), preflight.this_machine())
     write_text_atomic(out, f"{params_path} passed `attnsae check-params`\n")
     click.echo(f"check-params: {params_path} is valid")
 
@@ -357,7 +376,7 @@ def evaluate(
     if len(layers) > 1 and (out or density or heldout_out):
         raise UserError("--out, --density and --heldout-out name one SAE's files; leave them out for several layers")
     sae_dirs = {n: sae_dir or str(layout.sae_dir(n)) for n in layers}
-    files = {n: evaluation_files(n, is_pipeline_sae(sae_dir, n), out, density, heldout_out) for n in layers}
+    files = {n: evaluation_files(n, sae_dirs[n], is_pipeline_sae(sae_dir, n), out, density, heldout_out) for n in layers}
     # A layer's run holds the pipeline's results: other SAEs, or results written elsewhere, stay out of it.
     logged = [n for n in layers if files[n].metrics is not None
               and Path(files[n].metrics).resolve() == layout.metrics_file(n).resolve()]
@@ -373,21 +392,20 @@ def evaluate(
             echo_evaluation(n, metrics, heldout, written=files[n].metrics is not None)
 
 
-def evaluation_files(layer: int, own: bool, out: str | None, density: str | None, heldout_out: str | None):
+def evaluation_files(layer: int, sae_dir: str, own: bool, out: str | None, density: str | None,
+                     heldout_out: str | None):
     """Where `attnsae evaluate` writes a layer's results: the pipeline's files for its own SAE (unless others are
-    given); for another SAE only the files given, never the pipeline's."""
+    given); for another SAE only the files given, none inside the pipeline's outputs but its own (check_result_path)."""
     from attnsae.evaluation.evaluate import EvaluationFiles
 
     pipeline = EvaluationFiles(layout.metrics_file(layer), layout.density_file(layer),
                                layout.heldout_metrics_file(layer))
-    if own:
-        return EvaluationFiles(out or pipeline.metrics, density or pipeline.density, heldout_out or pipeline.heldout)
-    taken = {Path(p).resolve() for p in (pipeline.metrics, pipeline.density, pipeline.heldout)}
+    files = (EvaluationFiles(out or pipeline.metrics, density or pipeline.density, heldout_out or pipeline.heldout)
+             if own else EvaluationFiles(out, density, heldout_out))
     for given in (out, density, heldout_out):
-        if given is not None and Path(given).resolve() in taken:
-            raise UserError(f"{given} belongs to the evaluate stage (it measures {layout.sae_dir(layer)}); "
-                            f"write this SAE's metrics elsewhere")
-    return EvaluationFiles(out, density, heldout_out)
+        if given is not None:
+            check_result_path(given, sae_dir)
+    return files
 
 
 def echo_evaluation(layer: int, metrics: dict, heldout: dict | None, written: bool) -> None:
@@ -427,11 +445,9 @@ def dashboards(params_path: str, layer: str | None, model_dir: str, tokens_dir: 
         raise UserError("name the SAE: --layer (our models/sae/L<layer>) or --sae FOLDER")
     n = sae_layer(read_sae_cfg(sae_dir), sae_dir) if layer is None else config.parse_layer(layer)
     own = is_pipeline_sae(sae_dir, n)
-    out = out or str(layout.dashboards_dir(n))
-    if not own and Path(out).resolve() == layout.dashboards_dir(n).resolve():
-        raise UserError(f"{out} belongs to the dashboards@{n} stage (it shows {layout.sae_dir(n)}); "
-                        f"write {sae_dir}'s dashboards elsewhere with --out")
     sae_dir = sae_dir or str(layout.sae_dir(n))
+    out = out or str(layout.dashboards_dir(n))
+    check_result_path(out, sae_dir)
     cfg = config.dashboards_config(params)
     config.check_dashboards_rows(params)
     log = own and logging_on(no_mlflow)

@@ -36,6 +36,16 @@ Precision = Literal["auto", "fp32", "bf16"]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
+# Upper bounds far above any published run (the paper: d_sae 24,576, 2e9 tokens per SAE; the largest published dictionaries
+# have ~2**25 features), so they stop typos and runaway values (a stray exponent) in one line, not a real run. Each
+# stage's memory and disk against the machine are judged apart (preflight.py).
+MAX_COUNT = 10**9  # documents, rows, steps
+MAX_TOKENS = 10**13  # tokens of a run
+MAX_WIDTH = 2**25  # features of one SAE
+MAX_BATCH_ROWS = 2**16  # rows of one model batch
+MAX_SHOWN = 1000  # examples, bins, tokens shown on one card
+
+
 class Section(BaseModel):
     # allow_inf_nan=False: every float of every section is finite (a NaN l1_coeff trains NaN weights silently).
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -61,8 +71,8 @@ class CorpusConfig(Section):
     # (corpus.py says what each is), "file:PATH" (.txt or .jsonl with a "text" field; a folder or glob),
     # "hf:OWNER/NAME[@REVISION]" (streamed), "synthetic".
     sources: list[str] = Field(min_length=1)
-    max_documents: int = Field(0, ge=0)  # 0: all
-    synthetic_documents: int = Field(200, ge=0)  # how many "synthetic" generates
+    max_documents: int = Field(0, ge=0, le=MAX_COUNT)  # 0: all
+    synthetic_documents: int = Field(200, ge=0, le=10**7)  # how many "synthetic" generates
     seed: Seed = 49  # of the "synthetic" generator
 
     @model_validator(mode="after")
@@ -73,14 +83,14 @@ class CorpusConfig(Section):
 
 
 class TokenizeConfig(Section):
-    context_size: int = Field(128, ge=2)  # a row predicts at least one next token
+    context_size: int = Field(128, ge=2, le=2**20)  # a row predicts at least one next token; at most the model's positions
     eval_fraction: float = Field(0.05, gt=0, lt=1)  # of documents, chosen by a seeded hash so training never sees them
-    max_train_rows: int = Field(0, ge=0)  # 0: all
-    max_eval_rows: int = Field(0, ge=0)  # 0: all (a streamed corpus needs a number: tokenization.py)
+    max_train_rows: int = Field(0, ge=0, le=MAX_COUNT)  # 0: all
+    max_eval_rows: int = Field(0, ge=0, le=MAX_COUNT)  # 0: all (a streamed corpus needs a number: tokenization.py)
     # Corpus sources whose every document goes to the held-out split, which neither training nor the
     # in-distribution evaluation sees (a stored corpus only; evaluate measures the SAEs on it apart).
     heldout_sources: list[str] = Field(default_factory=list)
-    max_heldout_rows: int = Field(0, ge=0)  # 0: all
+    max_heldout_rows: int = Field(0, ge=0, le=MAX_COUNT)  # 0: all
     # Each source's share of every split's tokens, relative to the others' (a source left out weighs 1):
     # the splits of a stored corpus interleave their sources by these weights (tokenization.py).
     source_weights: dict[str, float] = Field(default_factory=dict)
@@ -108,17 +118,17 @@ class ActivationsConfig(Section):
     # disk: the `activations` stage caches hook_z and each layer trains from it (pipelines/cache.yaml);
     # stream: one `train` stage runs the model on the fly for all layers at once (pipelines/stream.yaml).
     source: Literal["disk", "stream"] = "disk"
-    tokens: int = Field(ge=1)  # token budget of the cache, per layer
-    batch_rows: int = Field(16, ge=1)
-    shard_tokens: int = Field(65536, ge=1)
+    tokens: int = Field(ge=1, le=MAX_TOKENS)  # token budget of the cache, per layer
+    batch_rows: int = Field(16, ge=1, le=MAX_BATCH_ROWS)
+    shard_tokens: int = Field(65536, ge=1, le=2**31)
 
 
 # The fields that ``per_layer`` may override: SAEConfig and LayerOverride share these ranges.
-DSae = Annotated[int, Field(ge=1)]
-L1Coeff = Annotated[float, Field(ge=0)]
+DSae = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+L1Coeff = Annotated[float, Field(ge=0, le=1000)]  # the paper's are 1 to 3.2 (inputs scaled to unit mean squared norm)
 DeadCutoff = Annotated[float, Field(ge=0, le=1)]  # a firing frequency
-K = Annotated[int, Field(ge=1)]  # active features per token
-L0Coeff = Annotated[float, Field(ge=0)]
+K = Annotated[int, Field(ge=1, le=2**16)]  # active features per token; at most d_sae
+L0Coeff = Annotated[float, Field(ge=0, le=1000)]
 
 Architecture = Literal["standard", "topk", "batchtopk", "jumprelu"]
 # Each architecture's own settings and their reference values (docs/architectures.md gives the sources). None
@@ -145,29 +155,29 @@ class SAEConfig(Section):
     # dead-feature auxiliary loss, how many dead features it uses (0: d_in // 2), and how many tokens without
     # firing make a feature dead
     k: K | None = None
-    auxk_alpha: Annotated[float, Field(ge=0)] | None = None
-    aux_k: Annotated[int, Field(ge=0)] | None = None
-    auxk_dead_tokens: Annotated[int, Field(ge=1)] | None = None
+    auxk_alpha: Annotated[float, Field(ge=0, le=1000)] | None = None
+    aux_k: Annotated[int, Field(ge=0, le=MAX_WIDTH)] | None = None  # at most d_sae
+    auxk_dead_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
     threshold_ema_rate: Annotated[float, Field(gt=0, le=1)] | None = None  # batchtopk: of its inference threshold
     # jumprelu: the L0 penalty, the straight-through rectangle's width, the thresholds' start, and the steps over
     # which l0_coeff rises linearly from 0 (in units of inputs scaled to unit mean squared norm)
     l0_coeff: L0Coeff | None = None
-    jumprelu_bandwidth: Annotated[float, Field(gt=0)] | None = None
-    jumprelu_init_threshold: Annotated[float, Field(ge=0)] | None = None
-    sparsity_warmup_steps: Annotated[int, Field(ge=0)] | None = None
+    jumprelu_bandwidth: Annotated[float, Field(gt=0, le=1000)] | None = None
+    jumprelu_init_threshold: Annotated[float, Field(ge=0, le=1000)] | None = None
+    sparsity_warmup_steps: Annotated[int, Field(ge=0, le=MAX_COUNT)] | None = None
     dead_cutoff: DeadCutoff = 1e-6
-    lr: float = Field(1.2e-3, gt=0)
+    lr: float = Field(1.2e-3, gt=0, le=1)  # Adam moves each weight by about lr per step: above 1 it only diverges
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
-    batch_size: int = Field(4096, ge=1)
-    train_tokens: int = Field(ge=1)
-    warmup_steps: int = Field(1000, ge=0)
-    resample_every: int = Field(25000, ge=1)
-    max_resamples: int = Field(4, ge=0)
-    dead_window: int = Field(12500, ge=1)
-    resample_inputs: int = Field(409600, ge=1)
-    buffer_rows: int = Field(1572864, ge=1)
-    log_every: int = Field(10, ge=1)
+    batch_size: int = Field(4096, ge=1, le=2**20)
+    train_tokens: int = Field(ge=1, le=MAX_TOKENS)
+    warmup_steps: int = Field(1000, ge=0, le=MAX_COUNT)
+    resample_every: int = Field(25000, ge=1, le=MAX_COUNT)
+    max_resamples: int = Field(4, ge=0, le=10**4)
+    dead_window: int = Field(12500, ge=1, le=MAX_COUNT)
+    resample_inputs: int = Field(409600, ge=1, le=2**26)
+    buffer_rows: int = Field(1572864, ge=1, le=2**31)
+    log_every: int = Field(10, ge=1, le=MAX_COUNT)
     seed: Seed = 49
     device: Device = "auto"
     # Deterministic GPU kernels (torch.use_deterministic_algorithms): slower, repeatable on the same GPU.
@@ -210,6 +220,9 @@ class SAEConfig(Section):
             raise RuleBroken("train_tokens", self.train_tokens, f">= batch_size ({self.batch_size})")
         if self.buffer_rows < 2 * self.batch_size:  # ShuffledBuffer serves batches from half the buffer
             raise RuleBroken("buffer_rows", self.buffer_rows, f">= 2 x batch_size ({2 * self.batch_size})")
+        for key in ("k", "aux_k"):  # a row cannot keep more features than the SAE has
+            if (value := getattr(self, key)) is not None and value > self.d_sae:
+                raise RuleBroken(key, value, f"<= d_sae ({self.d_sae})")
         return self
 
     @property
@@ -235,12 +248,12 @@ class LayerOverride(Section):
 
 
 class EvaluateConfig(Section):
-    batch_rows: int = Field(8, ge=1)
-    max_rows: int = Field(0, ge=0)  # 0: the whole evaluation split
+    batch_rows: int = Field(8, ge=1, le=MAX_BATCH_ROWS)
+    max_rows: int = Field(0, ge=0, le=MAX_COUNT)  # 0: the whole evaluation split
     dense_threshold: float = Field(0.1, gt=0, le=1)  # a firing frequency
-    density_bins: int = Field(40, ge=1)
+    density_bins: int = Field(40, ge=1, le=10**4)
     # Standard errors: resamples of the evaluation rows (with replacement), and their generator's seed.
-    bootstrap_resamples: int = Field(1000, ge=2)
+    bootstrap_resamples: int = Field(1000, ge=2, le=10**6)
     bootstrap_seed: Seed = 0
     device: Device = "auto"
 
@@ -266,17 +279,17 @@ class TagThresholds(Section):
 class DashboardsConfig(Section):
     """The `dashboards@L` stage: which tokens it reads, which features get cards, what each card holds."""
 
-    max_rows: int = Field(0, ge=0)  # evaluation rows read (0: all); must cover evaluate.max_rows (the alive set)
-    batch_rows: int = Field(8, ge=1)
-    first_n: int = Field(30, ge=0)  # cards for the first N alive features, as the post rated
-    features: list[int] = Field(default_factory=list)  # and cards for these feature ids
-    top_k: int = Field(20, ge=1)  # top activating examples per card
-    intervals: int = Field(10, ge=1)  # equal-width activation bins between 0 and the max
-    interval_examples: int = Field(5, ge=0)  # random examples per bin
-    histogram_bins: int = Field(40, ge=1)
-    logit_tokens: int = Field(20, ge=1)  # top and bottom tokens of the logit effect
-    probe_prompts: int = Field(32, ge=1)  # per probe family
-    null_directions: int = Field(256, ge=1)  # random encoder directions behind each tag's null baseline
+    max_rows: int = Field(0, ge=0, le=MAX_COUNT)  # evaluation rows read (0: all); must cover evaluate.max_rows (the alive set)
+    batch_rows: int = Field(8, ge=1, le=MAX_BATCH_ROWS)
+    first_n: int = Field(30, ge=0, le=10**4)  # cards for the first N alive features, as the post rated
+    features: list[int] = Field(default_factory=list, max_length=10**4)  # and cards for these feature ids (< d_sae)
+    top_k: int = Field(20, ge=1, le=MAX_SHOWN)  # top activating examples per card
+    intervals: int = Field(10, ge=1, le=MAX_SHOWN)  # equal-width activation bins between 0 and the max
+    interval_examples: int = Field(5, ge=0, le=MAX_SHOWN)  # random examples per bin
+    histogram_bins: int = Field(40, ge=1, le=MAX_SHOWN)
+    logit_tokens: int = Field(20, ge=1, le=MAX_SHOWN)  # top and bottom tokens of the logit effect; at most the vocabulary
+    probe_prompts: int = Field(32, ge=1, le=10**4)  # per probe family
+    null_directions: int = Field(256, ge=1, le=2**16)  # random encoder directions behind each tag's null baseline
     null_percentile: float = Field(99.0, ge=0, le=100)
     seed: Seed = 0  # probes, null directions, interval samples
     tags: TagThresholds = Field(default_factory=TagThresholds)
@@ -291,10 +304,10 @@ class DashboardsConfig(Section):
 
 
 class DistributedConfig(Section):
-    """The stream pipeline's train stage over several processes (distributed.py): with ``nproc_per_node`` > 1 it
+    """The stream pipeline's train stage over several processes (launcher.py): with ``nproc_per_node`` > 1 it
     starts that many workers on this machine, each training its share of the layers (one per GPU)."""
 
-    nproc_per_node: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1, le=1024)
 
 
 class FrontierPoints(Section):
@@ -367,6 +380,8 @@ def allowed_values(info: FieldInfo) -> str:
             limits.append(f"{symbol} {getattr(constraint, attribute)}")
         elif isinstance(constraint, annotated_types.MinLen):
             limits.append(f"with at least {constraint.min_length} entr{'y' if constraint.min_length == 1 else 'ies'}")
+        elif isinstance(constraint, annotated_types.MaxLen):
+            limits.append(f"with at most {constraint.max_length} entries")
     return " ".join([_KINDS[info.annotation], " and ".join(limits)]).strip()
 
 
@@ -374,12 +389,14 @@ def _is_section(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, Section)
 
 
-def _format_error(cls: type[Section], where: str, err: ValidationError) -> str:
+def _format_error(cls: type[Section], where: str, err: ValidationError, owners: dict[str, str]) -> str:
     first = err.errors()[0]
     loc, value = first["loc"], first.get("input")
     raised = first.get("ctx", {}).get("error")  # what a validator of ours raised, if one did
     if isinstance(raised, RuleBroken):
         loc, value = (raised.key,), raised.value
+    if loc and str(loc[0]) in owners:
+        where = owners[str(loc[0])]
     key = ".".join(str(p) for p in (where, *loc) if p != "")
     if first["type"] == "extra_forbidden":
         return f"{PARAMS_FILE}: unknown key '{key}'"
@@ -397,7 +414,9 @@ def _format_error(cls: type[Section], where: str, err: ValidationError) -> str:
     return f"{PARAMS_FILE}: bad value for '{key}': {requirement} (got {value!r})"
 
 
-def parse_section(cls: type[Section], data: Any, where: str) -> Any:
+def parse_section(cls: type[Section], data: Any, where: str, owners: dict[str, str] | None = None) -> Any:
+    """``data`` parsed into ``cls``, or one line naming the key path (``where``, or the one ``owners`` gives a field
+    that another section set) and what is allowed."""
     if not isinstance(data, dict):
         raise UserError(f"{PARAMS_FILE}: '{where}' must be a mapping, got {type(data).__name__}")
     allowed = ", ".join(cls.model_fields)
@@ -407,7 +426,7 @@ def parse_section(cls: type[Section], data: Any, where: str) -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise UserError(_format_error(cls, where, err)) from None
+        raise UserError(_format_error(cls, where, err, owners or {})) from None
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -415,7 +434,9 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: no such file (run `attnsae profile quickstart` to create it)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a text file (byte {err.start} is not UTF-8); params files are UTF-8 YAML") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -494,8 +515,9 @@ def sae_config(params: dict[str, Any], layer: int) -> SAEConfig:
         raise UserError(
             f"layer {layer} is not configured: {PARAMS_FILE} 'per_layer' has {', '.join(per_layer) or 'no entries'}"
         )
-    override = parse_section(LayerOverride, per_layer[key] or {}, f"per_layer.{key}")
-    return parse_section(SAEConfig, {**base.model_dump(), **override.model_dump(exclude_none=True)}, "sae")
+    override = parse_section(LayerOverride, per_layer[key] or {}, f"per_layer.{key}").model_dump(exclude_none=True)
+    # a rule broken by an overridden value (k > this layer's d_sae) names the per_layer entry that set it
+    return parse_section(SAEConfig, {**base.model_dump(), **override}, "sae", {name: f"per_layer.{key}" for name in override})
 
 
 def _check_layer_entries(params: dict[str, Any]) -> None:
@@ -593,6 +615,7 @@ def validate(params: dict[str, Any]) -> None:
         else:
             section(params, name)
     check_dashboards_rows(params)
+    check_dashboards_features(params)
     check_split_sources(tokenize_config(params), corpus_config(params).sources)
 
 
@@ -603,6 +626,18 @@ def check_dashboards_rows(params: dict[str, Any]) -> None:
         needed = f">= evaluate.max_rows ({alive_rows})" if alive_rows else "0 (all), as evaluate.max_rows is 0 (all)"
         raise UserError(f"{PARAMS_FILE}: bad value for 'dashboards.max_rows': must be 0 (all) or {needed}, so the "
                         f"dashboards see the rows that decide which features are alive (got {rows})")
+
+
+def check_dashboards_features(params: dict[str, Any]) -> None:
+    """Every listed card's feature exists in every layer's SAE (the dashboards stage reads the list for each layer)."""
+    listed = dashboards_config(params).features
+    if not listed:
+        return
+    widths = {layer: sae_config(params, layer).d_sae for layer in layers(params)}
+    layer, narrowest = min(widths.items(), key=lambda item: item[1])
+    if (largest := max(listed)) >= narrowest:
+        raise UserError(f"{PARAMS_FILE}: bad value for 'dashboards.features': feature {largest} is not in layer {layer}'s "
+                        f"SAE (allowed: feature ids 0 to {narrowest - 1}, its d_sae - 1)")
 
 
 def check_split_sources(cfg: TokenizeConfig, sources: list[str]) -> None:

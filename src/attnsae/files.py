@@ -70,10 +70,16 @@ def read_json_object(path: str | Path, expected: str, written_by: str | None = N
     ``expected`` completes "expected a JSON object ..." in that error (e.g. "of metrics"); ``written_by``
     names the command that writes the file, for the error when it is missing.
     """
+    text = read_text_file(path, written_by)
     try:
-        data = json.loads(read_text_file(path, written_by))
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: corrupt JSON ({err.msg}: line {err.lineno} column {err.colno})") from None
+    except ValueError as err:  # json's only other one: Python's cap (4300 by default) on the digits of an int
+        digits = re.search(r"value has (\d+) digits", str(err))
+        raise UserError(f"{path}: corrupt JSON ({f'a {digits[1]}-digit number' if digits else err})") from None
+    except RecursionError:  # json's parser recurses once per nested [ or {
+        raise UserError(f"{path}: corrupt JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object {expected}, got {type(data).__name__}")
     return data
@@ -174,20 +180,29 @@ def remove_stale_temps(path: Path) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write UTF-8 ``text`` via a temporary sibling: readers see the old file or the complete new one."""
-    path = Path(path)
-    with refuse_full_disk(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs get the usual mode
+    write_texts_atomic({Path(path): text})
+
+
+def write_texts_atomic(texts: dict[Path, str]) -> None:
+    """Write several UTF-8 files as one output: each via a temporary sibling, and none replaced before all are
+    written, so a full disk or a file-size limit leaves every old file as it was."""
+    temps: dict[Path, str] = {}
+    try:
+        for path, text in texts.items():
+            with refuse_full_disk(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_temps(path)
+                fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+                os.chmod(temps[path], 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs get the usual mode
+        for path, tmp in temps.items():  # renames take no space: once all are written, all are replaced
             os.replace(tmp, path)
-        except BaseException:
+    except BaseException:
+        for tmp in temps.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            raise
+        raise
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

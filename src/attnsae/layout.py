@@ -7,12 +7,12 @@ Paths are relative to the repository root, where DVC runs every stage. Each arti
 
 | artifact | path | written by (stage: function) | read with | read by stages |
 |---|---|---|---|---|
-| params check | `reports/params-check.txt` | `params`: `cli.check_params` (`config.validate`) | - | every other stage (a dep) |
-| base model | `models/base/` (transformers folder + `attnsae_model.json`) | `model`: `data.models.prepare_model` | `data.models.load_bridge`, `data.models.read_model_info` | all but corpus |
+| params check | `reports/params-check.txt` | `params`: `cli.check_params` (`preflight.check`) | - | every other stage (a dep) |
+| base model | `models/base/` (transformers folder + `attnsae_model.json`) | `model`: `data.models.prepare_model` | `data.models.load_bridge`, `formats.model_info.read_model_info` | all but corpus |
 | corpus | `data/corpus/` (`documents.jsonl` + `manifest.json`; streamed: the manifest only) | `corpus`: `data.corpus.build_corpus` | `data.corpus.open_documents`, `data.corpus.open_sourced_documents`, `data.corpus.read_manifest` | tokenize, train (stream) |
-| token rows | `data/tokens/` (`train.npy`, `eval.npy`, `heldout.npy` when sources are held out, `meta.json`) | `tokenize`: `data.tokenization.tokenize_stage` | `data.tokenization.load_rows`, `data.tokenization.read_tokens_meta` | activations, train (stream), evaluate, report |
+| token rows | `data/tokens/` (`train.npy`, `eval.npy`, `heldout.npy` when sources are held out, `meta.json`) | `tokenize`: `data.tokenization.tokenize_stage` | `data.tokenization.load_rows`, `formats.tokens_meta.read_tokens_meta` | activations, train (stream), evaluate, report |
 | activation cache | `data/activations/L<n>/` (bf16 shards + `meta.json`) | `activations`: `data.activations.cache_activations` | `data.activations.DiskActivations` | train@L |
-| SAE | `models/sae/L<n>/` (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`) | `train@L` / `train`: `sae.training.run_train_stage` | `sae.autoencoder.load_sae`, `sae.autoencoder.read_sae_cfg` | evaluate, report, publish |
+| SAE | `models/sae/L<n>/` (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`) | `train@L` / `train`: `sae.training.run_train_stage` | `sae.autoencoder.load_sae`, `formats.sae_cfg.read_sae_cfg` | evaluate, report, publish |
 | training curves | `reports/curves/L<n>.csv` | `train@L` / `train` | `dvc plots` | - |
 | metrics | `reports/metrics/L<n>.json` | `evaluate`: `evaluation.evaluate.evaluate_layers` | `formats.metrics.read_metrics` | report, publish, verify |
 | held-out metrics | `reports/metrics_heldout/L<n>.json` (says so when no source is held out) | `evaluate` | `formats.metrics.read_heldout_metrics` | report |
@@ -109,6 +109,36 @@ def dashboard_page(layer: int, root: Path = DASHBOARDS_DIR) -> Path:
 
 def labels_file(layer: int, root: Path = LABELS_DIR) -> Path:
     return Path(root) / f"{layer_name(layer)}.csv"
+
+
+# Every path a stage of either pipeline writes (dvc.yaml's outs) or a command keeps (labels, the frontier table).
+STAGE_OUTPUTS = (PARAMS_CHECK_FILE, MODEL_DIR, CORPUS_DIR, TOKENS_DIR, ACTIVATIONS_DIR, SAE_ROOT, PUBLISHED_ROOT,
+                 IMPORTED_ROOT, CURVES_DIR, METRICS_DIR, HELDOUT_METRICS_DIR, DENSITY_DIR, IMPORTED_REPORTS_DIR,
+                 DASHBOARDS_DIR, REPORT_MD, REPORT_HTML, LAYERS_CSV, FRONTIER_FILE, LABELS_DIR)
+
+
+def stage_output_holding(path: str | Path) -> Path | None:
+    """The stage output that ``path`` is, or lies inside (None: a path of the user's)."""
+    path = Path(path).resolve()
+    return next((out for out in STAGE_OUTPUTS if path == out.resolve() or out.resolve() in path.parents), None)
+
+
+def results_of(sae: str | Path) -> frozenset[Path]:
+    """The files and folders the pipeline's evaluate and dashboards stages write for one of its SAE folders (ours at
+    ``models/sae/L<n>``, the paper's at ``models/imported/L<n>``), resolved; none for an SAE from elsewhere."""
+    sae = Path(sae).resolve()
+    layer = sae.name[1:]
+    if sae.name != f"L{layer}" or not layer.isdigit():
+        return frozenset()
+    n = int(layer)
+    if sae.parent == SAE_ROOT.resolve():
+        paths = [metrics_file(n), density_file(n), heldout_metrics_file(n), dashboards_dir(n)]
+    elif sae.parent == IMPORTED_ROOT.resolve():
+        paths = [metrics_file(n, IMPORTED_REPORTS_DIR / "metrics"), density_file(n, IMPORTED_REPORTS_DIR / "density"),
+                 dashboards_dir(n, IMPORTED_REPORTS_DIR / "dashboards")]
+    else:
+        return frozenset()
+    return frozenset(p.resolve() for p in paths)
 
 
 def checkpoint_file(layers: list[int]) -> Path:

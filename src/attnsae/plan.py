@@ -23,13 +23,12 @@ from typing import Any
 
 import torch
 
-from attnsae import config
+from attnsae import config, preflight
 from attnsae.config import SAEConfig
-from attnsae.errors import UserError
 from attnsae.formats.model_info import MODEL_SHAPES
+from attnsae.preflight import ADAM_BYTES_PER_PARAM, DASHBOARD_L0, FIRING_BYTES, human_bytes
 
 SAE_STEP_FLOP_PER_TOKEN_PER_PARAM = 12  # x d_in * d_sae
-ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient, two moments
 
 
 @dataclass(frozen=True)
@@ -119,14 +118,6 @@ def processes_time(layer_plans: list[LayerPlan], step_rate: float, widest: int, 
                for rank in ranks)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def human_duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -138,14 +129,11 @@ def human_duration(seconds: float) -> str:
 def describe_plan(params: dict[str, Any], device: torch.device, processes: int | None = None) -> list[str]:
     """The lines `attnsae plan` prints for a params file; measures this device's matmul throughput and the
     training step. ``processes``: also the time with that many (default: distributed.nproc_per_node)."""
-    config.validate(params)
+    preflight.check_params(params)
     source = config.model_config(params).source
     shape = MODEL_SHAPES[source]
     d_in = shape.d_in
     layer_plans = [plan_layer(n, config.sae_config(params, n), d_in) for n in config.layers(params)]
-    for lp in layer_plans:
-        if lp.layer >= shape.n_layers:
-            raise UserError(f"layer {lp.layer} is outside {source} (allowed: 0 to {shape.n_layers - 1})")
     widest = max(lp.d_sae for lp in layer_plans)
     batch = config.sae_config(params, layer_plans[0].layer).batch_size
     if device.type == "cpu":  # a CPU reaches its matmul rate at small batches, and seconds per repeat at big ones
@@ -176,6 +164,9 @@ def describe_plan(params: dict[str, Any], device: torch.device, processes: int |
         f"all layers ({separate / 1e15:.2f} PFLOP with a pass per layer)"
     )
     lines.append(f"memory for all SAEs with Adam state and all buffers at once: {human_bytes(memory)}")
+    largest = max(preflight.stage_needs(params, shape), key=lambda stage: stage.bytes)
+    lines.append(f"largest stage in memory (a lower bound, what check-params sets against the machine): {largest.stage} "
+                 f"{human_bytes(largest.bytes)}")
     # a checkpoint holds weights and both Adam moments (not gradients: 12 of the 16 bytes per parameter) and the buffers
     checkpoint = sum(lp.sae_bytes * 3 // 4 + lp.buffer_bytes for lp in layer_plans)
     lines.append(f"size of one training checkpoint (SAEs, Adam state, shuffled buffers): {human_bytes(checkpoint)}")
@@ -236,8 +227,6 @@ def evaluate_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, 
             f"{human_duration(flop / fp32_rate)} at the fp32 matmul roofline"]
 
 
-DASHBOARD_L0 = 20  # the post's L0, for the memory estimate before any SAE exists
-FIRING_BYTES = 16  # row, position, feature (int32 each) and value (float32)
 
 
 def dashboards_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, fp32_rate: float) -> list[str]:

@@ -214,6 +214,7 @@ def _build_random_gpt2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]
 @contextlib.contextmanager
 def _damaged_model_as_user_error(model_dir: str | Path) -> Iterator[None]:
     """transformers' errors for a damaged model folder as one line naming the folder (the weights file if known)."""
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
     again = "run `attnsae model` again"
@@ -221,9 +222,12 @@ def _damaged_model_as_user_error(model_dir: str | Path) -> Iterator[None]:
         yield
     except SafetensorError as err:
         raise UserError(f"{Path(model_dir) / WEIGHTS_FILE}: corrupt safetensors file ({err}); {again}") from None
-    except (OSError, ValueError) as err:  # a truncated config.json or tokenizer file, a missing file
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{model_dir}: cannot load the pinned model ({reason}); {again}") from None
+    except (OSError, ValueError, TypeError, StrictDataclassError) as err:
+        # a value of the wrong type comes from config.json ("num_hidden_layers": "thirty"); the rest may come from any
+        # file (a truncated config.json or tokenizer file, a missing file)
+        where = Path(model_dir) / "config.json" if isinstance(err, (TypeError, StrictDataclassError)) else model_dir
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        raise UserError(f"{where}: cannot load the pinned model ({reason[:300]}); {again}") from None
 
 
 @contextlib.contextmanager

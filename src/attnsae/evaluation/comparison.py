@@ -90,7 +90,7 @@ def folder_reference(folder: str | Path, layers: list[int], our_model: str) -> R
     if not folder.is_dir():
         raise UserError(f"report.compare: {str(folder)!r} is not a folder (allowed: {ALLOWED})")
     paths = {layer: layout.metrics_file(layer, folder) for layer in layers}
-    found = {layer: read_metrics(path) for layer, path in paths.items() if path.is_file()}
+    found = {layer: read_metrics(path, layer) for layer, path in paths.items() if path.is_file()}
     if not found:
         wanted = ", ".join(path.name for path in paths.values())
         raise UserError(f"report.compare: {folder} holds none of {wanted} (allowed: {ALLOWED})")

@@ -3,7 +3,7 @@ Scale to GPT-2 Small" (Feb 2024), docs/design.md 2.
 
 One row per layer holds everything the post and its weights repository say about that layer: the
 recipe values its checkpoint's file name spells, the pinned sha256 of that checkpoint, and the numbers
-of the post's table. ``comparison`` sets our numbers against the table, ``published_saes`` imports the
+of the post's table. ``comparison`` sets our numbers against the table, ``paper_saes`` imports the
 checkpoints, and ``profiles/gpt2-small.yaml`` spells the same recipe (tests/test_import.py keeps it in step).
 """
 

@@ -287,7 +287,7 @@ def check_metrics(cfg: config.EvaluateConfig, layers: list[int]) -> list[Check]:
             check.problems.append(f"{path}: missing (git holds the metrics: check out the commit that recorded them)")
             continue
         try:
-            recorded[n] = read_metrics(path)  # checked before the (long) re-evaluation
+            recorded[n] = read_metrics(path, n)  # checked before the (long) re-evaluation
         except UserError as err:
             check.problems.append(str(err))
     try:

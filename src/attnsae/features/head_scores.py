@@ -49,7 +49,7 @@ def _share(counts: tuple[int, int]) -> str:
 
 def score_heads(model_dir: str | Path, sae_dir: str | Path, features_path: str | Path, layer: int, prompts: int,
                 seed: int, min_score: float, min_share: float) -> HeadScores:
-    doc = read_features(features_path)
+    doc = read_features(features_path, layer, sae_dir)
     info = read_model_info(model_dir)
     bridge, _ = load_bridge(model_dir, torch.device("cpu"))
     scores = families.head_induction_scores(bridge, layer, load_tokenizer(model_dir), info.bos_token_id, prompts, seed)

@@ -4,9 +4,9 @@
 The labels file (what a layer page's "export" button downloads, ``labels-L<n>.json``)::
 
     {"format": "attnsae-labels", "version": 1,
-     "layer": 3,                                   # the layer page that was rated
+     "layer": 3,                                   # the layer page that was rated (0 to MAX_LAYER)
      "content_hash": "sha256:<hex>",               # that page's features.json content_hash
-     "rater": "ada",                               # non-empty
+     "rater": "ada",                               # non-empty (rater, note: <= MAX_TEXT characters, no CR)
      "ratings": [{"feature": 12,                   # a feature with a card on that page, at most once
                   "answer": "yes",                 # "yes" | "no" | "unsure"
                   "family": "induction",           # "" (none), a tag name of the page, or "other"
@@ -17,16 +17,20 @@ The labels file (what a layer page's "export" button downloads, ``labels-L<n>.js
 rating always belongs to the page the pipeline has now, and merges it into ``labels/L<n>.csv`` (tracked by git):
 columns ``feature,answer,family,note,rater,date,content_hash``, one row per rating, sorted by feature then
 rater. Importing a rater's file again for the same content hash replaces that rater's rows for the features
-in it; other raters' rows, and rows rated on other versions of the page, are kept.
+in it; other raters' rows, and rows rated on other versions of the page, are kept. Imports run at once take
+turns (a lock on the labels folder), so none loses another's rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
+import fcntl
 import io
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,10 @@ RATING_KEYS = ("feature", "answer", "family", "note", "date")
 FILE_KEYS = ("format", "version", "layer", "content_hash", "rater", "ratings")
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 HASH = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_LAYER = 9999  # no model has more layers; the bound keeps a 400-digit "layer" out of file names
+MAX_ID_DIGITS = 18  # of a feature id in labels/L<n>.csv: int() refuses 4300 digits, and no SAE has 10**18 features
+MAX_TEXT = 10_000  # characters of a note or a rater's name: csv reads at most 131072 per field, so a longer one
+# would import fine and then make labels/L<n>.csv unreadable for everyone
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,20 @@ def _listing(values: Iterable[Any], limit: int = 12) -> str:
     values = list(values)
     shown = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values[:limit])
     return shown if len(values) <= limit else f"{shown}, ... ({len(values)} in all)"
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr(value) in one short line: a rater's file may hold a 400-digit number, a megabyte of text or a
+    deeply nested list, and the error must still be one readable line (80 shows a whole sha256:<hex> hash)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a deeply nested {type(value).__name__}"
+    if len(text) <= limit:
+        return text
+    if _is_int(value):
+        return f"{text[:12]}... ({len(text.lstrip('-'))} digits)"
+    return f"{text[:limit - 3]}..."
 
 
 def _is_date(text: Any) -> bool:
@@ -103,7 +125,7 @@ def read_rated_page(labels_path: Path, layer: int, dashboards_root: Path) -> Rat
         raise UserError(f"{labels_path}: layer {layer} has no dashboards ({features_path} is missing; "
                         f"run `attnsae dashboards --layer {layer}` first)")
 
-    doc = read_features(features_path)
+    doc = read_features(features_path, layer)
     try:
         carded = frozenset(card["feature"] for card in doc["cards"])
         families = ("", *doc["tag_definitions"], OTHER_FAMILY)
@@ -122,20 +144,31 @@ def _check_keys(where: str, data: dict, expected: tuple[str, ...]) -> None:
     if missing:
         raise UserError(f"{where}: missing key {missing[0]!r} (expected {_listing(expected)})")
     if extra:
-        raise UserError(f"{where}: unknown key {extra[0]!r} (expected {_listing(expected)})")
+        raise UserError(f"{where}: unknown key {_shown(extra[0])} (expected {_listing(expected)})")
 
 
 def _check_header(path: Path, data: dict) -> None:
     _check_keys(str(path), data, FILE_KEYS)
     if data["format"] != FORMAT or data["version"] != VERSION:
-        raise UserError(f"{path}: format {data['format']!r} version {data['version']!r} is not a labels file "
-                        f"(expected format {FORMAT!r} version {VERSION})")
-    if not _is_int(data["layer"]) or data["layer"] < 0:
-        raise UserError(f"{path}: layer {data['layer']!r} is not a layer number (an integer >= 0)")
+        raise UserError(f"{path}: format {_shown(data['format'])} version {_shown(data['version'])} is not a labels "
+                        f"file (expected format {FORMAT!r} version {VERSION})")
+    if not _is_int(data["layer"]) or not 0 <= data["layer"] <= MAX_LAYER:
+        raise UserError(f"{path}: layer {_shown(data['layer'])} is not a layer number "
+                        f"(an integer from 0 to {MAX_LAYER})")
     if not isinstance(data["rater"], str) or not data["rater"].strip():
-        raise UserError(f"{path}: rater {data['rater']!r} is empty (the rater's name is required)")
+        raise UserError(f"{path}: rater {_shown(data['rater'])} is empty (the rater's name is required)")
+    _check_text(f"{path}: rater", data["rater"])
     if not isinstance(data["ratings"], list) or not data["ratings"]:
-        raise UserError(f"{path}: ratings {data['ratings']!r} holds no ratings (expected a non-empty list)")
+        raise UserError(f"{path}: ratings {_shown(data['ratings'])} holds no ratings (expected a non-empty list)")
+
+
+def _check_text(where: str, text: str) -> None:
+    """Text that goes into a CSV field: short enough for csv to read back, and no carriage return, which
+    csv's writer leaves unquoted (our rows end in a line feed) and its reader then takes for the end of a row."""
+    if len(text) > MAX_TEXT:
+        raise UserError(f"{where} {_shown(text, 40)} is {len(text)} characters long (at most {MAX_TEXT})")
+    if "\r" in text:
+        raise UserError(f"{where} {_shown(text, 40)} holds a carriage return (\\r): line breaks must be \\n")
 
 
 def _check_rating(path: Path, index: int, rating: Any, page: RatedPage) -> None:
@@ -145,18 +178,19 @@ def _check_rating(path: Path, index: int, rating: Any, page: RatedPage) -> None:
     _check_keys(where, rating, RATING_KEYS)
     feature, answer, family = rating["feature"], rating["answer"], rating["family"]
     if not _is_int(feature):
-        raise UserError(f"{where}: feature {feature!r} is not a feature id (an integer)")
+        raise UserError(f"{where}: feature {_shown(feature)} is not a feature id (an integer)")
     if feature not in page.carded:
-        raise UserError(f"{where}: feature {feature!r} has no card on the layer page "
+        raise UserError(f"{where}: feature {_shown(feature)} has no card on the layer page "
                         f"(carded features: {_listing(sorted(page.carded))})")
     if answer not in ANSWERS:
-        raise UserError(f"{where}: answer {answer!r} is not one of {_listing(ANSWERS)}")
+        raise UserError(f"{where}: answer {_shown(answer)} is not one of {_listing(ANSWERS)}")
     if family not in page.families:
-        raise UserError(f"{where}: family {family!r} is not one of {_listing(page.families)}")
+        raise UserError(f"{where}: family {_shown(family)} is not one of {_listing(page.families)}")
     if not isinstance(rating["note"], str):
-        raise UserError(f"{where}: note {rating['note']!r} is not text")
+        raise UserError(f"{where}: note {_shown(rating['note'])} is not text")
+    _check_text(f"{where}: note", rating["note"])
     if not _is_date(rating["date"]):
-        raise UserError(f"{where}: date {rating['date']!r} is not a date (expected YYYY-MM-DD)")
+        raise UserError(f"{where}: date {_shown(rating['date'])} is not a date (expected YYYY-MM-DD)")
 
 
 def checked_ratings(path: Path, dashboards_root: Path) -> tuple[int, list[Rating]]:
@@ -165,7 +199,7 @@ def checked_ratings(path: Path, dashboards_root: Path) -> tuple[int, list[Rating
     _check_header(path, data)
     page = read_rated_page(path, data["layer"], dashboards_root)
     if data["content_hash"] != page.content_hash:
-        raise UserError(f"{path}: content_hash {data['content_hash']!r} is not the current page's "
+        raise UserError(f"{path}: content_hash {_shown(data['content_hash'])} is not the current page's "
                         f"{page.content_hash!r} ({page.path}): rate the current page and export again")
     seen: set[int] = set()
     for index, rating in enumerate(data["ratings"]):
@@ -194,8 +228,9 @@ def _parse_row(path: Path, line: int, row: list[str]) -> Rating:
     if len(row) != len(CSV_COLUMNS):
         raise UserError(f"{path}: line {line} has {len(row)} fields, expected {len(CSV_COLUMNS)} ({','.join(CSV_COLUMNS)})")
     feature, answer, family, note, rater, date, page_hash = row
-    if not (feature.isascii() and feature.isdigit()):
-        raise UserError(f"{path}: line {line}: feature {feature!r} is not a feature id")
+    if not (feature.isascii() and feature.isdigit()) or len(feature) > MAX_ID_DIGITS:
+        raise UserError(f"{path}: line {line}: feature {_shown(feature)} is not a feature id "
+                        f"(a number of at most {MAX_ID_DIGITS} digits)")
     if answer not in ANSWERS:
         raise UserError(f"{path}: line {line}: answer {answer!r} is not one of {_listing(ANSWERS)}")
     if not rater.strip():
@@ -245,11 +280,29 @@ def import_labels(
     layer, imported = checked_ratings(path, Path(dashboards_root))
     rater, page_hash = imported[0].rater, imported[0].content_hash
     replaced = {r.feature for r in imported}
-    kept = [r for r in read_labels(layer, labels_root) or []
-            if not (r.rater == rater and r.content_hash == page_hash and r.feature in replaced)]
     out = layout.labels_file(layer, Path(labels_root))
-    write_text_atomic(out, labels_csv(kept + imported))
+    with _locked(out.parent):
+        kept = [r for r in read_labels(layer, labels_root) or []
+                if not (r.rater == rater and r.content_hash == page_hash and r.feature in replaced)]
+        write_text_atomic(out, labels_csv(kept + imported))
     return out, len(imported)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the labels folder: raters' imports run at once would otherwise each read the
+    CSV, merge and replace it, and the last one would drop the rows the others added. The folder itself is
+    locked (flock, POSIX) rather than a lock file in it, because the folder is a DVC dependency of the report."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as err:
+        raise UserError(f"{folder}: cannot open the labels folder ({err.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # closing fd releases it, and so does the kernel when a kill -9 closes it
+        yield
+    finally:
+        os.close(fd)
 
 
 def interpretable(ratings: Iterable[Rating], features: Iterable[int], content_hash: str | None = None) -> tuple[int, int]:

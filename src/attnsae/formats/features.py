@@ -49,12 +49,19 @@ def tag_counts(doc: dict) -> tuple[dict[str, int], int]:
     return {tag: sum(tag in t for t in tags) for tag in doc["tag_definitions"]}, sum(not t for t in tags)
 
 
-def read_features(path: str | Path) -> dict:
-    """A layer's features.json as the stage wrote it, or one line naming the file and what is wrong."""
+def read_features(path: str | Path, layer: int, sae: str | Path | None = None) -> dict:
+    """Layer ``layer``'s features.json (of the SAE folder ``sae``, when given) as the stage wrote it, or one line naming
+    the file and what is wrong. Intact is not enough: another layer's file copied here is intact too."""
     doc = read_json_object(path, "of dashboard features", written_by="dashboards")
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise UserError(f"{path}: not an {FORMAT} file of version {VERSION} "
                         f"(got format {doc.get('format')!r}, version {doc.get('version')!r}); re-run `attnsae dashboards`")
     if doc.get("content_hash") != content_hash(doc):
         raise UserError(f"{path}: its content does not match its content_hash (edited by hand?); re-run `attnsae dashboards`")
+    again = f"re-run `attnsae dashboards --layer {layer}`"
+    if doc.get("layer") != layer:
+        raise UserError(f"{path}: holds the dashboards of layer {doc.get('layer')!r}, not of layer {layer} (copied from "
+                        f"another layer?); {again}")
+    if sae is not None and not (isinstance(doc.get("sae"), str) and Path(doc["sae"]).resolve() == Path(sae).resolve()):
+        raise UserError(f"{path}: holds the dashboards of the SAE {doc.get('sae')!r}, not of {sae}; {again}")
     return doc

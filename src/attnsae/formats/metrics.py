@@ -76,14 +76,22 @@ def _check_value(metrics: dict, key: str, types: tuple[type, ...], path: str | P
         raise UserError(f"{path}: metrics key '{key}' must be a finite {allowed}, got {value!r}")
 
 
-def read_metrics(path: str | Path) -> dict:
-    return check_metrics(read_json_object(path, "of metrics"), path)
+def read_metrics(path: str | Path, layer: int | None = None) -> dict:
+    """A metrics file, of layer ``layer`` when given (another layer's file copied here is intact too)."""
+    return check_metrics(_of_layer(read_json_object(path, "of metrics"), layer, path), path)
 
 
-def read_heldout_metrics(path: str | Path) -> dict | None:
-    """A held-out metrics file: its metrics (with 'sources', the held-out sources), or None when the tokens had no
-    held-out split."""
-    metrics = read_json_object(path, "of held-out metrics", written_by="evaluate")
+def _of_layer(metrics: dict, layer: int | None, path: str | Path) -> dict:
+    if layer is not None and metrics.get("layer") != layer:
+        raise UserError(f"{path}: holds the metrics of layer {metrics.get('layer')!r}, not of layer {layer} (copied "
+                        f"from another layer?); re-run `attnsae evaluate`")
+    return metrics
+
+
+def read_heldout_metrics(path: str | Path, layer: int | None = None) -> dict | None:
+    """A held-out metrics file (of layer ``layer`` when given): its metrics (with 'sources', the held-out sources), or
+    None when the tokens had no held-out split."""
+    metrics = _of_layer(read_json_object(path, "of held-out metrics", written_by="evaluate"), layer, path)
     sources = metrics.get("sources")
     if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
         raise UserError(f"{path}: held-out metrics key 'sources' must be a list of corpus sources, got {sources!r}")

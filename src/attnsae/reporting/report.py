@@ -35,7 +35,7 @@ from pathlib import Path
 from attnsae import layout
 from attnsae.evaluation.comparison import Reference, difference, resolve_reference
 from attnsae.features.labels import interpretable, read_labels
-from attnsae.files import write_text_atomic
+from attnsae.files import write_texts_atomic
 from attnsae.formats.features import read_features, tag_counts
 from attnsae.formats.metrics import format_value, numeric_metrics, read_density, read_heldout_metrics, read_metrics
 from attnsae.formats.model_info import read_model_info
@@ -112,12 +112,14 @@ class Column:
         return " ".join(part for part in (self.group, self.sub) if part)
 
 
-def read_dashboard(layer: int, dashboards_root: Path, labels_root: Path, out_dir: Path) -> LayerDashboard | None:
-    """The layer's tag counts and ratings, or None when it has no dashboards."""
+def read_dashboard(layer: int, sae: str | None, dashboards_root: Path, labels_root: Path,
+                   out_dir: Path) -> LayerDashboard | None:
+    """The layer's tag counts and ratings (of the SAE folder ``sae``, the one its metrics measure), or None when it has
+    no dashboards."""
     path = layout.features_file(layer, dashboards_root)
     if not path.is_file():
         return None
-    doc = read_features(path)
+    doc = read_features(path, layer, sae)
     first_alive = [card["feature"] for card in doc["cards"] if card["reason"] == "first_n"]
     yes, rated = interpretable(read_labels(layer, labels_root) or [], first_alive, doc["content_hash"])
     counts, untagged = tag_counts(doc)
@@ -135,9 +137,10 @@ def read_layer(metrics_dir: Path, density_dir: Path, layer: int, dashboards_root
     density_path = layout.density_file(layer, density_dir)
     density = read_density(density_path) if density_path.exists() else []
     heldout_path = layout.heldout_metrics_file(layer, heldout_dir)
-    heldout = read_heldout_metrics(heldout_path) if heldout_path.exists() else None  # older runs have none
-    return LayerResult(read_metrics(layout.metrics_file(layer, metrics_dir)), density,
-                       read_dashboard(layer, dashboards_root, labels_root, out_dir), heldout)
+    heldout = read_heldout_metrics(heldout_path, layer) if heldout_path.exists() else None  # older runs have none
+    metrics = read_metrics(layout.metrics_file(layer, metrics_dir), layer)
+    sae = metrics.get("sae")  # files written before evaluate recorded it name none
+    return LayerResult(metrics, density, read_dashboard(layer, sae, dashboards_root, labels_root, out_dir), heldout)
 
 
 def fmt(value, pattern: str | Callable[[float], str]) -> str:
@@ -620,6 +623,6 @@ def build_report(
     per_layer = [r.metrics | {f"heldout/{k}": v for k, v in numeric_metrics(r.heldout or {}).items()} for r in results]
     out_dir = Path(out_dir)
     files = [out_dir / layout.REPORT_MD.name, out_dir / layout.REPORT_HTML.name, out_dir / layout.LAYERS_CSV.name]
-    for path, text in zip(files, (markdown, page, layer_table_csv(per_layer))):
-        write_text_atomic(path, text)
+    # one output: replaced together or not at all (a full disk on the page must not leave a new report.md beside it)
+    write_texts_atomic(dict(zip(files, (markdown, page, layer_table_csv(per_layer)))))
     return Report(markdown, per_layer, files)

@@ -26,6 +26,7 @@ import os
 import re
 import sqlite3
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -51,6 +52,9 @@ PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/search"
 # setting of these variables wins.
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 SQLITE_HEADER = b"SQLite format 3\x00"
+# MLflow retries creating its database engine 10 times over ~100 s (for a database server still starting); a
+# SQLite file that cannot be opened stays so: one attempt, not a silent 100 s wait (its warnings are muted).
+SQLITE_ENGINE_ATTEMPTS = 1
 
 
 # ---------------------------------------------------------------- where the store is
@@ -159,6 +163,9 @@ def _sqlite_problem(db: Path) -> str | None:
     """Why a SQLite store cannot be written, checked before MLflow touches it; None if it can."""
     if db.is_dir():
         return "a folder, not a file"
+    folder = db.absolute().parent
+    if not folder.is_dir():  # never made for the user: a mistyped path would log to a store nobody looks at
+        return f"{folder} is a file, not a folder" if folder.exists() else f"folder {folder} does not exist"
     if db.exists():
         if not os.access(db, os.W_OK):
             return "the file is read-only"
@@ -169,9 +176,19 @@ def _sqlite_problem(db: Path) -> str | None:
             return innermost_cause(err)
         if header and header != SQLITE_HEADER:  # an empty file is an empty SQLite database
             return "not a SQLite database"
-    folder = next(p for p in db.absolute().parents if p.exists())  # SQLite writes its journal next to the file
-    if not os.access(folder, os.W_OK | os.X_OK):
+    if not os.access(folder, os.W_OK | os.X_OK):  # SQLite writes its journal next to the file
         return f"folder {folder} is not writable"
+    return _creation_problem(folder)
+
+
+def _creation_problem(folder: Path) -> str | None:
+    """Why no file can be created in ``folder``, by creating (and removing) one. os.access says yes to root in
+    any folder, /proc included, where SQLite then cannot open the file and MLflow retries for 100 s."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".attnsae-probe-"):
+            pass
+    except OSError as err:
+        return f"no file can be created in folder {folder}: {innermost_cause(err)}"
     return None
 
 
@@ -182,9 +199,18 @@ def _store_error(uri: str, state: str, reason: str) -> UserError:
         fix = "start it, unset MLFLOW_TRACKING_URI to use the local SQLite store"
     elif db is None and _is_database(uri):
         fix = "install the driver SQLAlchemy needs for it, unset MLFLOW_TRACKING_URI to use the local SQLite store"
+    elif db is not None and not db.absolute().parent.exists():
+        fix = "create that folder or point MLFLOW_TRACKING_URI at a file in an existing folder"
     else:
         fix = "free disk space, fix its permissions or move it away, or point MLFLOW_TRACKING_URI elsewhere"
-    return UserError(f"{name} {state} ({reason}); {fix}, or set {MODE_VARIABLE}=optional to run without logging")
+    return UserError(f"{name} {state} ({reason}); {fix}, or {_mode_advice()}")
+
+
+def _mode_advice() -> str:
+    """What ATTNSAE_TRACKING can still change; never 'set it to optional' to a user who already did."""
+    if os.environ.get(MODE_VARIABLE, "").strip().lower() == "optional":
+        return f"set {MODE_VARIABLE}=off never to log"
+    return f"set {MODE_VARIABLE}=optional to run without logging"
 
 
 @contextlib.contextmanager
@@ -199,11 +225,16 @@ def _store_errors(uri: str) -> Iterator[None]:
         raise _store_error(uri, "failed", innermost_cause(err)) from err
 
 
-def _prepare_mlflow() -> None:
-    """Bound MLflow's HTTP retries (see HTTP_LIMITS), and keep its database module from logging a traceback
-    for each database error it then raises: _store_errors reports those in one line."""
+def _prepare_mlflow(uri: str) -> None:
+    """Bound MLflow's HTTP retries (see HTTP_LIMITS) and, for a SQLite store, its engine retries (see
+    SQLITE_ENGINE_ATTEMPTS), and keep its database module from logging a traceback for each database error it
+    then raises: _store_errors reports those in one line."""
     for name, value in HTTP_LIMITS.items():
         os.environ.setdefault(name, value)
+    if _sqlite_file(uri):
+        from mlflow.store.db import utils as db_utils
+
+        db_utils.MAX_RETRY_COUNT = SQLITE_ENGINE_ATTEMPTS
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
@@ -267,9 +298,7 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
         return
     import fcntl
-    import tempfile
 
-    db.parent.mkdir(parents=True, exist_ok=True)
     # The lock file lives in the temp folder (writers of a local SQLite file share the machine), so the
     # repository gains no untracked file.
     name = hashlib.sha256(str(db.resolve()).encode()).hexdigest()[:16]
@@ -300,7 +329,7 @@ def _removing_empty_store(uri: str) -> Iterator[None]:
 def _first_use(uri: str) -> Iterator[None]:
     """Opening a store: checked first, then under the store lock, with failures as one line."""
     _probe(uri)
-    _prepare_mlflow()
+    _prepare_mlflow(uri)
     with _store_errors(uri), _store_lock(uri), _removing_empty_store(uri):
         yield
 

@@ -180,6 +180,11 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
     unexpected = sorted(set(state) - set(shapes) - set(SCALING_TENSORS))
     if unexpected:
         raise UserError(f"{path}: unexpected tensor '{unexpected[0]}' (a {kind} SAE has {', '.join(shapes)})")
+    for name in sorted(set(state) & (set(shapes) | set(SCALING_TENSORS))):
+        # a NaN weight makes every metric NaN without an error: refuse it where it is read
+        if bad := int((~torch.isfinite(state[name].float())).sum()):
+            raise UserError(f"{path}: tensor '{name}' holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or "
+                            f"inf); an SAE's weights must be finite numbers")
     weights = {k: state[k].float() for k in shapes}
     scale = _feature_scale(state, cfg["d_sae"], path)
     if scale is not None:

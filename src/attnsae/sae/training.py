@@ -1,8 +1,8 @@
 """The `train` stages: SAEs on hook_z, following the recipe of docs/design.md 3 exactly.
 
 Reads ``data/activations/L<n>`` (or, streaming, ``models/base``, ``data/corpus`` and ``data/tokens``); writes
-``models/sae/L<n>`` (read back with ``sae.load_sae`` by evaluate, report and publish), ``reports/curves/L<n>.csv``
-and, while running, ``checkpoints/`` (``load_checkpoint``). Every path: layout.py.
+``models/sae/L<n>`` (read back with ``sae.autoencoder.load_sae`` by evaluate, report and publish),
+``reports/curves/L<n>.csv`` and, while running, ``checkpoints/`` (``load_checkpoint``). Every path: layout.py.
 
 `train@L` trains one layer from the activation cache; the streaming `train` stage trains several
 layers in lockstep from one model pass. Both go through ``train_saes`` and one ``LayerTrainer`` per SAE.
