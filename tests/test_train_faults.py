@@ -82,6 +82,12 @@ def config(**changes) -> SAEConfig:
     return SAEConfig(**{**base, **changes})
 
 
+def diverging(**changes) -> SAEConfig:
+    """lr 1e9: Adam moves every weight by ~lr, so the loss overflows at step 1. params.yaml refuses it (lr <= 1); set
+    past the check, it stands for any run that diverges, which training must still stop in one line."""
+    return config(**changes).model_copy(update={"lr": 1e9})
+
+
 def one_line(err: BaseException) -> str:
     text = str(err)
     assert "\n" not in text and "Traceback" not in text, text
@@ -117,7 +123,7 @@ def test_nan_l1_coeff_stops_at_step_0_and_writes_nothing(activations, tmp_path):
 
 
 def test_diverging_lr_stops_naming_layer_and_step_and_keeps_the_last_good_checkpoint(activations, tmp_path):
-    cfg = config(lr=1e9, log_every=1)  # Adam moves every weight by ~lr: the loss overflows at step 1
+    cfg = diverging(log_every=1)
     sae_dir, curves = outputs(tmp_path)
     ckpt = tmp_path / "checkpoints" / "train-L3.pt"
     for attempt in range(2):  # the rerun resumes the kept checkpoint and stops the same way
@@ -135,7 +141,7 @@ def test_diverging_lr_stops_naming_layer_and_step_and_keeps_the_last_good_checkp
 
 def test_nonfinite_loss_between_checks_is_named_by_its_own_step_and_never_checkpointed(activations, tmp_path):
     # the loss (inf from step 1) is read back only on logging/checkpoint steps: here the checkpoint at step 3
-    cfg = config(lr=1e9, log_every=10)
+    cfg = diverging(log_every=10)
     ckpt = tmp_path / "train.pt"
     with pytest.raises(UserError) as info:
         train_saes({LAYER: cfg}, {LAYER: DiskActivations(layout.activations_dir(LAYER, activations))}, progress=False,
