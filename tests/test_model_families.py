@@ -1,0 +1,97 @@
+"""hook_z as attnsae captures it, for model families beyond GPT-2 and SmolLM2 (issue 22, first check of item 4).
+
+Tiny random-weight models built from transformers configs of seven families: GPT-2, GPT-NeoX (Pythia), Llama
+(grouped-query attention), Qwen2 (qkv bias), Gemma 2 (d_head != d_model / n_heads, sliding window, soft-capping,
+pre- and post-norms), Mistral (sliding window) and OLMo 2 (norms on q and k). ``data.activations.capture_z`` through
+``data.models.load_bridge`` must equal the input of the model's own attention out-projection (``c_proj``, ``dense``,
+``o_proj``), read by a pre-hook on plain transformers: the independent reference, 1e-5 in fp32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnsae.data.activations import capture_z
+from attnsae.data.models import byte_level_tokenizer, load_bridge
+from attnsae.formats.model_info import META_FILE
+
+VOCAB, LAYERS, HEADS, KV_HEADS, D_MODEL = 257, 3, 4, 2, 32
+SMALL = dict(vocab_size=VOCAB, num_hidden_layers=LAYERS, hidden_size=D_MODEL, num_attention_heads=HEADS,
+             intermediate_size=64, max_position_embeddings=64)
+
+
+def families() -> dict[str, tuple[object, type, str]]:
+    """name -> (config, model class, the attention out-projection's module name)."""
+    import transformers as t
+
+    return {
+        "gpt2": (t.GPT2Config(vocab_size=VOCAB, n_layer=LAYERS, n_embd=D_MODEL, n_head=HEADS, n_positions=64),
+                 t.GPT2LMHeadModel, "c_proj"),
+        "gpt_neox": (t.GPTNeoXConfig(**SMALL), t.GPTNeoXForCausalLM, "dense"),
+        "llama": (t.LlamaConfig(**SMALL, num_key_value_heads=KV_HEADS), t.LlamaForCausalLM, "o_proj"),
+        "qwen2": (t.Qwen2Config(**SMALL, num_key_value_heads=KV_HEADS), t.Qwen2ForCausalLM, "o_proj"),
+        "gemma2": (t.Gemma2Config(**SMALL, num_key_value_heads=KV_HEADS, head_dim=16, sliding_window=8,
+                                  final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+                   t.Gemma2ForCausalLM, "o_proj"),
+        "mistral": (t.MistralConfig(**SMALL, num_key_value_heads=KV_HEADS, sliding_window=8), t.MistralForCausalLM,
+                    "o_proj"),
+        "olmo2": (t.Olmo2Config(**SMALL, num_key_value_heads=KV_HEADS), t.Olmo2ForCausalLM, "o_proj"),
+    }
+
+
+FAMILIES = sorted(families())
+
+
+def random_family_model(name: str, folder: Path, seed: int = 0):
+    """The family's tiny model with random weights (biases too), saved with the byte-level tokenizer and the
+    attnsae_model.json the model stage writes."""
+    config, model_class, _ = families()[name]
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param_name.endswith(".bias"):
+                param.normal_(0.0, 0.02)  # zero biases would hide a bias dropped on the way
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer = byte_level_tokenizer()
+    tokenizer.save_pretrained(folder)
+    d_head = getattr(config, "head_dim", None) or D_MODEL // HEADS
+    info = {"source": f"local:{folder}", "name": f"tiny {name}", "n_layers": LAYERS, "n_heads": HEADS, "d_head": d_head,
+            "vocab_size": VOCAB, "bos_token_id": VOCAB - 1, "sha256": {}, "n_positions": 64}
+    (folder / META_FILE).write_text(json.dumps(info))
+    return model
+
+
+def out_projection_inputs(model, out_projection: str, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The input of each layer's attention out-projection, [batch*pos, heads*d_head], by forward pre-hooks."""
+    found: dict[int, torch.Tensor] = {}
+    hooks = []
+    for module_name, module in model.named_modules():
+        parts = module_name.split(".")
+        if parts[-1] == out_projection and "attn" in module_name or parts[-2:] == ["attention", out_projection]:
+            layer = next(int(p) for p in parts if p.isdigit())
+            hooks.append(module.register_forward_pre_hook(
+                lambda _, args, layer=layer: found.__setitem__(layer, args[0].detach().reshape(-1, args[0].shape[-1]))))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(found) == list(range(LAYERS)), f"{out_projection}: found layers {sorted(found)}"
+    return found
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hook_z_is_the_out_projections_input(tmp_path, name):
+    model = random_family_model(name, tmp_path / name)
+    tokens = torch.randint(0, VOCAB - 1, (2, 24), generator=torch.Generator().manual_seed(1))
+    expected = out_projection_inputs(model, families()[name][2], tokens)
+    bridge, info = load_bridge(tmp_path / name, torch.device("cpu"))
+    got = capture_z(bridge, tokens, list(range(LAYERS)))
+    for layer in range(LAYERS):
+        assert got[layer].shape == (2 * 24, info.n_heads * info.d_head) == expected[layer].shape, (name, layer)
+        torch.testing.assert_close(got[layer], expected[layer], atol=1e-5, rtol=0, msg=f"{name} layer {layer}")
