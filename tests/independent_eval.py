@@ -5,7 +5,8 @@ activation helpers. hook_z (per-head z, heads concatenated) is the input of the 
 projection, so a forward pre-hook on that module sees it as [batch, pos, n_heads * d_head] and can
 replace it:
 
-- Llama-family models (SmolLM2): ``model.layers[L].self_attn.o_proj``;
+- Llama-family models (SmolLM2, Qwen2, Gemma 2, Mistral, OLMo 2): ``model.layers[L].self_attn.o_proj``;
+- GPT-NeoX (Pythia): ``gpt_neox.layers[L].attention.dense``;
 - GPT-2: ``transformer.h[L].attn.c_proj`` (a Conv1D).
 
 GPT-2 convention. The main path runs GPT-2 through TransformerBridge's compatibility mode, which
@@ -46,14 +47,17 @@ def load_hf_model(model_dir: str | Path):
     return model.eval()
 
 
+# The attention out-projection's name in each family: GPT-2's Conv1D, GPT-NeoX's dense, the rest's o_proj.
+OUT_PROJECTIONS = ("attn.c_proj", "attention.dense", "self_attn.o_proj", "attn.out_proj")
+
+
 def output_projection(model, layer: int) -> torch.nn.Module:
-    """The module whose input is hook_z of ``layer``."""
-    kind = model.config.model_type
-    if kind == "gpt2":
-        return model.transformer.h[layer].attn.c_proj
-    if kind == "llama":
-        return model.model.layers[layer].self_attn.o_proj
-    raise ValueError(f"no rule for where hook_z lives in a {kind!r} model")
+    """The module whose input is hook_z of ``layer``: the out-projection of the block numbered ``layer``."""
+    for name, module in model.named_modules():
+        if name.endswith(OUT_PROJECTIONS) and str(layer) in name.split("."):
+            return module
+    raise ValueError(f"no attention out-projection ({', '.join(OUT_PROJECTIONS)}) for layer {layer} in a "
+                     f"{model.config.model_type!r} model")
 
 
 def folded_value_bias(model, layer: int) -> torch.Tensor | None:

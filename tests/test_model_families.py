@@ -1,22 +1,29 @@
-"""hook_z as attnsae captures it, for model families beyond GPT-2 and SmolLM2 (issue 22, first check of item 4).
+"""hook_z and evaluate's CE, for model families beyond GPT-2 and SmolLM2 (issue 22, item 4).
 
 Tiny random-weight models built from transformers configs of seven families: GPT-2, GPT-NeoX (Pythia), Llama
 (grouped-query attention), Qwen2 (qkv bias), Gemma 2 (d_head != d_model / n_heads, sliding window, soft-capping,
 pre- and post-norms), Mistral (sliding window) and OLMo 2 (norms on q and k). ``data.activations.capture_z`` through
 ``data.models.load_bridge`` must equal the input of the model's own attention out-projection (``c_proj``, ``dense``,
-``o_proj``), read by a pre-hook on plain transformers: the independent reference, 1e-5 in fp32."""
+``o_proj``), read by a pre-hook on plain transformers: the independent reference, 1e-5 in fp32. And evaluate's
+clean, SAE-spliced and zero-ablated CE and L0 equal tests/independent_eval.py's (1e-4), where known gaps of item 3 are
+marked as expected failures that must start passing when fixed (strict)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from attnsae.config import EvaluateConfig
 from attnsae.data.activations import capture_z
 from attnsae.data.models import byte_level_tokenizer, load_bridge
+from attnsae.evaluation.evaluate import evaluate_sae
 from attnsae.formats.model_info import META_FILE
+from independent_eval import independent_hook_z, independent_metrics, load_hf_model
+from test_independent_eval import KINK_MARGIN, TOL, keep_pre_activations_off_zero, soft_threshold_sae
 
 VOCAB, LAYERS, HEADS, KV_HEADS, D_MODEL = 257, 3, 4, 2, 32
 SMALL = dict(vocab_size=VOCAB, num_hidden_layers=LAYERS, hidden_size=D_MODEL, num_attention_heads=HEADS,
@@ -95,3 +102,38 @@ def test_hook_z_is_the_out_projections_input(tmp_path, name):
     for layer in range(LAYERS):
         assert got[layer].shape == (2 * 24, info.n_heads * info.d_head) == expected[layer].shape, (name, layer)
         torch.testing.assert_close(got[layer], expected[layer], atol=1e-5, rtol=0, msg=f"{name} layer {layer}")
+
+
+# Known gaps (issue 22, item 3), each measured: they must fail now and pass once fixed.
+EVALUATE_GAPS = {
+    # the clean CE already differs by 4.6e-3: evaluate's logits from the block skip a Gemma 2 detail (final logit
+    # soft-capping or the (1 + w) final norm)
+    "gemma2": "evaluate's logits differ from transformers' for Gemma 2",
+    # a GPT-2 from a folder is not booted in compatibility mode (only the named gpt2 sources are), so hook_z keeps the
+    # value bias that the paper's convention, and this reference, fold away
+    "gpt2": "a GPT-2 outside the named sources keeps the value bias in hook_z",
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=EVALUATE_GAPS[n]))
+                                  if n in EVALUATE_GAPS else n for n in FAMILIES])
+def test_evaluate_agrees_with_the_independent_evaluator(tmp_path, name):
+    folder = tmp_path / name
+    model = random_family_model(name, folder)
+    with torch.no_grad():  # sharper weights make one layer's hook_z matter to the CE (norms and biases kept)
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("weight") and "norm" not in param_name and ".ln" not in param_name:
+                param.mul_(6.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    bridge, info = load_bridge(folder, torch.device("cpu"))
+    reference = load_hf_model(folder)
+    rows = np.random.default_rng(0).integers(0, VOCAB - 1, size=(4, 16)).astype(np.int32)
+    rows[:, 0] = info.bos_token_id
+    sae = soft_threshold_sae(info.d_in, threshold=0.3, seed=0)
+    keep_pre_activations_off_zero(sae, independent_hook_z(reference, 1, rows), KINK_MARGIN)
+    main, _ = evaluate_sae(bridge, sae, 1, rows, EvaluateConfig(batch_rows=2, device="cpu"), torch.device("cpu"))
+    independent = independent_metrics(reference, sae.state_dict(), 1, rows)
+    for key in ("ce_clean", "ce_sae", "ce_zero", "l0"):
+        assert abs(main[key] - independent[key]) <= TOL, (key, main[key], independent[key])
+    assert abs(independent["ce_zero"] - independent["ce_clean"]) > 0.005  # the layer matters: agreement means something
+    assert 0 < main["l0"] < info.d_in
