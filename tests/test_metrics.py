@@ -235,12 +235,12 @@ def test_running_on_from_a_block_is_the_rest_of_a_full_pass(tiny_eval_case, laye
     tokens = torch.from_numpy(rows).long()
     zero = (hook_z_name(layer), lambda z, hook: torch.zeros_like(z))
     with torch.inference_mode():
-        entry = block_inputs(bridge, tokens, [layer])[layer]
-        assert torch.equal(logits_from_block(bridge, layer, *entry), bridge(tokens, return_type="logits"))
+        inputs = block_inputs(bridge, tokens, [layer])
+        assert torch.equal(logits_from_block(bridge, layer, inputs), bridge(tokens, return_type="logits"))
         with bridge.hooks(fwd_hooks=[zero]):
-            ablated = logits_from_block(bridge, layer, *entry)
+            ablated = logits_from_block(bridge, layer, inputs)
         assert torch.equal(ablated, bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=[zero]))
-        assert torch.equal(logits_from_block(bridge, layer, *entry), bridge(tokens, return_type="logits"))  # reusable
+        assert torch.equal(logits_from_block(bridge, layer, inputs), bridge(tokens, return_type="logits"))  # reusable
 
 
 def test_one_pass_keeps_what_each_block_receives(tiny_eval_case):
@@ -253,7 +253,7 @@ def test_one_pass_keeps_what_each_block_receives(tiny_eval_case):
         for layer in (0, TINY_EVAL_LAYER, 3):
             (args, kwargs), (alone_args, alone_kwargs) = together[layer], block_inputs(bridge, tokens, [layer])[layer]
             assert torch.equal(args[0], alone_args[0]) and kwargs.keys() == alone_kwargs.keys()
-            assert torch.equal(logits_from_block(bridge, layer, *together[layer]), bridge(tokens, return_type="logits"))
+            assert torch.equal(logits_from_block(bridge, layer, together), bridge(tokens, return_type="logits"))
 
 
 def test_layers_evaluated_together_match_each_alone(tiny_eval_case):

@@ -106,9 +106,6 @@ def test_hook_z_is_the_out_projections_input(tmp_path, name):
 
 # Known gaps (issue 22, item 3), each measured: they must fail now and pass once fixed.
 EVALUATE_GAPS = {
-    # the clean CE already differs by 4.6e-3: evaluate's logits from the block skip a Gemma 2 detail (final logit
-    # soft-capping or the (1 + w) final norm)
-    "gemma2": "evaluate's logits differ from transformers' for Gemma 2",
     # a GPT-2 from a folder is not booted in compatibility mode (only the named gpt2 sources are), so hook_z keeps the
     # value bias that the paper's convention, and this reference, fold away
     "gpt2": "a GPT-2 outside the named sources keeps the value bias in hook_z",

@@ -64,9 +64,9 @@ def test_plan_adds_the_evaluate_cost_with_its_shared_clean_pass():
     result = CliRunner().invoke(main, ["plan", "--params", str(PROFILES / "quickstart.yaml"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("evaluate:")]
-    # layers 3, 10, 17, 24 of 30: 1 + 2 (27 + 20 + 13 + 6) / 30 passes together; apart (3 + 10 + 17 + 24) / 30
-    # + 3 (27 + 20 + 13 + 6) / 30
-    assert line.startswith("evaluate: 40,960 tokens (256 evaluation + 64 held-out rows), 5.4 model passes per token "
+    # layers 3, 10, 17, 24 of 30: 1 + 6 / 30 (the clean logits on from layer 24) + 2 (27 + 20 + 13 + 6) / 30 passes
+    # together; apart (3 + 10 + 17 + 24) / 30 + 3 (27 + 20 + 13 + 6) / 30
+    assert line.startswith("evaluate: 40,960 tokens (256 evaluation + 64 held-out rows), 5.6 model passes per token "
                            "for all layers (8.4 evaluated apart)")
 
 

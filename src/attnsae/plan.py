@@ -7,7 +7,8 @@ divides FLOPs by matmul throughput measured on this device at the SAE's shape: r
 fraction of that (82% for the CPU SAE step in BENCHMARKS.md), so read it as optimistic.
 
 The evaluate stage (evaluation/evaluate.py) over T evaluation and held-out tokens: one clean pass for all layers, then for
-each layer L the rest of the model twice (SAE, zeroed), 2 * n_params * T * (1 + sum_L 2 (n_layers - L)/n_layers).
+each layer L the rest of the model twice (SAE, zeroed), 2 * n_params * T * (1 + (n_layers - deepest)/n_layers
++ sum_L 2 (n_layers - L)/n_layers): the clean logits run on again from the deepest layer's block.
 
 The dashboards (features/dashboards.py) of layer L over T tokens: the model up to layer L once (its layer tensors kept for
 the shown examples' DFA), 2 * n_params * (L+1)/n_layers * T; the SAE's and the null's encoders,
@@ -219,7 +220,9 @@ def evaluate_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, 
         return ["evaluate: every evaluation (or held-out) row (not capped by evaluate.max_rows or tokenize): cost "
                 "unknown until `attnsae tokenize` has run"]
     tokens = (rows + heldout) * tokenize.context_size
-    passes = 1 + sum(2 * (shape.n_layers - lp.layer) / shape.n_layers for lp in layer_plans)
+    deepest = max(lp.layer for lp in layer_plans)
+    passes = 1 + (shape.n_layers - deepest) / shape.n_layers + sum(2 * (shape.n_layers - lp.layer) / shape.n_layers
+                                                                   for lp in layer_plans)
     apart = sum(lp.layer / shape.n_layers + 3 * (shape.n_layers - lp.layer) / shape.n_layers for lp in layer_plans)
     flop = lm_forward_flop(shape.n_params, tokens, 1) * passes
     return [f"evaluate: {tokens:,} tokens ({rows:,} evaluation + {heldout:,} held-out rows), {passes:.1f} model "
