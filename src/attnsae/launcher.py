@@ -111,6 +111,8 @@ def launch_workers(nproc: int, argv: list[str], layers: list[int]) -> None:
     try:
         elastic_launch(config, sys.executable)("-m", "attnsae", *argv)
     except ChildFailedError as err:
+        # a rank stopped mid-update leaves its progress bar's line unended on the shared stderr: the error starts anew
+        sys.stderr.write("\n")
         rank, failure = err.get_first_failure()
         owned = ", ".join(str(n) for n in layers_of_rank(layers, rank, nproc))
         raise UserError(f"train: rank {rank} of {nproc} (layer {owned}) {how_it_ended(failure.exitcode)}; the other "
