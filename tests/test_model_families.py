@@ -22,7 +22,7 @@ from attnsae.data.activations import capture_z
 from attnsae.data.models import byte_level_tokenizer, load_bridge
 from attnsae.evaluation.evaluate import evaluate_sae
 from attnsae.formats.model_info import META_FILE
-from independent_eval import independent_hook_z, independent_metrics, load_hf_model
+from independent_eval import independent_hook_z, independent_metrics, load_hf_model, output_projection
 from test_independent_eval import KINK_MARGIN, TOL, keep_pre_activations_off_zero, soft_threshold_sae
 
 VOCAB, LAYERS, HEADS, KV_HEADS, D_MODEL = 257, 3, 4, 2, 32
@@ -30,22 +30,21 @@ SMALL = dict(vocab_size=VOCAB, num_hidden_layers=LAYERS, hidden_size=D_MODEL, nu
              intermediate_size=64, max_position_embeddings=64)
 
 
-def families() -> dict[str, tuple[object, type, str]]:
-    """name -> (config, model class, the attention out-projection's module name)."""
+def families() -> dict[str, tuple[object, type]]:
+    """name -> (config, model class); independent_eval.output_projection finds each one's out-projection."""
     import transformers as t
 
     return {
         "gpt2": (t.GPT2Config(vocab_size=VOCAB, n_layer=LAYERS, n_embd=D_MODEL, n_head=HEADS, n_positions=64),
-                 t.GPT2LMHeadModel, "c_proj"),
-        "gpt_neox": (t.GPTNeoXConfig(**SMALL), t.GPTNeoXForCausalLM, "dense"),
-        "llama": (t.LlamaConfig(**SMALL, num_key_value_heads=KV_HEADS), t.LlamaForCausalLM, "o_proj"),
-        "qwen2": (t.Qwen2Config(**SMALL, num_key_value_heads=KV_HEADS), t.Qwen2ForCausalLM, "o_proj"),
+                 t.GPT2LMHeadModel),
+        "gpt_neox": (t.GPTNeoXConfig(**SMALL), t.GPTNeoXForCausalLM),
+        "llama": (t.LlamaConfig(**SMALL, num_key_value_heads=KV_HEADS), t.LlamaForCausalLM),
+        "qwen2": (t.Qwen2Config(**SMALL, num_key_value_heads=KV_HEADS), t.Qwen2ForCausalLM),
         "gemma2": (t.Gemma2Config(**SMALL, num_key_value_heads=KV_HEADS, head_dim=16, sliding_window=8,
                                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
-                   t.Gemma2ForCausalLM, "o_proj"),
-        "mistral": (t.MistralConfig(**SMALL, num_key_value_heads=KV_HEADS, sliding_window=8), t.MistralForCausalLM,
-                    "o_proj"),
-        "olmo2": (t.Olmo2Config(**SMALL, num_key_value_heads=KV_HEADS), t.Olmo2ForCausalLM, "o_proj"),
+                   t.Gemma2ForCausalLM),
+        "mistral": (t.MistralConfig(**SMALL, num_key_value_heads=KV_HEADS, sliding_window=8), t.MistralForCausalLM),
+        "olmo2": (t.Olmo2Config(**SMALL, num_key_value_heads=KV_HEADS), t.Olmo2ForCausalLM),
     }
 
 
@@ -55,7 +54,7 @@ FAMILIES = sorted(families())
 def random_family_model(name: str, folder: Path, seed: int = 0):
     """The family's tiny model with random weights (biases too), saved with the byte-level tokenizer and the
     attnsae_model.json the model stage writes."""
-    config, model_class, _ = families()[name]
+    config, model_class = families()[name]
     torch.manual_seed(seed)
     model = model_class(config).eval()
     with torch.no_grad():
@@ -72,23 +71,18 @@ def random_family_model(name: str, folder: Path, seed: int = 0):
     return model
 
 
-def out_projection_inputs(model, out_projection: str, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+def out_projection_inputs(model, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
     """The input of each layer's attention out-projection, [batch*pos, heads*d_head], by forward pre-hooks."""
     found: dict[int, torch.Tensor] = {}
-    hooks = []
-    for module_name, module in model.named_modules():
-        parts = module_name.split(".")
-        if parts[-1] == out_projection and "attn" in module_name or parts[-2:] == ["attention", out_projection]:
-            layer = next(int(p) for p in parts if p.isdigit())
-            hooks.append(module.register_forward_pre_hook(
-                lambda _, args, layer=layer: found.__setitem__(layer, args[0].detach().reshape(-1, args[0].shape[-1]))))
+    hooks = [output_projection(model, layer).register_forward_pre_hook(
+        lambda _, args, layer=layer: found.__setitem__(layer, args[0].detach().reshape(-1, args[0].shape[-1])))
+        for layer in range(LAYERS)]
     try:
         with torch.no_grad():
             model(tokens)
     finally:
         for hook in hooks:
             hook.remove()
-    assert sorted(found) == list(range(LAYERS)), f"{out_projection}: found layers {sorted(found)}"
     return found
 
 
@@ -96,7 +90,7 @@ def out_projection_inputs(model, out_projection: str, tokens: torch.Tensor) -> d
 def test_hook_z_is_the_out_projections_input(tmp_path, name):
     model = random_family_model(name, tmp_path / name)
     tokens = torch.randint(0, VOCAB - 1, (2, 24), generator=torch.Generator().manual_seed(1))
-    expected = out_projection_inputs(model, families()[name][2], tokens)
+    expected = out_projection_inputs(model, tokens)
     bridge, info = load_bridge(tmp_path / name, torch.device("cpu"))
     got = capture_z(bridge, tokens, list(range(LAYERS)))
     for layer in range(LAYERS):
