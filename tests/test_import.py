@@ -9,11 +9,8 @@ repository's files (``/<repo>/resolve/<revision>/<file>`` with the ETag and comm
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import socket
-import threading
-import urllib.parse
 from collections import OrderedDict
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from attnsae.evaluation.paper_saes import PAPER_SAES, REVISION, PaperSAE, import
 from attnsae.formats.sae_cfg import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE
 from attnsae.sae.autoencoder import load_sae
 from helpers import REPO, TINY_EVAL_CFG, TINY_EVAL_LAYER, assert_one_line_error, invoke, perfect_sae
+from loopback_hub import serve
 
 D_SAE = 64  # small stand-in for 24576; d_in stays GPT-2's 768 so the real CLI checks apply unchanged
 
@@ -53,40 +51,6 @@ HUB_NAMES = [
 # Published-structure files and a loopback server
 
 
-class LoopbackHub(http.server.BaseHTTPRequestHandler):
-    """Answers HEAD and GET of ``/<owner>/<name>/resolve/<revision>/<file>`` from ``folder`` as the hub does."""
-
-    folder: Path
-
-    def log_message(self, *args) -> None:  # keep the test output clean
-        pass
-
-    def _resolve(self) -> tuple[bytes, str] | None:
-        parts = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).strip("/").split("/")
-        if len(parts) != 5 or parts[2] != "resolve" or not (self.folder / parts[4]).is_file():
-            self.send_error(404)
-            return None
-        return (self.folder / parts[4]).read_bytes(), parts[3]
-
-    def _headers(self, body: bytes, revision: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
-        self.send_header("X-Repo-Commit", revision)
-        self.end_headers()
-
-    def do_HEAD(self) -> None:
-        found = self._resolve()
-        if found:
-            self._headers(*found)
-
-    def do_GET(self) -> None:
-        found = self._resolve()
-        if found:
-            self._headers(*found)
-            self.wfile.write(found[0])
-
-
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """A folder served as the hub on 127.0.0.1 at a free port; yields (folder, endpoint URL).
@@ -98,13 +62,8 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     folder = tmp_path / "hub"
     folder.mkdir()
-    handler = type("Hub", (LoopbackHub,), {"folder": folder})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve(folder) as url:
+        yield folder, url
 
 
 def random_state(d_in: int, d_sae: int, seed: int) -> OrderedDict:

@@ -47,7 +47,7 @@ BAD_VALUES = [
     ("sae.seed", 2**70, f"must be {SEED_RANGE} (got {2**70})"),
     ("sae.l1_coeff", NAN, "must be a finite number >= 0 and <= 1000 (got nan)"),
     # model
-    ("model.source", "gpt3", "must be one of smollm2-135m, gpt2, tiny-gpt2, gpt2-random (got 'gpt3')"),
+    ("model.source", "gpt3", "must be one of smollm2-135m, gpt2, tiny-gpt2, gpt2-random, hf:OWNER/NAME[@REVISION] or local:PATH (got 'gpt3')"),
     ("model.seed", -1, f"must be {SEED_RANGE} (got -1)"),
     ("model.seed", 2**70, f"must be {SEED_RANGE}"),
     ("model.seed", True, f"must be {SEED_RANGE} (got True)"),

@@ -30,13 +30,16 @@ COMMAND_MODULES = {
     "report": ("attnsae.reporting.report",),
     "publish": ("attnsae.reporting.publish",),
     "import": ("attnsae.evaluation.paper_saes",),
+    "import --set gemma-scope-2b-att": ("attnsae.evaluation.gemma_scope",),
 }
 # `train --stream` places its workers with the launcher (which layers and which slice of each batch a process
 # trains), so the stream pipeline's train stage runs it too; the cache pipeline's never does.
 STREAM_COMMAND_MODULES = {**COMMAND_MODULES, "train": ("attnsae.sae.training", "attnsae.launcher")}
-PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
+# The pipeline files, and the published SAEs' stages `attnsae profile` appends to the stream pipeline for their model.
+PIPELINES = sorted((REPO / "pipelines").glob("*.yaml")) + sorted((REPO / "pipelines" / "published").glob("*.yaml"))
 # Files a module reads at run time besides its imports (package data): a stage that runs the module depends on them.
-MODULE_DATA = {"attnsae.features.pages": "src/attnsae/features/assets"}
+MODULE_DATA = {"attnsae.features.pages": "src/attnsae/features/assets",
+               "attnsae.data.model_sources": "src/attnsae/data/known_configs"}
 
 
 def module_file(module: str) -> Path | None:
@@ -72,12 +75,14 @@ def code_of(modules: tuple[str, ...]) -> set[str]:
 
 
 def command_modules(pipeline: Path) -> dict[str, tuple[str, ...]]:
-    return STREAM_COMMAND_MODULES if pipeline.stem == "stream" else COMMAND_MODULES
+    return COMMAND_MODULES if pipeline.stem == "cache" else STREAM_COMMAND_MODULES
 
 
 def stage_command(cmd: str) -> str:
     words = cmd.split()
     assert words[0] == "attnsae", cmd
+    if words[1] == "import" and "--set" in words:
+        return f"import --set {words[words.index('--set') + 1]}"
     return words[1]
 
 

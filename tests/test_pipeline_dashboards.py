@@ -64,7 +64,7 @@ def test_report_says_not_rated_and_counts_tags(tiny_pipeline):
 
 
 def test_any_sae_folder_gets_the_same_dashboards_elsewhere_and_never_the_stages_folder(tiny_pipeline, tmp_path):
-    """`attnsae dashboards --sae FOLDER --out DIR` (the gpt2-small pipeline's dashboards_paper_saes@L) on a copy of
+    """`attnsae dashboards --sae FOLDER --out DIR` (the gpt2-small pipeline's dashboards_published_saes@L) on a copy of
     layer 1's SAE: the same numbers as the stage, byte for byte but the SAE's path and the hash."""
     root, env, _ = tiny_pipeline
     imported = tmp_path / "imported" / "L1"

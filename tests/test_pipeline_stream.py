@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from attnsae.profiles import profile_pipeline
 from attnsae.sae.autoencoder import load_sae
 from helpers import REPO, pipeline_repository, run, stages_run, status_after_changing
 
@@ -34,11 +35,8 @@ def test_gpt2_small_profile_streams_end_to_end_on_tiny_gpt2(tmp_path):
     params["dashboards"].update(batch_rows=8, first_n=4, probe_prompts=4, null_directions=32)
     params["report"]["compare"] = "none"  # the published table is GPT-2 Small's, not tiny-gpt2's
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # Importing the published SAEs needs the hub and the real GPT-2: not part of the tiny run.
-    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
-    for stage in ("import_paper_saes", "evaluate_paper_saes", "dashboards_paper_saes"):
-        del pipeline["stages"][stage]
-    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    # tiny-gpt2 has no published SAEs: the profile's pipeline for it has no stages for them.
+    (root / "dvc.yaml").write_text(profile_pipeline(root, "gpt2-small", params))
 
     output = run(["dvc", "repro"], root, env)
     assert stages_run(output) == {"params", "model", "corpus", "tokenize", "train", "evaluate",
@@ -62,8 +60,7 @@ def test_gpt2_small_profile_streams_end_to_end_on_tiny_gpt2(tmp_path):
 
 def test_committed_dvc_yaml_is_the_pipeline_of_the_active_profile():
     from attnsae import config
-    from attnsae.profiles import pipeline_mode, render_pipeline
+    from attnsae.profiles import profile_pipeline
 
     params = config.read_params(REPO / "params.yaml")
-    pipeline = (REPO / "pipelines" / f"{pipeline_mode(params)}.yaml").read_text()
-    assert (REPO / "dvc.yaml").read_text() == render_pipeline(pipeline, params["profile"], params)
+    assert (REPO / "dvc.yaml").read_text() == profile_pipeline(REPO, params["profile"], params)

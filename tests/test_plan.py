@@ -88,3 +88,19 @@ def test_plan_measures_the_step_and_gives_the_time_for_n_processes():
     assert "measured training step (standard, bf16, d_sae 49152, batch 64) on cpu: " in result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("training time at the measured step")]
     assert "1 process " in line and "4 processes " in line
+
+
+@pytest.mark.parametrize("profile, model_line, rows, largest", [
+    ("gemma-2-2b", "model: Gemma2ForCausalLM, 2,614.3M parameters, 26 layers, 8 heads x 256 (4 key/value heads), "
+     "hook_z width 2048 (from its config.json)", 26, "train 64.9 GiB"),
+    ("pythia-70m", "model: GPTNeoXForCausalLM, 70.4M parameters, 6 layers, 8 heads x 64 (8 key/value heads), "
+     "hook_z width 512 (from its config.json)", 6, "evaluate 12.5 GiB"),
+])
+def test_plan_prices_a_hub_model_from_its_config_alone(profile, model_line, rows, largest):
+    """No hub here (HF_HUB_OFFLINE) and no weights: the config.json attnsae ships for the profile's model is enough."""
+    result = CliRunner().invoke(main, ["plan", "--params", str(PROFILES / f"{profile}.yaml"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1] == model_line
+    assert len([line for line in lines if line.strip().split(" ")[0].isdigit()]) == rows
+    assert any(line.endswith(largest) and line.startswith("largest stage in memory") for line in lines)

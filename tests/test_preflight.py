@@ -105,6 +105,17 @@ def test_the_paper_profiles_fit_one_80_gib_gpu_and_not_a_laptop(name):
         preflight.check(params, LAPTOP)
 
 
+def test_gemma_2_2b_fits_one_80_gib_gpu_and_not_a_laptop():
+    """26 layers stream into one process: every SAE and (smaller) buffer at once, beside Gemma 2 2B's weights."""
+    from attnsae import config
+    from helpers import REPO
+
+    params = config.read_params(REPO / "profiles" / "gemma-2-2b.yaml")
+    preflight.check(params, GPU_BOX)
+    with pytest.raises(UserError, match="stage train needs at least 64.9 GiB of machine memory"):
+        preflight.check(params, LAPTOP)
+
+
 def test_a_reference_folder_that_a_stage_makes_need_not_exist_yet(tiny_params):
     preflight.check(with_value(tiny_params, "report.compare", "reports/imported/metrics"), LAPTOP)
 
@@ -131,7 +142,7 @@ def test_the_stream_pipeline_holds_every_layer_at_once(tiny_params):
 
 
 def test_stage_needs_are_lower_bounds_that_grow_with_every_size(tiny_params):
-    shape = preflight.model_shape(tiny_params)
+    shape = preflight.check_params(tiny_params)
     base = {stage.stage: stage.bytes for stage in preflight.stage_needs(tiny_params, shape)}
     for key, value in [("sae.buffer_rows", 2**20), ("sae.batch_size", 2**12), ("sae.resample_inputs", 2**20)]:
         grown = {s.stage: s.bytes for s in preflight.stage_needs(with_value(copy.deepcopy(tiny_params), key, value), shape)}

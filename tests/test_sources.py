@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -81,9 +82,11 @@ def test_hf_source_streams_a_local_dataset_folder_through_datasets(tmp_path):
 
 
 def test_streamed_hub_source_without_the_hub_fails_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match=r"^corpus source hf:Skylion007/openwebtext needs the Hugging Face hub, which is "
-                                        r"not reachable \(HF_HUB_OFFLINE is set\)$"):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"^corpus source hf:Skylion007/openwebtext needs the Hugging Face hub \(or a "
+                                        r"mirror: HF_ENDPOINT\), which cannot be used \(HF_HUB_OFFLINE is set\)$"):
         build_corpus(CorpusConfig(sources=["hf:Skylion007/openwebtext"]), tmp_path / "corpus", stream=True)
     assert not (tmp_path / "corpus").exists()
 
@@ -131,10 +134,16 @@ def test_synthetic_text_is_deterministic():
     assert list(synthetic_documents(5, 1)) != list(synthetic_documents(5, 2))
 
 
-def test_gpt2_without_hub_fails_in_one_line_and_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match=r"^model source 'gpt2' needs the Hugging Face hub, which is not reachable"):
-        prepare_model(ModelConfig(source="gpt2"), tmp_path / "base")
+@pytest.mark.parametrize("source", ["gpt2", "hf:EleutherAI/pythia-70m", "hf:google/gemma-2-2b"])
+def test_hub_models_without_hub_fail_in_one_line_and_write_nothing(tmp_path, monkeypatch, source):
+    """The profiles on hub models pass the params check offline (their config.json ships with attnsae); the model
+    stage, the first that needs the hub, stops in one line."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=rf"^model source {re.escape(source)} needs the Hugging Face hub \(or a mirror: "
+                                        r"HF_ENDPOINT\), which cannot be used \(HF_HUB_OFFLINE is set\)$"):
+        prepare_model(ModelConfig(source=source), tmp_path / "base")
     assert not (tmp_path / "base").exists()
     assert list(tmp_path.iterdir()) == []
 

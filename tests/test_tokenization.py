@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from attnsae.config import TokenizeConfig, check_split_sources
-from attnsae.data.models import DOCUMENT_SEPARATOR, byte_level_tokenizer
+from attnsae.data.models import END_OF_TEXT, byte_level_tokenizer
 from attnsae.data.tokenization import (
     TokenRowStream,
     balanced_prefix,
@@ -105,7 +105,7 @@ def markers_in(rows: np.ndarray, tokenizer) -> set[int]:
 
 def test_tokenize_corpus_writes_split_files(tmp_path, tokenizer):
     cfg = TokenizeConfig(context_size=32, eval_fraction=0.2, seed=7)
-    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    bos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     out = tmp_path / "tokens"
     meta = tokenize_corpus(cfg, marked_documents(), tokenizer, bos, out, corpus="synthetic (30 docs)")
 
@@ -136,7 +136,7 @@ def test_tokenize_corpus_writes_split_files(tmp_path, tokenizer):
 
 
 def test_tokenize_corpus_is_deterministic_and_caps_rows(tmp_path, tokenizer):
-    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    bos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     cfg = TokenizeConfig(context_size=16, eval_fraction=0.3, seed=3, max_train_rows=10, max_eval_rows=4)
     tokenize_corpus(cfg, marked_documents(), tokenizer, bos, tmp_path / "a")
     tokenize_corpus(cfg, marked_documents(), tokenizer, bos, tmp_path / "b")
@@ -181,7 +181,7 @@ def streamed_rows(stream: TokenRowStream, batch: int) -> list[np.ndarray]:
 
 
 def test_token_row_stream_packs_like_pack_rows(tokenizer):
-    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    bos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     docs = marked_documents() * 5  # more documents than one tokenizer chunk
     keep = lambda text: not text.startswith("[0003]")  # noqa: E731
     stream = TokenRowStream(lambda: iter(docs), keep, tokenizer, bos, context_size=16)
@@ -191,7 +191,7 @@ def test_token_row_stream_packs_like_pack_rows(tokenizer):
 
 
 def test_token_row_stream_resumes_from_its_state(tokenizer):
-    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    bos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     docs = marked_documents() * 5
     opened = []
 
@@ -214,7 +214,7 @@ def test_token_row_stream_resumes_from_its_state(tokenizer):
 
 
 def test_streamed_corpus_gets_eval_rows_only(tmp_path, tokenizer):
-    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    bos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     cfg = TokenizeConfig(context_size=16, eval_fraction=0.3, seed=3, max_eval_rows=4)
     meta = tokenize_corpus(cfg, marked_documents(), tokenizer, bos, tmp_path / "tokens", streamed=True)
     assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["eval.npy", "meta.json"]
@@ -271,7 +271,7 @@ def sources_in(rows: np.ndarray, tokenizer) -> list[set[str]]:
 
 
 def test_stored_corpus_mixes_its_sources_and_holds_one_out(tmp_path, tokenizer):
-    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    bos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     cfg = TokenizeConfig(context_size=32, eval_fraction=0.2, seed=7, heldout_sources=["other"], max_heldout_rows=5)
     docs = sourced_documents({"big": 60, "other": 12, "small": 15})
     meta = tokenize_corpus(cfg, docs, tokenizer, bos, tmp_path / "tokens")
@@ -302,7 +302,7 @@ def test_stored_corpus_mixes_its_sources_and_holds_one_out(tmp_path, tokenizer):
 
 
 def test_heldout_rows_sample_the_whole_source_in_a_seeded_order(tmp_path, tokenizer):
-    bos = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR)
+    bos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     docs = sourced_documents({"big": 10, "other": 40})
     cfg = TokenizeConfig(context_size=32, eval_fraction=0.2, seed=7, heldout_sources=["other"], max_heldout_rows=6)
     tokenize_corpus(cfg, docs, tokenizer, bos, tmp_path / "tokens")

@@ -28,7 +28,7 @@ from attnsae.evaluation.verify import (
     subtree,
     summarize,
 )
-from attnsae.profiles import artifact_name, artifacts_section, pipeline_mode, render_pipeline
+from attnsae.profiles import artifact_name, artifacts_section, profile_pipeline, render_pipeline
 from helpers import REPO, run, stages_run
 
 # What the README tells a new user to pull: the SAE folders, their dashboards (the report reads them), and what
@@ -189,14 +189,17 @@ def test_rendered_pipeline_keeps_the_pipeline_file_and_adds_its_artifacts(tiny_p
     assert parsed["artifacts"] == artifacts_section("tiny", tiny_params)
 
 
-@pytest.mark.parametrize("profile", ["tiny", "quickstart", "gpt2-small"])
+@pytest.mark.parametrize("profile", config.list_profiles(REPO))
 def test_rendered_dvc_yaml_passes_dvcs_schema(profile):
     from dvc.schema import COMPILED_MULTI_STAGE_SCHEMA
 
     params = config.read_params(REPO / f"profiles/{profile}.yaml")
-    mode = pipeline_mode(params)
-    rendered = render_pipeline((REPO / f"pipelines/{mode}.yaml").read_text(), profile, params)
-    COMPILED_MULTI_STAGE_SCHEMA(yaml.safe_load(rendered))  # raises on a key or value DVC does not accept
+    rendered = yaml.safe_load(profile_pipeline(REPO, profile, params))
+    COMPILED_MULTI_STAGE_SCHEMA(rendered)  # raises on a key or value DVC does not accept
+    published = {"gpt2-small": "kissane", "gpt2-small-topk": "kissane", "gemma-2-2b": "gemma"}.get(profile)
+    imports = [stage["do"]["cmd"] for name, stage in rendered["stages"].items() if name == "import_published_saes"]
+    assert len(imports) == (published is not None)  # only models with published attention SAEs get their stages
+    assert all(("gemma-scope-2b-att" in cmd) == (published == "gemma") for cmd in imports)
 
 
 def test_profile_names_that_dvc_cannot_use_are_refused(tiny_params):

@@ -620,35 +620,63 @@ def publish(layer: str, sae_dir: str | None, metrics_path: str | None, out: str 
     click.echo(f"publish L{n}: {out} (SAE files + {card.name})")
 
 
+PUBLISHED_SETS = ("kissane-gpt2-small", "gemma-scope-2b-att")
+
+
 @main.command(name="import")
+@click.option("--set", "published_set", type=click.Choice(PUBLISHED_SETS), default=PUBLISHED_SETS[0], show_default=True,
+              help="Which published attention SAEs: the paper's on GPT-2 Small (ckkissane/attn-saes-gpt2-small-all-layers) "
+                   "or Gemma Scope's on Gemma 2 2B (google/gemma-scope-2b-pt-att).")
 @click.option("--layer", "layer_args", multiple=True, help="Layer number, e.g. 3 or L3; repeat for several.")
-@click.option("--all-layers", is_flag=True, help="All 12 published layers (0 to 11).")
+@click.option("--all-layers", is_flag=True, help="Every published layer (GPT-2 Small: 0 to 11; Gemma 2 2B: 0 to 25).")
 @click.option("--revision", default=None,
-              help="Commit of the hub repo to fetch from, 40 hex characters [default: the pinned commit]")
+              help="Revision of the hub repo to fetch from [default: kissane-gpt2-small's pinned commit; "
+                   "gemma-scope-2b-att: main, resolved to its commit and recorded]")
 @click.option("--endpoint", default=None,
               help="Hugging Face hub endpoint to fetch from, e.g. a mirror [default: HF_ENDPOINT, else https://huggingface.co]")
 @click.option("--out", default=str(layout.IMPORTED_ROOT), show_default=True,
               help="Folder that receives one SAE folder per layer, named L<layer> (apart from models/sae, "
                    "which training owns, and models/published, which `attnsae publish` writes).")
 @click.option("--sha256", "sha256", default=None,
-              help="sha256 the layer's .pt must have, instead of the pinned one (one --layer only).")
+              help="kissane-gpt2-small: sha256 the layer's .pt must have, instead of the pinned one (one --layer only).")
 @click.option("--trust-unpinned", is_flag=True,
-              help="Accept a .pt that has no pinned sha256; the hash it has is recorded in cfg.json.")
+              help="kissane-gpt2-small: accept a .pt that has no pinned sha256; the hash it has is recorded in cfg.json.")
+@click.option("--width", default=None, help="gemma-scope-2b-att: the SAE width, as published (16k, 65k, ...).")
+@click.option("--l0", type=click.IntRange(min=1), default=None,
+              help="gemma-scope-2b-att: take the published average L0 nearest this (each layer has several).")
 @one_line_errors
 def import_saes(
-    layer_args: tuple[str, ...], all_layers: bool, revision: str | None, endpoint: str | None, out: str,
-    sha256: str | None, trust_unpinned: bool,
+    published_set: str, layer_args: tuple[str, ...], all_layers: bool, revision: str | None, endpoint: str | None,
+    out: str, sha256: str | None, trust_unpinned: bool, width: str | None, l0: int | None,
 ) -> None:
-    """Import the paper's GPT-2 Small attention SAEs (Kissane et al., on the Hugging Face hub) as SAE folders.
+    """Import published attention SAEs as SAE folders: the paper's on GPT-2 Small, or Gemma Scope's on Gemma 2 2B.
 
-    Downloads each layer's .pt and _cfg.json from ckkissane/attn-saes-gpt2-small-all-layers at a pinned
-    commit (with huggingface_hub), checks the .pt against its pinned sha256 and the cfg against the published recipe, loads the
-    weights with torch.load(weights_only=True) and writes OUT/L<layer> (cfg.json, sae_weights.safetensors;
-    no sparsity file: none was published). Each folder appears complete or not at all. Evaluate one with
-    `attnsae evaluate --sae OUT/L<layer> --out ...`.
+    kissane-gpt2-small: downloads each layer's .pt and _cfg.json from ckkissane/attn-saes-gpt2-small-all-layers at a
+    pinned commit (with huggingface_hub), checks the .pt against its pinned sha256 and the cfg against the published
+    recipe, loads the weights with torch.load(weights_only=True). gemma-scope-2b-att: downloads each layer's
+    params.npz (the width and the published average L0 nearest --l0) from google/gemma-scope-2b-pt-att, checks it
+    against the sha256 the hub lists, reads it without pickle and stores it as a JumpReLU SAE. Either way writes
+    OUT/L<layer> (cfg.json with the provenance, sae_weights.safetensors; no sparsity file: none was published), each
+    folder complete or not at all. Evaluate one with `attnsae evaluate --sae OUT/L<layer> --out ...`.
     """
+    if published_set == "gemma-scope-2b-att":
+        from attnsae.evaluation.gemma_scope import N_LAYERS, import_gemma_scope
+
+        if sha256 is not None or trust_unpinned:
+            raise UserError("--sha256 and --trust-unpinned are for kissane-gpt2-small; gemma-scope-2b-att's files are "
+                            "checked against the sha256 the hub lists")
+        if width is None or l0 is None:
+            raise UserError("gemma-scope-2b-att needs --width (e.g. 16k) and --l0 (the average L0 wanted)")
+        layers = chosen_layers(layer_args, list(range(N_LAYERS)) if all_layers else None)
+        imported = import_gemma_scope(layers, out, width=width, l0=l0, revision=revision or "main", endpoint=endpoint)
+        for n, info in imported.items():
+            click.echo(f"import L{n}: {info['file']} (average L0 {info['average_l0']}, asked {l0}) sha256 "
+                       f"{info['sha256'][:16]}... at {info['revision'][:12]} -> {layout.sae_dir(n, Path(out))}")
+        return
     from attnsae.evaluation.paper_saes import PAPER_SAES, REVISION, import_paper_saes
 
+    if width is not None or l0 is not None:
+        raise UserError("--width and --l0 are for gemma-scope-2b-att (the paper's set has one SAE per layer)")
     layers = chosen_layers(layer_args, sorted(PAPER_SAES) if all_layers else None)
     if sha256 is not None and len(layers) != 1:
         raise UserError("--sha256 pins one file; use it with a single --layer")

@@ -26,7 +26,11 @@ PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
 PIPELINES_DIR = "pipelines"
 
-ModelSource = Literal["smollm2-135m", "gpt2", "tiny-gpt2", "gpt2-random"]
+# model.source: a named model (data/models.py builds each), a hub repository or a transformers folder on disk.
+NAMED_MODEL_SOURCES = ("smollm2-135m", "gpt2", "tiny-gpt2", "gpt2-random")
+HUB_MODEL_SOURCE = re.compile(r"hf:(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
+LOCAL_MODEL_SOURCE = "local:"
+MODEL_SOURCES_ALLOWED = f"{', '.join(NAMED_MODEL_SOURCES)}, hf:OWNER/NAME[@REVISION] or local:PATH"
 Device = Literal["auto", "cpu", "cuda"]
 # "auto": bf16 autocast on CUDA, fp32 on CPU (CPUs without AMX/AVX512-BF16 run bf16 ~100x slower).
 Precision = Literal["auto", "fp32", "bf16"]
@@ -60,10 +64,18 @@ class RuleBroken(ValueError):
 
 
 class ModelConfig(Section):
-    source: ModelSource = "smollm2-135m"
+    source: str = "smollm2-135m"
     seed: Seed = 0  # only for tiny-gpt2's random weights
     device: Device = "auto"
     precision: Precision = "auto"
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        local = value.startswith(LOCAL_MODEL_SOURCE) and value[len(LOCAL_MODEL_SOURCE):].strip()
+        if value not in NAMED_MODEL_SOURCES and not HUB_MODEL_SOURCE.fullmatch(value) and not local:
+            raise ValueError(f"must be one of {MODEL_SOURCES_ALLOWED}")
+        return value
 
 
 class CorpusConfig(Section):

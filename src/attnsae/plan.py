@@ -26,7 +26,6 @@ import torch
 
 from attnsae import config, preflight
 from attnsae.config import SAEConfig
-from attnsae.formats.model_info import MODEL_SHAPES
 from attnsae.preflight import ADAM_BYTES_PER_PARAM, DASHBOARD_L0, FIRING_BYTES, human_bytes
 
 SAE_STEP_FLOP_PER_TOKEN_PER_PARAM = 12  # x d_in * d_sae
@@ -130,9 +129,8 @@ def human_duration(seconds: float) -> str:
 def describe_plan(params: dict[str, Any], device: torch.device, processes: int | None = None) -> list[str]:
     """The lines `attnsae plan` prints for a params file; measures this device's matmul throughput and the
     training step. ``processes``: also the time with that many (default: distributed.nproc_per_node)."""
-    preflight.check_params(params)
+    shape = preflight.check_params(params)
     source = config.model_config(params).source
-    shape = MODEL_SHAPES[source]
     d_in = shape.d_in
     layer_plans = [plan_layer(n, config.sae_config(params, n), d_in) for n in config.layers(params)]
     widest = max(lp.d_sae for lp in layer_plans)
@@ -144,7 +142,9 @@ def describe_plan(params: dict[str, Any], device: torch.device, processes: int |
         rates["bf16"] = measure_matmul_flops(device, d_in, widest, batch, torch.bfloat16)
 
     lines = [
-        f"profile {params.get('profile', 'custom')}: model {source} (hook_z width {d_in}), device {device}",
+        f"profile {params.get('profile', 'custom')}: model {source}, device {device}",
+        f"model: {shape.architecture}, {shape.n_params / 1e6:,.1f}M parameters, {shape.n_layers} layers, {shape.n_heads} "
+        f"heads x {shape.d_head} ({shape.n_kv_heads} key/value heads), hook_z width {d_in} (from its config.json)",
         f"{'layer':>5} {'d_sae':>7} {'tokens':>15} {'steps':>10} {'SAE PFLOP':>10} {'SAE+Adam':>11} {'buffer':>11}",
     ]
     for lp in layer_plans:

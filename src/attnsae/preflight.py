@@ -5,7 +5,7 @@ before the first stage that holds results. ``config.validate`` checks each value
 module adds what follows from the model and from the machine:
 
 - the model's bounds: layers below its layer count, the context within its positions, logit tokens within its
-  vocabulary. Read from the model source's shape (``formats.model_info.MODEL_SHAPES``), so no download is needed;
+  vocabulary. Read from the model's config.json (``data.model_sources``), so no weights are downloaded;
   and the report's reference: the published table only for GPT-2 Small, a metrics folder that exists;
 - the devices: a section that asks for ``cuda`` needs a CUDA device on this machine;
 - the resources: a lower bound on each stage's memory (on the device it will run on) and on the activation cache's
@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from attnsae import config, layout
+from attnsae.data import model_sources
 from attnsae.errors import UserError
 from attnsae.evaluation.comparison import KEYWORDS, published_reference
-from attnsae.formats.model_info import MODEL_SHAPES, ModelShape
+from attnsae.formats.model_info import ModelShape
 
 PARAMS = config.PARAMS_FILE
 FP32, BF16 = 4, 2  # bytes per value
@@ -68,32 +69,30 @@ class StageNeeds:
 
 def check(params: dict[str, Any], machine: Machine) -> None:
     """Everything `attnsae check-params` judges: each value, the model's bounds, the devices, memory and disk."""
-    check_params(params)
+    shape = check_params(params)
     check_devices(params, machine)
-    check_fits(params, machine)
+    check_fits(params, shape, machine)
 
 
-def check_params(params: dict[str, Any]) -> None:
-    """What the params file alone decides, whatever the machine (`attnsae plan` prices runs for other machines)."""
+def check_params(params: dict[str, Any]) -> ModelShape:
+    """What the params file alone decides, whatever the machine (`attnsae plan` prices runs for other machines);
+    returns the model's shape, read from its config.json."""
     config.validate(params)
-    check_model_bounds(params, model_shape(params))
-    check_report_reference(params)
+    shape = model_sources.source_shape(config.model_config(params).source)
+    check_model_bounds(params, shape)
+    check_report_reference(params, shape)
+    return shape
 
 
-def check_report_reference(params: dict[str, Any]) -> None:
+def check_report_reference(params: dict[str, Any], shape: ModelShape) -> None:
     """``report.compare``: the published table only for GPT-2 Small, and a folder that exists, unless a stage makes it
     (the paper's SAEs' metrics): the report stage would otherwise find out after DVC deleted the report."""
     compare, source = config.report_config(params).compare, config.model_config(params).source
     if compare == "published":
-        shape = model_shape(params)
         published_reference(source, source, shape.n_layers, shape.d_in)  # one line naming what is allowed
     elif compare not in KEYWORDS and not Path(compare).is_dir() and layout.stage_output_holding(compare) is None:
         raise UserError(f"{PARAMS}: bad value for 'report.compare': {compare!r} is not a folder (allowed: auto, "
                         f"published, none, or a folder of L<n>.json metrics files)")
-
-
-def model_shape(params: dict[str, Any]) -> ModelShape:
-    return MODEL_SHAPES[config.model_config(params).source]
 
 
 def check_model_bounds(params: dict[str, Any], shape: ModelShape) -> None:
@@ -197,8 +196,8 @@ def _sae_step(cfg: config.SAEConfig, d_in: int) -> tuple[Need, ...]:
     return (max(batch, resample, key=lambda need: need.bytes),)
 
 
-def check_fits(params: dict[str, Any], machine: Machine) -> None:
-    for stage in stage_needs(params, model_shape(params)):
+def check_fits(params: dict[str, Any], shape: ModelShape, machine: Machine) -> None:
+    for stage in stage_needs(params, shape):
         on_cuda = runs_on_cuda(params, stage.device_key, machine)
         has = machine.cuda_memory_bytes if on_cuda else machine.memory_bytes
         if stage.bytes > has:
@@ -209,7 +208,7 @@ def check_fits(params: dict[str, Any], machine: Machine) -> None:
                 f"is {largest.what} ({human_bytes(largest.bytes)}): lower '{largest.key}'")
     cache = config.activations_config(params)
     if cache.source == "disk":
-        disk = len(config.layers(params)) * cache.tokens * model_shape(params).d_in * BF16
+        disk = len(config.layers(params)) * cache.tokens * shape.d_in * BF16
         if disk > machine.cache_disk_bytes:
             raise UserError(f"{PARAMS}: bad value for 'activations.tokens': the activation cache needs "
                             f"{human_bytes(disk)} of disk and {layout.ACTIVATIONS_DIR} has {human_bytes(machine.cache_disk_bytes)} "

@@ -1,6 +1,7 @@
 """Profiles: `attnsae profile NAME` makes profiles/NAME.yaml the active params.yaml and writes dvc.yaml.
 
-dvc.yaml is the profile's pipeline file (``pipelines/cache.yaml`` or ``pipelines/stream.yaml``) plus an
+dvc.yaml is the profile's pipeline file (``pipelines/cache.yaml`` or ``pipelines/stream.yaml``), for a stream
+profile on a model with published attention SAEs their stages (``pipelines/published/<set>.yaml``), plus an
 ``artifacts:`` section that names each layer's publishable folder (``models/published/L<n>``: SAE + model
 card) as a DVC artifact, so other repositories can ``dvc artifacts get`` / ``dvc import`` one layer at a
 git tag. The section depends on the profile's layers, which is why it is rendered here, not stored.
@@ -8,6 +9,7 @@ git tag. The section depends on the profile's layers, which is why it is rendere
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +68,44 @@ def artifacts_section(profile: str, params: dict[str, Any]) -> dict[str, dict[st
     return section
 
 
-def render_pipeline(pipeline_text: str, profile: str, params: dict[str, Any]) -> str:
-    """dvc.yaml for a profile: the pipeline file unchanged (comments kept) with the artifacts section appended."""
+def published_set(params: dict[str, Any]) -> str | None:
+    """The published attention SAEs of the profile's model (``pipelines/published/<set>.yaml``), if it has any."""
+    from attnsae.evaluation import gemma_scope, paper
+
+    source = config.model_config(params).source
+    sets = {paper.MODEL_SOURCE: "kissane-gpt2-small", f"hf:{paper.MODEL_REPO}": "kissane-gpt2-small",
+            gemma_scope.MODEL_SOURCE: "gemma-scope-2b-att"}
+    return sets.get(source.split("@")[0])
+
+
+def with_published_stages(pipeline_text: str, published_text: str) -> str:
+    """The stream pipeline with the published SAEs' stages (the fragment's, comments kept) after its own."""
+    head, marker, tail = pipeline_text.partition("\nplots:")
+    stages = published_text.split("\nstages:\n", 1)[1]
+    return f"{head.rstrip()}\n\n{stages.rstrip()}\n{marker}{tail}" if marker else f"{head.rstrip()}\n\n{stages}"
+
+
+MODEL_STAGE_DEPS = "    cmd: attnsae model\n    deps:\n"
+
+
+def with_local_model_dep(pipeline_text: str, params: dict[str, Any]) -> str:
+    """For a ``local:PATH`` model, PATH as a dep of the model stage: DVC then reruns it when the folder's files change
+    (params.yaml names only the path)."""
+    source = config.model_config(params).source
+    if not source.startswith(config.LOCAL_MODEL_SOURCE):
+        return pipeline_text
+    if MODEL_STAGE_DEPS not in pipeline_text:
+        raise UserError("the pipeline file's model stage has no deps list to add the local model folder to")
+    path = json.dumps(source[len(config.LOCAL_MODEL_SOURCE):])  # quoted: YAML reads any path back as it is
+    return pipeline_text.replace(MODEL_STAGE_DEPS, f"{MODEL_STAGE_DEPS}      - {path}\n", 1)
+
+
+def render_pipeline(pipeline_text: str, profile: str, params: dict[str, Any], published_text: str | None = None) -> str:
+    """dvc.yaml for a profile: the pipeline file unchanged (comments kept), the published SAEs' stages of its model
+    if any, a local model folder as the model stage's dep, and the artifacts section."""
+    if published_text is not None:
+        pipeline_text = with_published_stages(pipeline_text, published_text)
+    pipeline_text = with_local_model_dep(pipeline_text, params)
     pipeline = yaml.safe_load(pipeline_text) or {}
     if "artifacts" in pipeline:
         raise UserError("the pipeline file already has an 'artifacts' section; `attnsae profile` writes it per profile")
@@ -80,6 +118,20 @@ def pipeline_mode(params: dict[str, Any]) -> str:
     return "stream" if config.activations_config(params).source == "stream" else "cache"
 
 
+def profile_pipeline(root: str | Path, name: str, params: dict[str, Any]) -> str:
+    """dvc.yaml's text for profile ``name`` with ``params``, from the pipeline files under ``root``."""
+    pipelines = Path(root) / config.PIPELINES_DIR
+    mode = pipeline_mode(params)
+    pipeline = pipelines / f"{mode}.yaml"
+    if not pipeline.is_file():
+        raise UserError(f"{pipeline}: missing; profiles need the pipeline files in {config.PIPELINES_DIR}/")
+    published = published_set(params) if mode == "stream" else None
+    fragment = pipelines / "published" / f"{published}.yaml"
+    if published is not None and not fragment.is_file():
+        raise UserError(f"{fragment}: missing; it holds the stages of the published SAEs of the profile's model")
+    return render_pipeline(pipeline.read_text(), name, params, fragment.read_text() if published else None)
+
+
 def activate_profile(root: str | Path, name: str) -> str:
     """Write params.yaml and dvc.yaml for profile ``name``; both are checked before either is replaced."""
     root = Path(root)
@@ -89,11 +141,7 @@ def activate_profile(root: str | Path, name: str) -> str:
     source = root / config.PROFILES_DIR / f"{name}.yaml"
     params = config.read_params(source)
     config.validate(params)
-    mode = pipeline_mode(params)
-    pipeline = root / config.PIPELINES_DIR / f"{mode}.yaml"
-    if not pipeline.is_file():
-        raise UserError(f"{pipeline}: missing; profiles need the pipeline files in {config.PIPELINES_DIR}/")
-    dvc_yaml = render_pipeline(pipeline.read_text(), name, params)
+    dvc_yaml = profile_pipeline(root, name, params)
     write_text_atomic(root / config.PARAMS_FILE, source.read_text())
     write_text_atomic(root / "dvc.yaml", dvc_yaml)
-    return mode
+    return pipeline_mode(params)

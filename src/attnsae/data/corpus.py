@@ -391,11 +391,9 @@ def _pin_source(source: str) -> str:
 
 
 def _require_hub(source: str) -> None:
-    from attnsae.data.models import hub_unreachable_reason
+    from attnsae.data import hub
 
-    reason = hub_unreachable_reason()
-    if reason:
-        raise UserError(f"corpus source {source} needs the Hugging Face hub, which is not reachable ({reason})")
+    hub.require(hub.check_endpoint(None), f"corpus source {source}")
 
 
 def _hf_documents(spec: str) -> Iterator[str]:

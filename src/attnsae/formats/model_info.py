@@ -1,6 +1,6 @@
-"""What stages know about a model without loading it (or torch): the shape of each model source, and
-``models/base/attnsae_model.json``, the pinned model's shape, vocabulary, BOS token, positions and file hashes,
-written by the model stage.
+"""What stages know about a model without loading it (or torch): ``models/base/attnsae_model.json``, the pinned
+model's shape, vocabulary, document separator, positions and file hashes, written by the model stage; and
+``ModelShape``, a model's size read from its config.json.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ class ModelInfo(BaseModel):
     n_heads: PositiveInt
     d_head: PositiveInt
     vocab_size: PositiveInt
+    # The token that starts every row and separates documents: the model's own end-of-text token where it has one
+    # (GPT-2, Pythia, SmolLM2, Qwen2, OLMo 2 were trained with it between documents), else its BOS (Llama, Gemma,
+    # Mistral start every document with it). data/models.py: document_separator.
     bos_token_id: NonNegativeInt
     sha256: dict[str, str]
     n_positions: PositiveInt | None = None  # the longest context the model takes (None: written before it was recorded)
@@ -51,12 +54,16 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A model's size, known without loading it (for `attnsae plan`, the published table, the random builds)."""
+    """A model's size and attention layout, read from its config.json without its weights (data/model_sources.py):
+    for `attnsae plan`, the params check and the random builds."""
 
-    n_params: int
+    architecture: str  # the transformers class, config.json's "architectures": LlamaForCausalLM
+    n_params: int  # every parameter once (tied embeddings count once)
     n_layers: int
-    n_heads: int
-    d_head: int
+    n_heads: int  # query heads: hook_z has one slot per query head
+    n_kv_heads: int  # key/value heads (fewer with grouped-query attention)
+    d_head: int  # not always d_model / n_heads (Gemma 2: 8 heads x 256 on a 2304-wide residual stream)
+    d_model: int
     n_positions: int
     vocab_size: int
 
@@ -64,15 +71,3 @@ class ModelShape:
     def d_in(self) -> int:
         """hook_z's width with the heads concatenated."""
         return self.n_heads * self.d_head
-
-
-# Every model source's shape, in one place.
-GPT2_SMALL = ModelShape(n_params=124_439_808, n_layers=12, n_heads=12, d_head=64, n_positions=1024, vocab_size=50257)
-MODEL_SHAPES = {
-    "gpt2": GPT2_SMALL,
-    "gpt2-random": GPT2_SMALL,
-    "smollm2-135m": ModelShape(n_params=134_515_008, n_layers=30, n_heads=9, d_head=64, n_positions=8192,
-                               vocab_size=49152),
-    # The byte-level tokenizer's 256 bytes + <|endoftext|>; about 0.2M parameters, negligible in a plan.
-    "tiny-gpt2": ModelShape(n_params=0, n_layers=4, n_heads=4, d_head=16, n_positions=256, vocab_size=257),
-}
