@@ -21,8 +21,8 @@ Paths are relative to the repository root, where DVC runs every stage. Each arti
 | labels | `labels/L<n>.csv` (git-tracked, people's ratings) | `attnsae labels import`: `features.labels.import_labels` | `features.labels.read_labels` | report |
 | report | `reports/report.md`, `reports/index.html`, `reports/layers.csv` | `report`: `reporting.report.build_report` | people; `dvc plots` (frontier) | - |
 | published SAE | `models/published/L<n>/` (SAE + model card) | `publish@L`: `reporting.publish.publish_layer` | `sae.autoencoder.load_sae` | `attnsae verify`, other repos |
-| imported SAE | `models/imported/L<n>/` | `import_paper_saes@L`: `evaluation.paper_saes.import_paper_saes` | `sae.autoencoder.load_sae` | evaluate_paper_saes |
-| imported metrics | `reports/imported/{metrics,density}/L<n>.*` | `evaluate_paper_saes@L` | `formats.metrics.read_metrics` | report (`report.compare`) |
+| imported SAE | `models/imported/L<n>/` | `import_published_saes@L`: `evaluation.paper_saes.import_paper_saes` or `evaluation.gemma_scope.import_gemma_scope` | `sae.autoencoder.load_sae` | evaluate_published_saes, dashboards_published_saes |
+| imported metrics | `reports/imported/{metrics,density}/L<n>.*` | `evaluate_published_saes@L` | `formats.metrics.read_metrics` | report (`report.compare`) |
 | checkpoints | `checkpoints/train-L<n>[-L<m>...].pt` (outside every DVC output) | train | `sae.checkpoints.load_checkpoint` | train (resume) |
 | MLflow store | `mlflow.db`, `mlruns/` | `reporting.tracking` | `mlflow ui` | - |
 

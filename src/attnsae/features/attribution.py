@@ -11,8 +11,8 @@ encoder's dot product splits over source positions and heads:
     bias_f          = b_enc[f] - b_dec . W_enc[:, f]                  (what no source position explains)
 
 W_enc^h is the d_head-sized slice of head h. On the write side, the feature's decoder row moves the residual
-stream by sum_h W_dec[f, h] W_O^h; through the final norm and the unembedding that is the feature's
-logit effect (``logit_effects``).
+stream by sum_h W_dec[f, h] W_O^h (through the block's norm on the attention output where it has one); through
+the final norm and the unembedding that is the feature's logit effect (``logit_effects``).
 """
 
 from __future__ import annotations
@@ -96,23 +96,45 @@ def decoder_head_shares(sae: SAE, n_heads: int) -> torch.Tensor:
 
 
 def residual_directions(bridge, sae: SAE, layer: int, features: torch.Tensor) -> torch.Tensor:
-    """sum_h W_dec[f, h] W_O^h: what a unit activation of each feature adds to the residual stream, [N, d_model]."""
+    """sum_h W_dec[f, h] W_O^h: what a unit activation of each feature adds to the residual stream, [N, d_model];
+    through the norm the block applies to the attention output before adding it (Gemma 2, OLMo 2: ``ln1_post``)."""
     w_o = bridge.blocks[layer].attn.W_O.detach().float()  # [H, dh, d_model]
     rows = sae.W_dec.detach()[features].reshape(len(features), w_o.shape[0], w_o.shape[1])
-    return torch.einsum("nhd,hdm->nm", rows, w_o)
+    directions = torch.einsum("nhd,hdm->nm", rows, w_o)
+    post = getattr(bridge.blocks[layer], "ln1_post", None)
+    return directions if post is None else through_norm(post._original_component, directions, centres=False)
+
+
+def norm_gain(norm: torch.nn.Module, width: int) -> torch.Tensor:
+    """The per-dimension gain an RMSNorm-type module applies, measured on the module itself: it maps a constant vector
+    c * 1 to gain * c / sqrt(c^2 + eps), the gain to float precision for large c (Gemma's norms multiply by 1 + w,
+    most others by w). Where that is the module's weight, the weight itself, to the last bit."""
+    weight = getattr(norm, "weight", None)
+    probe = torch.full((1, width), 1e3, dtype=weight.dtype if weight is not None else torch.float32,
+                       device=weight.device if weight is not None else None)
+    with torch.no_grad():
+        gain = norm(probe)[0].float().detach()
+    if weight is not None and torch.allclose(gain, weight.detach().float(), rtol=1e-5, atol=1e-7):
+        return weight.detach().float()
+    return gain
+
+
+def through_norm(norm: torch.nn.Module, directions: torch.Tensor, centres: bool) -> torch.Tensor:
+    """``directions`` through a norm as the model applies it, without its per-token scale (the same for every output
+    dimension, so rankings are exact): LayerNorm centres, then multiplies by its weight; RMSNorm multiplies by its
+    gain. A LayerNorm's bias moves every direction alike and is left out."""
+    if centres:
+        directions = directions - directions.mean(-1, keepdim=True)
+        weight = getattr(norm, "weight", None)
+        return directions if weight is None else directions * weight.detach().float()
+    return directions * norm_gain(norm, directions.shape[-1])
 
 
 def logit_effects(bridge, directions: torch.Tensor) -> torch.Tensor:
-    """The direct effect of residual directions on the logits, [N, vocab], through the final norm as the model applies it.
-
-    LayerNorm centres its input and RMSNorm does not; both then scale by a per-token factor (left out: it is
-    the same for every vocabulary entry, so the ranking is exact) and multiply by their weight. When
-    TransformerLens has folded the weight into W_U (GPT-2 in compatibility mode) the norm's weight is all ones.
-    """
-    norm = bridge.ln_final._original_component
-    if bridge.cfg.normalization_type in ("LN", "LNPre"):
-        directions = directions - directions.mean(-1, keepdim=True)
-    weight = getattr(norm, "weight", None)
-    if weight is not None:
-        directions = directions * weight.detach().float()
-    return directions @ bridge.W_U.detach().float()
+    """The direct effect of residual directions on the logits, [N, vocab], through the final norm as the model
+    applies it (``through_norm``). When TransformerLens has folded the norm's weight into W_U (GPT-2 in
+    compatibility mode) the norm has none. The effects are on the logits before any final soft-capping (Gemma 2's
+    cap * tanh(logits / cap)): the cap acts on the sum of every direction's effect, so one direction alone has no
+    capped effect, and capping, monotonic in each logit, leaves the ranking of tokens as it is."""
+    centres = bridge.cfg.normalization_type in ("LN", "LNPre")
+    return through_norm(bridge.ln_final._original_component, directions, centres) @ bridge.W_U.detach().float()

@@ -58,9 +58,10 @@ WINDOW_BEFORE, WINDOW_AFTER = 16, 4  # tokens shown around an example's own toke
 
 LOGIT_DEFINITION = (
     "The direct effect of one unit of the feature on the next-token logits: its decoder row, written by each head "
-    "through W_O (sum_h W_dec[f,h] W_O^h), through the final norm as the model applies it (LayerNorm centres, "
-    "then both norms multiply by their weight; the per-token scale is left out, which keeps the ranking exact) "
-    "and the unembedding W_U."
+    "through W_O (sum_h W_dec[f,h] W_O^h) and the norm the block applies to the attention output where it has one, "
+    "through the final norm as the model applies it (LayerNorm centres, then multiplies by its weight; RMSNorm "
+    "multiplies by its gain, Gemma's 1 + w; per-token scales are left out, which keeps the ranking exact) and the "
+    "unembedding W_U, before any final logit soft-capping."
 )
 DFA_DEFINITION = (
     "Direct feature attribution at an example's own token d: DFA[s,h] = A^h[d,s] (v^h[s] . W_enc^h[:,f]), the part "

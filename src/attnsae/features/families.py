@@ -110,15 +110,15 @@ TAG_DEFINITIONS: dict[str, dict[str, str]] = {
         "source": "probe",
         "probe": f"{SUCCESSOR_ITEMS[0]}-{SUCCESSOR_ITEMS[1]} consecutive items of: "
                  + ", ".join(ORDINAL_SEQUENCES)
-                 + " (single-token items only), comma or space separated; each with a shuffled control that has "
-                 "no item followed by its successor",
+                 + " (single-token items only), comma or space separated, each sequence as the tokenizer writes "
+                 "it in running text; each with a shuffled control that has no item followed by its successor",
     },
     "name_mover": {
         "formula": f"sum over END positions of a(END) * p(IO) / max(sum over all probe positions of a, {_FLOOR}); "
                    + _SHARE,
         "source": "probe",
-        "probe": f"IOI sentences ({len(IOI_TEMPLATES)} templates, ABBA and BABA orders, single-token names), "
-                 "END = the final token, IO = the name that appears once",
+        "probe": f"IOI sentences ({len(IOI_TEMPLATES)} templates, those the tokenizer writes as built; ABBA and BABA "
+                 "orders, single-token names), END = the final token, IO = the name that appears once",
     },
     "local_context": {
         "formula": f"(R({LOCAL_LAG}) - max(R({DOCUMENT_LAG}), density)) * (1 - F - B), R(k) = P(fires at d+k | fires "
@@ -339,19 +339,29 @@ def duplicate_probe(vocabulary: np.ndarray, bos: int, prompts: int, rng: np.rand
     return ProbeSet("duplicate_token", "attributed", rows, targets)
 
 
+def as_written(tokenizer, tokens: list[int], text: str) -> bool:
+    """Whether ``tokens``, encoded piece by piece, are what the tokenizer makes of ``text`` in one go. A probe is
+    built from pieces so that it knows where each name or item sits; it is only worth running on tokens the model
+    meets in running text (a byte-level BPE writes "Monday, Tuesday" as Monday , ĠTuesday, never , Ġ Tuesday)."""
+    return tokenizer.encode(text, add_special_tokens=False) == tokens
+
+
 def ordinal_runs(tokenizer) -> list[tuple[list[int], list[int]]]:
     """(item ids, separator ids) for every ordinal sequence and written form whose consecutive items are single
-    tokens: each maximal run of at least the minimum sequence length."""
+    tokens: each maximal run of at least the minimum sequence length, kept when it is the tokenizer's own encoding
+    of its text (``as_written``)."""
     runs = []
     for items, (item_format, separator) in itertools.product(ORDINAL_SEQUENCES.values(), ORDINAL_FORMS):
         separator_ids = tokenizer.encode(separator, add_special_tokens=False) if separator else []
         ids = [_single_token(tokenizer, item_format.format(item)) for item in items]
         run: list[int] = []
-        for token in ids + [None]:
+        for index, token in enumerate(ids + [None]):
             if token is not None:
                 run.append(token)
                 continue
-            if len(run) >= SUCCESSOR_ITEMS[0]:
+            written = "".join(item_format.format(item) + separator for item in items[index - len(run):index])
+            pieces = [piece for item in run for piece in [item] + separator_ids]
+            if len(run) >= SUCCESSOR_ITEMS[0] and as_written(tokenizer, pieces, written):
                 runs.append((run, separator_ids))
             run = []
     return runs
@@ -391,10 +401,13 @@ def successor_probe(tokenizer, bos: int, prompts: int, rng: np.random.Generator)
 
 def name_mover_probe(tokenizer, bos: int, prompts: int, rng: np.random.Generator) -> ProbeSet:
     """IOI sentences, ABBA and BABA in turn; target: the final token (END) with the IO name as its source."""
-    names = [token for token in (_single_token(tokenizer, " " + name) for name in IOI_NAMES) if token is not None]
+    spelled = [(token, " " + name) for token, name in ((_single_token(tokenizer, " " + n), n) for n in IOI_NAMES)
+               if token is not None]
+    names = [token for token, _ in spelled]
+    templates = [t for t in IOI_TEMPLATES if len(names) >= 2 and _ioi_as_written(tokenizer, t, spelled[:2])]
     rows, targets = [], []
-    for row in range(prompts if len(names) >= 2 else 0):
-        template = IOI_TEMPLATES[row % len(IOI_TEMPLATES)]
+    for row in range(prompts if templates else 0):
+        template = templates[row % len(templates)]
         io, subject = rng.choice(names, size=2, replace=False).tolist()
         first, second = (io, subject) if row % 2 == 0 else (subject, io)  # ABBA, then BABA
         tokens, name_positions = [bos], []
@@ -406,6 +419,19 @@ def name_mover_probe(tokenizer, bos: int, prompts: int, rng: np.random.Generator
         rows.append(tokens)
         targets.append((row, len(tokens) - 1, name_positions[0] if first == io else name_positions[1]))
     return ProbeSet("name_mover", "attributed", rows, targets)
+
+
+def _ioi_as_written(tokenizer, template: str, names: list[tuple[int, str]]) -> bool:
+    """Whether the template, filled piece by piece with two single-token names (token, text), is the tokenizer's
+    encoding of the sentence (``as_written``)."""
+    tokens, text = [], ""
+    for piece, name in zip(_split_template(template), (names[0], names[1], names[0], None)):
+        tokens += tokenizer.encode(piece, add_special_tokens=False) if piece else []
+        text += piece
+        if name is not None:
+            tokens.append(name[0])
+            text += name[1]
+    return as_written(tokenizer, tokens, text)
 
 
 def _split_template(template: str) -> list[str]:

