@@ -1,0 +1,74 @@
+"""The sparse SAE step (issue 23): after a TopK (or any) selection only k latents per row are nonzero, so only the
+encoder's pre-activation needs the dense matmul; everything else touches the selected latents alone.
+
+For a batch x [B, d_in] and the latents each row keeps, ``idx`` [B, k] (TopK: its k largest pre-activations):
+
+    pre     = (x - b_dec) @ W_enc + b_enc          dense, without autograd: B x d_in x d_sae multiply-adds
+    values  = ReLU(pre[b, idx[b, j]])              ``SelectedPreActivations``: its backward touches idx's latents only
+    x_hat   = sum_j values[b, j] W_dec[idx[b, j]] + b_dec        ``embedding_bag`` (its backward: the k rows)
+
+The dense step does five B x d_in x d_sae matmuls (encoder forward; decoder forward; the decoder's weight and input
+gradients; the encoder's weight gradient); this one does the first and four of B x d_in x k. Gradients are those of
+the dense step to float rounding (tests/test_sparse_step.py), since the unselected latents carry zero gradient there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnsae.sae.autoencoder import SAE
+
+
+class SelectedPreActivations(torch.autograd.Function):
+    """pre[b, idx[b, j]], given the dense ``pre`` computed without autograd, with the gradient of the dense
+    pre-activation restricted to the selected latents:
+
+        d W_enc[:, l] = sum over (b, j) with idx[b, j] = l of g[b, j] * centred[b]   (a sparse [d_sae, B] x [B, d_in])
+        d b_enc[l]    = sum over the same (b, j) of g[b, j]
+        d centred[b]  = sum_j g[b, j] * W_enc[:, idx[b, j]]                          (embedding_bag over W_enc's columns)
+    """
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, centred: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor,
+                idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(centred, w_enc, idx)
+        return pre.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        centred, w_enc, idx = ctx.saved_tensors
+        d_sae, (batch, k) = w_enc.shape[1], idx.shape
+        latents, g = idx.reshape(-1), grad.reshape(-1).to(centred.dtype)
+        rows = torch.arange(batch, device=idx.device).repeat_interleave(k)
+        selection = torch.sparse_coo_tensor(torch.stack([latents, rows]), g, (d_sae, batch), check_invariants=False)
+        grad_w_enc = torch.sparse.mm(selection, centred).T
+        grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, latents, g)
+        # embedding_bag over a strided view of W_enc reads 30x slower than over a contiguous copy (measured on CPU)
+        grad_centred = F.embedding_bag(idx, w_enc.T.contiguous(), per_sample_weights=grad.to(w_enc.dtype), mode="sum")
+        return None, grad_centred, grad_w_enc, grad_b_enc, None
+
+
+def selected_values(sae: SAE, x: torch.Tensor, select) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pre, idx, values): the dense pre-activation (no autograd), the latents ``select(pre)`` keeps per row, and
+    their ReLU'd pre-activations with the sparse gradient."""
+    centred = x - sae.b_dec
+    with torch.no_grad():
+        pre = centred @ sae.W_enc + sae.b_enc
+    idx = select(pre)
+    values = SelectedPreActivations.apply(pre, centred, sae.W_enc, sae.b_enc, idx).relu()
+    return pre, idx, values
+
+
+def sparse_decode(w_dec: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """sum_j values[b, j] * W_dec[idx[b, j]] (without b_dec), [B, d_in]."""
+    return F.embedding_bag(idx, w_dec, per_sample_weights=values, mode="sum")
+
+
+def topk_indices(k: int):
+    return lambda pre: pre.topk(min(k, pre.shape[-1]), dim=-1).indices
+
+
+def dense_features(idx: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """The [B, d_sae] activations the sparse form stands for (for bookkeeping and tests, not the step)."""
+    return torch.zeros(idx.shape[0], d_sae, dtype=values.dtype, device=values.device).scatter(1, idx, values)
