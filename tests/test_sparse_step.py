@@ -91,3 +91,28 @@ def test_the_sparse_step_is_bit_identical_run_to_run():
         x = torch.randn(128, 32, generator=torch.Generator().manual_seed(7))
         runs.append(gradients(sae, sparse_loss(sae, x, 20)))
     assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
+
+
+@pytest.mark.parametrize("dead_count", [0, 5, 60])  # none dead; fewer dead than aux_k; more
+def test_sparse_auxk_has_the_dense_loss_and_gradients(dead_count):
+    from attnsae.sae.objectives import auxk_loss
+    from attnsae.sae.sparse import encode, sparse_auxk_loss
+
+    sae = random_sae(16, 96, seed=8)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(9))
+    residual = torch.randn(64, 16, generator=torch.Generator().manual_seed(10))
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[torch.randperm(96, generator=torch.Generator().manual_seed(11))[:dead_count]] = True
+    dense = auxk_loss(sae, sae.pre_activation(x), residual, dead, aux_k=8)
+    centred, pre = encode(sae, x)
+    sparse = sparse_auxk_loss(sae, pre, centred, residual, dead, aux_k=8)
+    assert_close_scaled(sparse.detach(), dense.detach(), "loss")
+    if dead_count == 0:
+        assert dense.item() == sparse.item() == 0.0
+        return
+    dense_grads = gradients(sae, dense)
+    centred, pre = encode(sae, x)
+    sparse_grads = gradients(sae, sparse_auxk_loss(sae, pre, centred, residual, dead, aux_k=8))
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert dense_grads[name].abs().max() > 0, name
+        assert_close_scaled(sparse_grads[name], dense_grads[name], name)

@@ -10,6 +10,11 @@ For a batch x [B, d_in] and the latents each row keeps, ``idx`` [B, k] (TopK: it
 The dense step does five B x d_in x d_sae matmuls (encoder forward; decoder forward; the decoder's weight and input
 gradients; the encoder's weight gradient); this one does the first and four of B x d_in x k. Gradients are those of
 the dense step to float rounding (tests/test_sparse_step.py), since the unselected latents carry zero gradient there.
+AuxK (``sparse_auxk_loss``) selects its aux_k dead latents the same way.
+
+Not yet used by training (issue 23 wires it in as ``sae.kernel``). JumpReLU and BatchTopK keep a varying number of
+latents per row, and JumpReLU's threshold gradient also reads the latents just below their thresholds: their sparse
+forms select those too.
 """
 
 from __future__ import annotations
@@ -49,12 +54,18 @@ class SelectedPreActivations(torch.autograd.Function):
         return None, grad_centred, grad_w_enc, grad_b_enc, None
 
 
-def selected_values(sae: SAE, x: torch.Tensor, select) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pre, idx, values): the dense pre-activation (no autograd), the latents ``select(pre)`` keeps per row, and
-    their ReLU'd pre-activations with the sparse gradient."""
+def encode(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centred, pre): x - b_dec (with autograd, for the sparse backward) and the dense pre-activation (without)."""
     centred = x - sae.b_dec
     with torch.no_grad():
         pre = centred @ sae.W_enc + sae.b_enc
+    return centred, pre
+
+
+def selected_values(sae: SAE, x: torch.Tensor, select) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pre, idx, values): the dense pre-activation (no autograd), the latents ``select(pre)`` keeps per row, and
+    their ReLU'd pre-activations with the sparse gradient."""
+    centred, pre = encode(sae, x)
     idx = select(pre)
     values = SelectedPreActivations.apply(pre, centred, sae.W_enc, sae.b_enc, idx).relu()
     return pre, idx, values
@@ -72,3 +83,18 @@ def topk_indices(k: int):
 def dense_features(idx: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
     """The [B, d_sae] activations the sparse form stands for (for bookkeeping and tests, not the step)."""
     return torch.zeros(idx.shape[0], d_sae, dtype=values.dtype, device=values.device).scatter(1, idx, values)
+
+
+def sparse_auxk_loss(sae: SAE, pre: torch.Tensor, centred: torch.Tensor, residual: torch.Tensor,
+                     dead: torch.Tensor, aux_k: int) -> torch.Tensor:
+    """objectives.auxk_loss over the aux_k selected dead latents only: their best reconstruction of ``residual``
+    (detached) as a fraction of its total variance; 0 when no latent is dead. Rows with fewer dead latents than
+    aux_k select live ones too, whose values are zeroed (as the dense form's -inf candidates are)."""
+    with torch.no_grad():
+        candidates = pre.relu().masked_fill(~dead, -torch.inf)
+        top = candidates.topk(min(aux_k, pre.shape[-1]), dim=-1)
+    values = SelectedPreActivations.apply(pre, centred, sae.W_enc, sae.b_enc, top.indices).relu()
+    values = values * torch.isfinite(top.values)
+    error = (sparse_decode(sae.W_dec, top.indices, values).float() - residual).pow(2).sum(-1).mean()
+    variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()  # a constant: the residual is detached
+    return error * torch.where(variance > 0, 1 / variance, 0.0) * dead.any()
