@@ -116,3 +116,53 @@ def test_sparse_auxk_has_the_dense_loss_and_gradients(dead_count):
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert dense_grads[name].abs().max() > 0, name
         assert_close_scaled(sparse_grads[name], dense_grads[name], name)
+
+
+def test_sparse_batchtopk_has_the_dense_loss_and_gradients():
+    from attnsae.sae.objectives import batch_topk
+    from attnsae.sae.sparse import SelectedPreActivations, batch_topk_selection, encode
+
+    sae = random_sae(16, 96, seed=12)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(13))
+    dense = reconstruction_loss(sae, x, batch_topk(sae.pre_activation(x), 5)).mse
+    centred, pre = encode(sae, x)
+    idx, mask = batch_topk_selection(5)(pre)
+    assert len(set(mask.sum(-1).tolist())) > 1  # rows keep different counts: the padding is exercised
+    values = SelectedPreActivations.apply(pre, centred, sae.W_enc, sae.b_enc, idx).relu() * mask
+    sparse = (sparse_decode(sae.W_dec, idx, values) + sae.b_dec - x).pow(2).sum(-1).mean()
+    assert_close_scaled(sparse.detach(), dense.detach(), "loss")
+    dense_grads, sparse_grads = gradients(sae, dense), gradients(sae, sparse)
+    for name in dense_grads:
+        assert_close_scaled(sparse_grads[name], dense_grads[name], name)
+
+
+def test_sparse_jumprelu_has_the_dense_loss_and_gradients_threshold_included():
+    from attnsae.sae.objectives import JumpReLUFunction, StepFunction
+    from attnsae.sae.sparse import SelectedJumpReLU, SelectedPreActivations, encode, jumprelu_selection
+
+    bandwidth, l0_coeff = 0.2, 0.05
+    sae = SAE(16, 96, generator=torch.Generator().manual_seed(14), kind="jumprelu")
+    with torch.no_grad():
+        sae.threshold.uniform_(0.1, 0.6, generator=torch.Generator().manual_seed(15))
+        sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(16))
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(17))
+
+    def dense_loss() -> torch.Tensor:
+        pre = sae.pre_activation(x)
+        f = JumpReLUFunction.apply(pre, sae.threshold, bandwidth)
+        l0 = StepFunction.apply(pre, sae.threshold, bandwidth).sum(-1).mean()
+        return reconstruction_loss(sae, x, f).mse + l0_coeff * l0
+
+    def sparse_loss() -> torch.Tensor:
+        centred, pre = encode(sae, x)
+        idx, mask = jumprelu_selection(sae.threshold.detach(), bandwidth)(pre)
+        values = SelectedPreActivations.apply(pre, centred, sae.W_enc, sae.b_enc, idx)
+        f, step = SelectedJumpReLU.apply(values, sae.threshold, idx, mask, bandwidth)
+        return (sparse_decode(sae.W_dec, idx, f) + sae.b_dec - x).pow(2).sum(-1).mean() + l0_coeff * step.sum(-1).mean()
+
+    assert_close_scaled(sparse_loss().detach(), dense_loss().detach(), "loss")
+    dense_grads, sparse_grads = gradients(sae, dense_loss()), gradients(sae, sparse_loss())
+    assert set(sparse_grads) == {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+    for name in dense_grads:
+        assert dense_grads[name].abs().max() > 0, name
+        assert_close_scaled(sparse_grads[name], dense_grads[name], name)

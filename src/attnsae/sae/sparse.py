@@ -10,11 +10,13 @@ For a batch x [B, d_in] and the latents each row keeps, ``idx`` [B, k] (TopK: it
 The dense step does five B x d_in x d_sae matmuls (encoder forward; decoder forward; the decoder's weight and input
 gradients; the encoder's weight gradient); this one does the first and four of B x d_in x k. Gradients are those of
 the dense step to float rounding (tests/test_sparse_step.py), since the unselected latents carry zero gradient there.
-AuxK (``sparse_auxk_loss``) selects its aux_k dead latents the same way.
+AuxK (``sparse_auxk_loss``) selects its aux_k dead latents the same way. BatchTopK and JumpReLU keep a varying
+number of latents per row: ``padded_selection`` pads each row to the largest count with masked entries; JumpReLU's
+threshold gradient (straight-through, nonzero within bandwidth / 2 of the threshold) also reads latents just below
+their thresholds, so ``jumprelu_selection`` keeps those too and ``SelectedJumpReLU`` scatters the threshold's
+gradient back.
 
-Not yet used by training (issue 23 wires it in as ``sae.kernel``). JumpReLU and BatchTopK keep a varying number of
-latents per row, and JumpReLU's threshold gradient also reads the latents just below their thresholds: their sparse
-forms select those too.
+Not yet used by training (issue 23 wires it in as ``sae.kernel``).
 """
 
 from __future__ import annotations
@@ -98,3 +100,53 @@ def sparse_auxk_loss(sae: SAE, pre: torch.Tensor, centred: torch.Tensor, residua
     error = (sparse_decode(sae.W_dec, top.indices, values).float() - residual).pow(2).sum(-1).mean()
     variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()  # a constant: the residual is detached
     return error * torch.where(variance > 0, 1 / variance, 0.0) * dead.any()
+
+
+def padded_selection(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx [B, m], mask [B, m]) for a [B, d_sae] boolean choice whose rows hold different counts (BatchTopK,
+    JumpReLU): each row's chosen latents, padded to the largest row's count m with unchosen ones masked out."""
+    width = max(int(chosen.sum(-1).max()), 1)
+    idx = chosen.to(torch.int8).topk(width, dim=-1, sorted=False).indices
+    return idx, chosen.gather(1, idx)
+
+
+def batch_topk_selection(k: int):
+    """The latents BatchTopK keeps (objectives.batch_topk: the batch's k * B largest ReLU'd pre-activations)."""
+    def select(pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = pre.relu().flatten()
+        kept = torch.zeros(flat.numel(), dtype=torch.bool, device=pre.device)
+        kept[flat.topk(min(k * pre.shape[0], flat.numel())).indices] = True
+        return padded_selection(kept.view_as(pre))
+    return select
+
+
+class SelectedJumpReLU(torch.autograd.Function):
+    """objectives.JumpReLUFunction and StepFunction on selected entries, with the threshold gathered per entry
+    ([B, m]): returns (pre * H(pre - t), H(pre - t)); the thresholds' straight-through gradients are scattered back to
+    their latents. Exact when the selection holds every latent above its threshold or within bandwidth / 2 of it
+    (elsewhere both gradients are zero)."""
+
+    @staticmethod
+    def forward(ctx, values, threshold, idx, mask, bandwidth: float):
+        ctx.save_for_backward(values, threshold, idx, mask)
+        ctx.bandwidth, ctx.d_sae = bandwidth, threshold.shape[0]
+        t = threshold[idx]
+        above = (values > t) & mask
+        return values * above, above.to(values.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_f, grad_step):
+        values, threshold, idx, mask = ctx.saved_tensors
+        t, bw = threshold[idx], ctx.bandwidth
+        above = (values > t) & mask
+        kernel = ((values - t) / bw > -0.5) & ((values - t) / bw < 0.5) & mask
+        per_entry = kernel * (-(t / bw) * grad_f - (1.0 / bw) * grad_step)
+        grad_threshold = torch.zeros_like(threshold).index_add_(0, idx.reshape(-1), per_entry.reshape(-1))
+        return above * grad_f, grad_threshold, None, None, None
+
+
+def jumprelu_selection(threshold: torch.Tensor, bandwidth: float):
+    """Every latent above its threshold or within bandwidth / 2 of it (where the straight-through kernel is nonzero)."""
+    def select(pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return padded_selection((pre > threshold) | ((pre - threshold).abs() < bandwidth / 2))
+    return select
