@@ -35,11 +35,13 @@ def listing(folder: Path, repo: str, lies: dict[str, str]) -> dict:
 class LoopbackHub(http.server.BaseHTTPRequestHandler):
     folder: Path
     lies: dict[str, str]
+    asked: list[str]  # every path requested, in order
 
     def log_message(self, *args) -> None:  # keep the test output clean
         pass
 
     def _parts(self) -> list[str]:
+        self.asked.append(urllib.parse.unquote(urllib.parse.urlsplit(self.path).path))
         return urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).strip("/").split("/")
 
     def _resolve(self) -> tuple[bytes, str] | None:
@@ -77,9 +79,11 @@ class LoopbackHub(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve(folder: Path, lies: dict[str, str] | None = None) -> Iterator[str]:
-    """``folder`` served as the hub at a free port on 127.0.0.1; yields the endpoint URL."""
-    handler = type("Hub", (LoopbackHub,), {"folder": folder, "lies": lies if lies is not None else {}})
+def serve(folder: Path, lies: dict[str, str] | None = None, asked: list[str] | None = None) -> Iterator[str]:
+    """``folder`` served as the hub at a free port on 127.0.0.1; yields the endpoint URL. ``asked``, if given,
+    receives every path requested."""
+    handler = type("Hub", (LoopbackHub,), {"folder": folder, "lies": lies if lies is not None else {},
+                                           "asked": asked if asked is not None else []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

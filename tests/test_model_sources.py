@@ -174,10 +174,13 @@ def test_unsupported_hub_model_stops_before_its_weights(tmp_path, online):
 
     repo = write_config(tmp_path / "repo", transformers.MambaConfig())
     (repo / "model.safetensors").write_bytes(b"weights that must not be fetched")
-    with serve(repo) as url:
+    asked: list[str] = []
+    with serve(repo, asked=asked) as url:
         online(url)
         with pytest.raises(UserError, match="state-space model"):
             prepare_model(ModelConfig(source="hf:state/space"), tmp_path / "base")
+    assert any(path.endswith("/config.json") for path in asked)
+    assert not any(path.endswith("model.safetensors") for path in asked)
 
 
 def test_hub_shape_is_read_from_the_hub_before_any_weights(tmp_path, online):
