@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from helpers import TINY_PROFILE, pipeline_repository, read_tiny_params, run  # noqa: E402
+from loopback_hub import serve  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +111,18 @@ def tiny_params_file(tmp_path):
     path = tmp_path / "params.yaml"
     shutil.copyfile(TINY_PROFILE, path)
     return path
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A folder served as the hub on 127.0.0.1 at a free port; yields (folder, endpoint URL).
+
+    The tests run with HF_HUB_OFFLINE=1 (no real hub); importing from this loopback hub needs it off.
+    """
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    with serve(folder) as url:
+        yield folder, url

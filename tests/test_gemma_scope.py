@@ -34,17 +34,6 @@ def publish(folder: Path, layer: int, l0: int, *, width: str = "16k", seed: int 
     return arrays
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    folder = tmp_path / "hub"
-    folder.mkdir()
-    with serve(folder) as url:
-        yield folder, url
-
-
 def gemma_import(url: str, out: Path, *args: str):
     return invoke("import", "--set", "gemma-scope-2b-att", "--endpoint", url, "--out", out, *args)
 

@@ -26,7 +26,6 @@ from attnsae.evaluation.paper_saes import PAPER_SAES, REVISION, PaperSAE, import
 from attnsae.formats.sae_cfg import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE
 from attnsae.sae.autoencoder import load_sae
 from helpers import REPO, TINY_EVAL_CFG, TINY_EVAL_LAYER, assert_one_line_error, invoke, perfect_sae
-from loopback_hub import serve
 
 D_SAE = 64  # small stand-in for 24576; d_in stays GPT-2's 768 so the real CLI checks apply unchanged
 
@@ -49,21 +48,6 @@ HUB_NAMES = [
 
 # ---------------------------------------------------------------------------------------------------
 # Published-structure files and a loopback server
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A folder served as the hub on 127.0.0.1 at a free port; yields (folder, endpoint URL).
-
-    The tests run with HF_HUB_OFFLINE=1 (no real hub); importing from this loopback hub needs it off.
-    """
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    folder = tmp_path / "hub"
-    folder.mkdir()
-    with serve(folder) as url:
-        yield folder, url
 
 
 def random_state(d_in: int, d_sae: int, seed: int) -> OrderedDict:
