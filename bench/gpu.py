@@ -9,7 +9,8 @@ Prints, in order:
 - tokens/s of ``LayerTrainer.step`` (forward, backward, decoder projection, Adam; no logging or resampling steps):
   the plain step as before issue 13 (fp32, Adam's loop) and each ``sae.precision`` with fused Adam, as a fraction
   of its roofline and as a multiple of the plain step; then the fastest with ``sae.compile``;
-- the same SAE trained on the same planted rows in each precision, scored in fp32: quality at equal steps;
+- the same SAE trained on the same planted rows in each precision (and bf16 on the sparse kernel), scored in fp32:
+  quality at equal steps;
 - tokens/s of the model forward capturing hook_z at every layer (gpt2-random: GPT-2 Small's shape), fp32 and bf16
   autocast;
 - where the host waits for the GPU in a streamed run (CUDA's sync debug mode);
@@ -71,12 +72,12 @@ def precision_agreement(d_in: int, d_sae: int, batch: int, steps: int, device: t
         if recipe.get("architecture", "standard") == "standard":
             recipe["l1_coeff"] = PLANTED_L1
         decoders = {}
-        for precision in ("fp32", "tf32", "bf16"):
+        for precision, kernel in (("fp32", "dense"), ("tf32", "dense"), ("bf16", "dense"), ("bf16", "sparse")):
             cfg = SAEConfig.model_validate({**recipe, "d_sae": d_sae, "batch_size": batch,
                                             "train_tokens": batch * steps, "warmup_steps": steps // 10,
                                             "resample_every": never, "dead_window": 1, "log_every": never,
                                             "buffer_rows": 2 * batch, "device": device.type,
-                                            "precision": precision})
+                                            "precision": precision, "kernel": kernel})
             trainer = LayerTrainer(cfg, d_in, device)
             batches = PlantedBatches(d_in, 4 * d_in, 8, batch, device)
             with matmul_precision(precision):
@@ -88,12 +89,12 @@ def precision_agreement(d_in: int, d_sae: int, batch: int, steps: int, device: t
             with torch.no_grad():
                 out = trainer.objective.loss(trainer.sae, x, steps)
                 ev = 1 - (x - out.x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-                l0 = (out.features > 0).sum(-1).float().mean()
+                l0 = out.features.fires_per_row().mean()
             decoder = trainer.sae.W_dec.detach().float()
-            decoders[precision] = decoder
-            cosine = torch.nn.functional.cosine_similarity(decoder, decoders["fp32"], dim=-1).mean()
-            print(f"quality, {profile} SAE (l1_coeff {cfg.l1_coeff}, k {cfg.k}), {precision} after {steps} steps: explained variance {ev:.4f}, "
-                  f"L0 {l0:.1f}, decoder cosine to fp32 {cosine:.4f}")
+            decoders[precision, kernel] = decoder
+            cosine = torch.nn.functional.cosine_similarity(decoder, decoders["fp32", "dense"], dim=-1).mean()
+            print(f"quality, {profile} SAE (l1_coeff {cfg.l1_coeff}, k {cfg.k}), {precision} {kernel} kernel after "
+                  f"{steps} steps: explained variance {ev:.4f}, L0 {l0:.1f}, decoder cosine to fp32 dense {cosine:.4f}")
 
 
 def forward_tokens_per_s(bridge, vocab: int, layers: list[int], rows: int, amp, repeats: int,

@@ -1,16 +1,20 @@
-"""The sparse SAE step (sae/sparse.py) against the dense one, in one run on one device, against its matmul roofline.
+"""The training step on the dense and the sparse kernel (``sae.kernel``), in one run on one device, against the
+matmul roofline measured in the same run.
 
-    python bench/sparse_step.py                 # CPU: TopK at the quickstart's shape and GPT-2 Small's (k 16, 32, 64),
-                                                # BatchTopK and JumpReLU at GPT-2 Small's (about 32 latents per row)
-    python bench/sparse_step.py --device cuda   # the same on a GPU
+    python bench/sparse_step.py                 # CPU, fp32
+    python bench/sparse_step.py --device cuda   # GPU: fp32, and bf16 with and without sae.compile
 
-Each step: the TopK forward, the MSE, backward and an Adam step, on one fixed batch (so only the step is timed),
-fp32. Dense: the activation over the dense pre-activation and ``f @ W_dec`` (autograd through dense matmuls), as the
-objectives' main losses compute it today (JumpReLU with its L0 term). Sparse: the dense pre-activation, then
-``SelectedPreActivations`` and ``embedding_bag`` over the selected latents (JumpReLU: ``SelectedJumpReLU``). JumpReLU's
-thresholds are set to the pre-activation quantile that leaves about 32 latents per row, bandwidth 0.001. AuxK is left out of both (it is the same extra work either way until
-its own sparse form). The roofline line is the fp32 matmul [batch, d_in] x [d_in, d_sae] measured here; "dense-step
-FLOPs" counts the dense step's five matmuls (10 * d_in * d_sae per token) to show how far each step is from it.
+Each line times ``LayerTrainer.step`` itself (forward, AuxK where the architecture has it, backward, decoder
+projection, Adam, the dead-feature counts) on one fixed batch, on steps that neither log nor resample, through
+bench/throughput.py's ``sae_step_tokens_per_s``:
+- TopK at the quickstart's shape (576 -> 2304, k 20) and at GPT-2 Small's (768 -> 24576, k 16, 32, 64);
+- BatchTopK (k 32) and JumpReLU (thresholds leaving about 32 latents per row) at GPT-2 Small's; the standard recipe
+  (ReLU + L1) there too, at its start (about half the latents fire on random rows: what the sparse kernel costs
+  before the penalty has acted; auto keeps it dense).
+No latent is dead on these steps, so the sparse kernel skips AuxK's work, which the dense one always does (its loss
+term is multiplied by zero: no read back to the host).
+"dense-step FLOPs" counts the dense step's five d_in x d_sae matmuls (10 * d_in * d_sae per token) to show how far
+each step is from the roofline.
 """
 
 from __future__ import annotations
@@ -23,79 +27,26 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import matmul_gflops, timed  # noqa: E402
+from throughput import matmul_gflops, sae_step_tokens_per_s  # noqa: E402
 
-from attnsae.sae.autoencoder import SAE, reconstruction_loss, row_topk  # noqa: E402
-from attnsae.sae.objectives import JumpReLUFunction, StepFunction, batch_topk  # noqa: E402
-from attnsae.sae.sparse import (  # noqa: E402
-    SelectedJumpReLU,
-    SelectedPreActivations,
-    batch_topk_selection,
-    encode,
-    jumprelu_selection,
-    selected_values,
-    sparse_decode,
-    topk_indices,
-)
-
-BANDWIDTH = 0.001
-
-SHAPES = [("quickstart", 576, 2304, 20), ("gpt2-small", 768, 24576, 16), ("gpt2-small", 768, 24576, 32),
-          ("gpt2-small", 768, 24576, 64)]
+TOPK_SHAPES = [("quickstart", 576, 2304, 20), ("gpt2-small", 768, 24576, 16), ("gpt2-small", 768, 24576, 32),
+               ("gpt2-small", 768, 24576, 64)]
+OTHER_ARCHITECTURES = [("batchtopk", {"k": 32}), ("jumprelu", {"l0_coeff": 1e-3}), ("standard", {"l1_coeff": 1.0})]
 
 
-def dense_step_loss(sae: SAE, x: torch.Tensor, k: int) -> torch.Tensor:
-    return reconstruction_loss(sae, x, row_topk(sae.pre_activation(x), k)).mse
-
-
-def sparse_step_loss(sae: SAE, x: torch.Tensor, k: int) -> torch.Tensor:
-    _, idx, values = selected_values(sae, x, topk_indices(k))
-    return (sparse_decode(sae.W_dec, idx, values) + sae.b_dec - x).pow(2).sum(-1).mean()
-
-
-def dense_batchtopk_loss(sae: SAE, x: torch.Tensor, k: int) -> torch.Tensor:
-    return reconstruction_loss(sae, x, batch_topk(sae.pre_activation(x), k)).mse
-
-
-def sparse_batchtopk_loss(sae: SAE, x: torch.Tensor, k: int) -> torch.Tensor:
-    centred, pre = encode(sae, x)
-    idx, mask = batch_topk_selection(k)(pre)
-    values = SelectedPreActivations.apply(pre, centred, sae.W_enc, sae.b_enc, idx).relu() * mask
-    return (sparse_decode(sae.W_dec, idx, values) + sae.b_dec - x).pow(2).sum(-1).mean()
-
-
-def dense_jumprelu_loss(sae: SAE, x: torch.Tensor, k: int) -> torch.Tensor:
-    pre = sae.pre_activation(x)
-    f = JumpReLUFunction.apply(pre, sae.threshold, BANDWIDTH)
-    l0 = StepFunction.apply(pre, sae.threshold, BANDWIDTH).sum(-1).mean()
-    return reconstruction_loss(sae, x, f).mse + 1e-3 * l0
-
-
-def sparse_jumprelu_loss(sae: SAE, x: torch.Tensor, k: int) -> torch.Tensor:
-    centred, pre = encode(sae, x)
-    idx, mask = jumprelu_selection(sae.threshold.detach(), BANDWIDTH)(pre)
-    values = SelectedPreActivations.apply(pre, centred, sae.W_enc, sae.b_enc, idx)
-    f, step = SelectedJumpReLU.apply(values, sae.threshold, idx, mask, BANDWIDTH)
-    return (sparse_decode(sae.W_dec, idx, f) + sae.b_dec - x).pow(2).sum(-1).mean() + 1e-3 * step.sum(-1).mean()
-
-
-def step_seconds(loss_fn, d_in: int, d_sae: int, k: int, batch: int, repeats: int, device: torch.device,
-                 kind: str = "standard") -> float:
-    gen = torch.Generator().manual_seed(0)
-    sae = SAE(d_in, d_sae, generator=gen, kind=kind).to(device)
-    x = torch.randn(batch, d_in, generator=gen).to(device)
-    if kind == "jumprelu":  # thresholds that leave about k latents per row on this batch
-        with torch.no_grad():
-            pre = sae.pre_activation(x)
-            sae.threshold.fill_(float(pre.flatten().kthvalue(pre.numel() - k * batch).values))
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(sae, x, k).backward()
-        optimizer.step()
-
-    return timed(step, repeats, device)
+def compare(label: str, d_in: int, d_sae: int, batch: int, repeats: int, device: torch.device,
+            variants: list[tuple[str, dict]], recipe: dict) -> None:
+    """One line: each variant's tokens/s, the first being the baseline the others are multiples of."""
+    dtype = torch.bfloat16 if any(v.get("precision") == "bf16" for _, v in variants) else torch.float32
+    roofline = matmul_gflops(batch, d_in, d_sae, dtype, repeats, device) * 1e9
+    rates = [(name, sae_step_tokens_per_s(d_in, d_sae, batch, repeats, device, **options, **recipe))
+             for name, options in variants]
+    (baseline_name, baseline), flop = rates[0], 10 * d_in * d_sae
+    shown = "; ".join(f"{name} {rate:,.0f} tok/s ({rate * flop / roofline:.0%} in dense-step FLOPs"
+                      + (f", {rate / baseline:.2f}x {baseline_name})" if i else ")")
+                      for i, (name, rate) in enumerate(rates))
+    print(f"{label} {d_in}->{d_sae}, batch {batch}: {str(dtype).removeprefix('torch.')} matmul "
+          f"{roofline / 1e12:.2f} TFLOP/s; {shown}", flush=True)
 
 
 def main() -> None:
@@ -106,23 +57,20 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
-    for label, d_in, d_sae, k in SHAPES:
-        roofline = matmul_gflops(args.batch, d_in, d_sae, torch.float32, args.repeats, device) * 1e9
-        dense = step_seconds(dense_step_loss, d_in, d_sae, k, args.batch, args.repeats, device)
-        sparse = step_seconds(sparse_step_loss, d_in, d_sae, k, args.batch, args.repeats, device)
-        flop = 10 * d_in * d_sae * args.batch  # the dense step's five matmuls
-        print(f"topk {label} {d_in}->{d_sae} k {k}: fp32 matmul {roofline / 1e12:.2f} TFLOP/s; "
-              f"dense step {args.batch / dense:,.0f} tok/s ({flop / dense / roofline:.0%} of the roofline in "
-              f"dense-step FLOPs); sparse step {args.batch / sparse:,.0f} tok/s, {dense / sparse:.2f}x dense")
-    for kind, dense_fn, sparse_fn in (("batchtopk", dense_batchtopk_loss, sparse_batchtopk_loss),
-                                      ("jumprelu", dense_jumprelu_loss, sparse_jumprelu_loss)):
-        d_in, d_sae, k = 768, 24576, 32
-        model_kind = "jumprelu" if kind == "jumprelu" else "standard"
-        dense = step_seconds(dense_fn, d_in, d_sae, k, args.batch, args.repeats, device, model_kind)
-        sparse = step_seconds(sparse_fn, d_in, d_sae, k, args.batch, args.repeats, device, model_kind)
-        print(f"{kind} gpt2-small {d_in}->{d_sae} about {k} per row: dense step {args.batch / dense:,.0f} tok/s; "
-              f"sparse step {args.batch / sparse:,.0f} tok/s, {dense / sparse:.2f}x dense")
+    print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    runs = [("fp32", [("dense", {"kernel": "dense"}), ("sparse", {"kernel": "sparse"})])]
+    if device.type == "cuda":  # the dense step's best (BENCHMARKS.md: bf16 + sae.compile) against the sparse one
+        runs.append(("bf16", [("dense compiled", {"kernel": "dense", "precision": "bf16", "compiled": True}),
+                              ("sparse", {"kernel": "sparse", "precision": "bf16"}),
+                              ("sparse compiled", {"kernel": "sparse", "precision": "bf16", "compiled": True})]))
+    for precision, variants in runs:
+        for label, d_in, d_sae, k in TOPK_SHAPES:
+            batch = 512 if label == "quickstart" and device.type == "cpu" else args.batch  # the quickstart's batch
+            compare(f"{precision} topk k {k} {label}", d_in, d_sae, batch, args.repeats, device, variants,
+                    {"architecture": "topk", "k": k})
+        for architecture, recipe in OTHER_ARCHITECTURES:
+            compare(f"{precision} {architecture} gpt2-small", 768, 24576, args.batch, args.repeats, device, variants,
+                    {"architecture": architecture, **recipe})
 
 
 if __name__ == "__main__":

@@ -51,28 +51,40 @@ class FixedBatch:
 
 
 def sae_step_tokens_per_s(d_in: int, d_sae: int, batch: int, repeats: int, device: torch.device,
-                          precision: str = "fp32", compiled: bool = False, plain_adam: bool = False) -> float:
+                          precision: str = "fp32", compiled: bool = False, plain_adam: bool = False,
+                          **recipe) -> float:
     """``LayerTrainer.step`` itself, on steps that neither log nor resample (those are rare in a real run), at
     ``precision`` and with ``sae.compile`` when ``compiled``; ``plain_adam``: Adam's per-parameter loop, as attnsae
-    stepped before it used the fused kernel on CUDA."""
+    stepped before it used the fused kernel on CUDA. ``recipe``: other sae settings (default the standard recipe
+    with l1_coeff 1; ``kernel``, ``architecture``, ``k``, ...). A jumprelu SAE's thresholds are set to leave its
+    ``l0_coeff``-free steady state of about 32 latents per row on the batch (its start keeps about half)."""
     from attnsae.config import SAEConfig
     from attnsae.sae.training import LayerTrainer, matmul_precision
 
     never = 10**9
-    cfg = SAEConfig(d_sae=d_sae, l1_coeff=1.0, train_tokens=batch * never, batch_size=batch, buffer_rows=2 * batch,
+    recipe = recipe or {"l1_coeff": 1.0}
+    cfg = SAEConfig(d_sae=d_sae, train_tokens=batch * never, batch_size=batch, buffer_rows=2 * batch,
                     resample_every=never, dead_window=1, log_every=never, precision=precision, device=device.type,
-                    compile=compiled)
+                    compile=compiled, **recipe)
     trainer = LayerTrainer(cfg, d_in, device)
     if plain_adam:
         trainer.optimizer = torch.optim.Adam(trainer.sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                              foreach=False, fused=False)
-    batches = FixedBatch(torch.randn(batch, d_in, device=device))
+    x = torch.randn(batch, d_in, device=device)
+    if cfg.architecture == "jumprelu":
+        with torch.no_grad():
+            pre = trainer.sae.pre_activation(x)
+            trainer.sae.threshold.fill_(float(pre.flatten().kthvalue(pre.numel() - JUMPRELU_L0 * batch).values))
+    batches = FixedBatch(x)
     steps = iter(range(1, never))  # step 0 logs
     with matmul_precision(precision):
         if compiled:
             for _ in range(3):  # compiles (and recompiles once the step number turns dynamic) before timing
                 trainer.step(next(steps), batches)
         return batch / timed(lambda: trainer.step(next(steps), batches), repeats, device)
+
+
+JUMPRELU_L0 = 32  # latents per row a measured jumprelu step keeps
 
 
 def model_tokens_per_s(model_dir: Path, layers: list[int], rows: int, context: int, repeats: int,

@@ -27,6 +27,7 @@ from helpers import PlantedDictionary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
+KERNELS = pytest.mark.parametrize("kernel", ["dense", "sparse"])  # the same numbers from either (sae.kernel)
 COS_THRESHOLD = 0.9
 MIN_RECOVERED = 0.9
 
@@ -57,10 +58,11 @@ def cfg(architecture: str, **changes) -> SAEConfig:
 # Hand-computed examples. x = [2, 1] gives pre = [2, 1, 2.5].
 
 
-def test_topk_forward_loss_and_gradients_by_hand():
-    sae, objective = hand_sae("topk", k=1), TopKObjective(cfg("topk"), 2, CPU)
+@KERNELS
+def test_topk_forward_loss_and_gradients_by_hand(kernel):
+    sae, objective = hand_sae("topk", k=1), TopKObjective(cfg("topk", kernel=kernel), 2, CPU)
     out = objective.loss(sae, torch.tensor([[2.0, 1.0]]), step=0)
-    assert out.features.tolist() == [[0.0, 0.0, 2.5]]  # only the largest pre-activation survives
+    assert out.features.dense().tolist() == [[0.0, 0.0, 2.5]]  # only the largest pre-activation survives
     # x_hat = 2.5 * [0.6, 0.8] = [1.5, 2.0]; error [-0.5, 1.0]; no dead feature, so no AuxK
     assert out.x_hat.tolist() == [[1.5, 2.0]]
     assert out.loss.item() == pytest.approx(1.25)
@@ -72,9 +74,10 @@ def test_topk_forward_loss_and_gradients_by_hand():
     close(sae.b_dec.grad, [-1 - 1.0, 2 - 1.0])  # decoder side minus encoder side
 
 
-def test_topk_auxiliary_loss_by_hand():
+@KERNELS
+def test_topk_auxiliary_loss_by_hand(kernel):
     """Feature 1 is dead: its activations [1, 3] on the two rows must reconstruct the residuals."""
-    objective = TopKObjective(cfg("topk", aux_k=1, auxk_dead_tokens=10, batch_size=2), 2, CPU)
+    objective = TopKObjective(cfg("topk", aux_k=1, auxk_dead_tokens=10, batch_size=2, kernel=kernel), 2, CPU)
     objective.tokens_since_fired = torch.tensor([0, 10, 9])  # 10 tokens without firing: dead; 9: alive
     out = objective.loss(hand_sae("topk", k=1), torch.tensor([[2.0, 1.0], [1.0, 3.0]]), step=0)
     # rows: pre [2, 1, 2.5] and [1, 3, 3.5]; both keep feature 2; residuals [0.5, -1] and [-1.1, 0.2]
@@ -84,20 +87,22 @@ def test_topk_auxiliary_loss_by_hand():
     assert out.loss.item() == pytest.approx(1.25 + 6.65 / 32)
 
 
-def test_auxk_counts_tokens_since_each_feature_fired():
-    objective = TopKObjective(cfg("topk", batch_size=2), 2, CPU)
+@KERNELS
+def test_auxk_counts_tokens_since_each_feature_fired(kernel):
+    objective = TopKObjective(cfg("topk", batch_size=2, kernel=kernel), 2, CPU)
     sae = hand_sae("topk", k=1)
     for _ in range(3):
         objective.after_step(sae, objective.loss(sae, torch.tensor([[2.0, 1.0], [1.0, 3.0]]), step=0))
     assert objective.tokens_since_fired.tolist() == [6, 6, 0]
 
 
-def test_batchtopk_selects_over_the_batch_and_sets_its_threshold():
-    objective = BatchTopKObjective(cfg("batchtopk"), 2, CPU)
+@KERNELS
+def test_batchtopk_selects_over_the_batch_and_sets_its_threshold(kernel):
+    objective = BatchTopKObjective(cfg("batchtopk", kernel=kernel), 2, CPU)
     sae = hand_sae()
     out = objective.loss(sae, torch.tensor([[2.0, 1.0], [0.4, 0.3]]), step=0)
     # k * B = 2 of pre [[2, 1, 2.5], [0.4, 0.3, 0.2]]: both from the first row, none from the second
-    assert out.features.tolist() == [[2.0, 0.0, 2.5], [0.0, 0.0, 0.0]]
+    assert out.features.dense().tolist() == [[2.0, 0.0, 2.5], [0.0, 0.0, 0.0]]
     # row errors: [3.5, 2.0] - [2, 1] -> 2.25 + 1; 0 - [0.4, 0.3] -> 0.25; mean 1.75
     assert out.loss.item() == pytest.approx(1.75)
     objective.after_step(sae, out)
@@ -110,14 +115,15 @@ def test_batchtopk_selects_over_the_batch_and_sets_its_threshold():
     assert saved.encode(torch.tensor([[2.0, 1.0]])).tolist() == [[0.0, 0.0, 2.5]]  # 2 < 2.01 now drops
 
 
-def test_jumprelu_forward_loss_and_threshold_gradients_by_hand():
-    objective = JumpReLUObjective(cfg("jumprelu", jumprelu_bandwidth=2.0), 2, CPU)
+@KERNELS
+def test_jumprelu_forward_loss_and_threshold_gradients_by_hand(kernel):
+    objective = JumpReLUObjective(cfg("jumprelu", jumprelu_bandwidth=2.0, kernel=kernel), 2, CPU)
     sae = hand_sae("jumprelu")
     with torch.no_grad():
         sae.threshold.copy_(torch.tensor([1.5, 0.5, 3.0]))
         sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]))
     out = objective.loss(sae, torch.tensor([[2.0, 1.0]]), step=0)
-    assert out.features.tolist() == [[2.0, 1.0, 0.0]]  # 2.5 is under its threshold 3
+    assert out.features.dense().tolist() == [[2.0, 1.0, 0.0]]  # 2.5 is under its threshold 3
     # x_hat = [2, 0] + [0.6, 0.8] = [2.6, 0.8]; error [0.6, -0.2]: 0.4; L0 2 at l0_coeff 0.1
     assert out.loss.item() == pytest.approx(0.4 + 0.1 * 2)
     out.loss.backward()

@@ -58,3 +58,28 @@ def test_two_cuda_ranks_when_there_are_two_gpus():
     assert torch.cuda.current_device() == 1
     torch.cuda.set_device(0)
 
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu", "standard"])
+def test_the_sparse_kernel_on_the_gpu_is_the_dense_step(architecture):
+    """test_sparse_step.py's first steps on CUDA, fp32 (TF32 off): the same losses and weights from either kernel;
+    and a bf16 sparse run (autocast encoder, fp32 gather-sum decoder) stays finite and learns."""
+    from test_sparse_step import FixedBatches, trainer_cfg
+
+    from attnsae.sae.training import LayerTrainer
+
+    cuda = torch.device("cuda")
+    trained = {}
+    for kernel in ("dense", "sparse"):
+        trainer, batches = LayerTrainer(trainer_cfg(architecture, kernel), 32, cuda), FixedBatches(3)
+        batches.batches = [b.to(cuda) for b in batches.batches]
+        rows = [trainer.step(step, batches) for step in range(3)]
+        trained[kernel] = rows, {n: p.detach().cpu() for n, p in trainer.sae.named_parameters()}
+    for dense_row, sparse_row in zip(trained["dense"][0], trained["sparse"][0]):
+        assert sparse_row["loss"] == pytest.approx(dense_row["loss"], rel=1e-5, abs=1e-6)
+    for name, dense in trained["dense"][1].items():
+        torch.testing.assert_close(trained["sparse"][1][name], dense, atol=1e-5, rtol=0, msg=name)
+    bf16 = trainer_cfg(architecture, "sparse").model_copy(update={"precision": "bf16", "train_tokens": 256 * 100})
+    result = train_sae(bf16, PlantedDictionary(seed=0), progress=False)
+    assert result.curves[-1]["loss"] < result.curves[0]["loss"]
+

@@ -109,6 +109,7 @@ BAD_VALUES = [
     ("sae.deterministic", "yes", "must be true or false (got 'yes')"),
     ("sae.precision", "fp16", "must be one of fp32, tf32, bf16 (got 'fp16')"),
     ("sae.compile", "yes", "must be true or false (got 'yes')"),
+    ("sae.kernel", "triton", "must be one of auto, dense, sparse (got 'triton')"),
     # sae: rules between fields (tiny.yaml: batch_size 512, resample_every 50)
     ("sae.dead_window", 60, "must be <= resample_every (50) (got 60)"),
     ("sae.train_tokens", 100, "must be >= batch_size (512) (got 100)"),

@@ -85,7 +85,7 @@ def test_plan_measures_the_step_and_gives_the_time_for_n_processes():
     result = CliRunner().invoke(main, ["plan", "--params", str(PROFILES / "gpt2-small.yaml"), "--device", "cpu",
                                        "--processes", "4"])
     assert result.exit_code == 0, result.output
-    assert "measured training step (standard, bf16, d_sae 49152, batch 64) on cpu: " in result.output
+    assert "measured training step (standard, bf16, dense kernel, d_sae 49152, batch 64) on cpu: " in result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("training time at the measured step")]
     assert "1 process " in line and "4 processes " in line
 

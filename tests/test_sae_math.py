@@ -56,7 +56,7 @@ def test_loss_matches_hand_computation():
     sae = hand_sae()
     x = torch.tensor([[1.5, 1.0], [0.5, 2.0]])
     out = sae(x, l1_coeff=0.1)
-    assert torch.equal(out.features, torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.5, 2.0]]))
+    assert torch.equal(out.features.dense(), torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.5, 2.0]]))
     assert torch.allclose(out.x_hat, torch.tensor([[1.5, 0.5], [2.5, 3.5]]))
     assert out.mse.item() == pytest.approx(3.25)
     assert out.l1.item() == pytest.approx(2.5)

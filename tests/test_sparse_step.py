@@ -166,3 +166,71 @@ def test_sparse_jumprelu_has_the_dense_loss_and_gradients_threshold_included():
     for name in dense_grads:
         assert dense_grads[name].abs().max() > 0, name
         assert_close_scaled(sparse_grads[name], dense_grads[name], name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through training (objectives.py, sae.kernel): one LayerTrainer step, decoder projection and Adam included
+
+
+ARCHITECTURES = {"standard": {"l1_coeff": 0.01}, "topk": {"k": 3, "auxk_dead_tokens": 256},
+                 "batchtopk": {"k": 3, "auxk_dead_tokens": 256},
+                 "jumprelu": {"l0_coeff": 0.01, "jumprelu_init_threshold": 0.1, "jumprelu_bandwidth": 0.1}}
+
+
+def trainer_cfg(architecture: str, kernel: str):
+    from attnsae.config import SAEConfig
+
+    return SAEConfig(architecture=architecture, d_sae=128, batch_size=256, train_tokens=256 * 10, warmup_steps=0,
+                     resample_every=400, dead_window=200, max_resamples=0, resample_inputs=2048, buffer_rows=512,
+                     log_every=1, device="cpu", kernel=kernel, lr=3e-3, **ARCHITECTURES[architecture])
+
+
+class FixedBatches:
+    """A buffer serving the same planted-dictionary batches to every trainer."""
+
+    def __init__(self, steps: int):
+        from helpers import PlantedDictionary
+
+        self.batches = [PlantedDictionary(seed=0).take(256) for _ in range(steps)]
+        self.served = 0
+
+    def next_batch(self) -> torch.Tensor:
+        self.served += 1
+        return self.batches[self.served - 1]
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_a_training_step_on_the_sparse_kernel_is_the_dense_step(architecture):
+    """Loss, L0 and the weights after a step (Adam moves each by about lr) agree to 1e-6 absolute over the first
+    steps, AuxK acting (its dead window is one batch) and JumpReLU's L0 term included; the sparse kernel really ran."""
+    from attnsae.sae.sparse import SparseFeatures
+    from attnsae.sae.training import LayerTrainer
+
+    steps, trained = 3, {}
+    for kernel in ("dense", "sparse"):
+        trainer, batches = LayerTrainer(trainer_cfg(architecture, kernel), 32, torch.device("cpu")), FixedBatches(3)
+        outputs = []
+        original = trainer.loss
+        trainer.loss = lambda *args: outputs.append(original(*args)) or outputs[-1]
+        rows = [trainer.step(step, batches) for step in range(steps)]
+        assert {type(out.features).__name__ for out in outputs} == (
+            {"DenseFeatures"} if kernel == "dense" else {SparseFeatures.__name__})
+        trained[kernel] = rows, {name: p.detach().clone() for name, p in trainer.sae.named_parameters()}
+    (dense_rows, dense_weights), (sparse_rows, sparse_weights) = trained["dense"], trained["sparse"]
+    for dense_row, sparse_row in zip(dense_rows, sparse_rows):
+        for key in ("loss", "mse", "l1", "l0", "dead_fraction"):
+            assert sparse_row[key] == pytest.approx(dense_row[key], rel=1e-5, abs=1e-6), key
+    for name in dense_weights:
+        torch.testing.assert_close(sparse_weights[name], dense_weights[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_auto_picks_the_kernel_measured_faster_and_cfg_json_records_it():
+    from attnsae.sae.objectives import FASTER_KERNEL, resolve_kernel
+    from attnsae.sae.training import trained_recipe
+
+    cpu = torch.device("cpu")
+    for architecture in ARCHITECTURES:
+        assert resolve_kernel(trainer_cfg(architecture, "auto"), cpu) == FASTER_KERNEL["cpu"][architecture]
+        assert resolve_kernel(trainer_cfg(architecture, "dense"), cpu) == "dense"
+    assert resolve_kernel(trainer_cfg("topk", "auto"), torch.device("cuda")) == "dense"  # not measured there yet
+    assert trained_recipe(trainer_cfg("topk", "auto"))["kernel"] == "sparse"

@@ -202,6 +202,10 @@ class SAEConfig(Section):
     # torch.compile of the SAE's loss (forward; the backward follows): fuses its elementwise work on GPUs. Off by
     # default until measured to pay (bench/gpu.py).
     compile: bool = False
+    # How the step computes the decoder and the gradients (sae/sparse.py, docs/gpu.md: kernel): dense, every
+    # latent; sparse, only the latents the activation keeps; auto, the one measured faster for the device and
+    # architecture (objectives.FASTER_KERNEL). The same SAE to float rounding either way.
+    kernel: Literal["auto", "dense", "sparse"] = "auto"
 
     @model_validator(mode="before")
     @classmethod

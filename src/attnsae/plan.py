@@ -191,7 +191,11 @@ def step_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, devi
     rate, batch = measure_step_tokens_per_s(cfg, shape.d_in, device)
     flop_rate = rate * SAE_STEP_FLOP_PER_TOKEN_PER_PARAM * shape.d_in * widest.d_sae
     roofline = rates["bf16" if cfg.precision == "bf16" and "bf16" in rates else "fp32"]
-    lines = [f"measured training step ({cfg.architecture}, {cfg.precision}, d_sae {widest.d_sae}, batch {batch}) on "
+    from attnsae.sae.objectives import resolve_kernel
+
+    kernel = resolve_kernel(cfg, device)
+    lines = [f"measured training step ({cfg.architecture}, {cfg.precision}, {kernel} kernel, d_sae {widest.d_sae}, "
+             f"batch {batch}) on "
              f"{device}: {rate:,.0f} tokens/s = {flop_rate / 1e12:.2f} TFLOP/s, {flop_rate / roofline:.0%} of the "
              f"measured matmul rate"]
     if config.activations_config(params).source != "stream":

@@ -41,9 +41,31 @@ THRESHOLD = "threshold"  # jumprelu's extra tensor [d_sae]
 
 
 @dataclass
+class DenseFeatures:
+    """A batch's feature activations as a [B, d_sae] matrix (sparse.SparseFeatures: the same, as the kept latents)."""
+
+    f: torch.Tensor
+
+    def fires_per_feature(self) -> torch.Tensor:
+        """[d_sae]: how many rows each feature fired on (as floats)."""
+        return (self.f > 0).sum(0).float()
+
+    def fires_per_row(self) -> torch.Tensor:
+        """[B]: how many features fired on each row, its L0 (as floats)."""
+        return (self.f > 0).sum(-1).float()
+
+    def smallest_active(self) -> torch.Tensor:
+        """The smallest positive activation in the batch (inf when none fired)."""
+        return torch.where(self.f > 0, self.f, torch.inf).min()
+
+    def dense(self) -> torch.Tensor:
+        return self.f
+
+
+@dataclass
 class SAEOutput:
     x_hat: torch.Tensor
-    features: torch.Tensor
+    features: DenseFeatures  # or sparse.SparseFeatures
     mse: torch.Tensor  # mean over batch of the summed squared error
     l1: torch.Tensor  # mean over batch of the summed feature activations
     loss: torch.Tensor
@@ -114,10 +136,15 @@ class SAE(nn.Module):
 
 def reconstruction_loss(sae: SAE, x: torch.Tensor, f: torch.Tensor, l1_coeff: float = 0.0) -> SAEOutput:
     """Decode ``f`` and score it: summed squared error and L1, each a mean over the batch."""
-    x_hat = sae.decode(f)
+    return scored(x, sae.decode(f), DenseFeatures(f), f, l1_coeff)
+
+
+def scored(x: torch.Tensor, x_hat: torch.Tensor, features, active: torch.Tensor, l1_coeff: float) -> SAEOutput:
+    """The output for reconstruction ``x_hat`` of ``x`` by ``features``, whose nonzero activations ``active`` holds
+    (dense or the kept latents' values): summed squared error and L1, each a mean over the batch."""
     mse = (x_hat.float() - x.float()).pow(2).sum(-1).mean()  # in fp32 whatever the matmuls ran in
-    l1 = f.float().sum(-1).mean()
-    return SAEOutput(x_hat=x_hat, features=f, mse=mse, l1=l1, loss=mse + l1_coeff * l1)
+    l1 = active.float().sum(-1).mean()
+    return SAEOutput(x_hat=x_hat, features=features, mse=mse, l1=l1, loss=mse + l1_coeff * l1)
 
 
 # ---------------------------------------------------------------------------------------------------

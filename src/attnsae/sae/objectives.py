@@ -17,7 +17,13 @@ pre-activations of dead features (no firing for auxk_dead_tokens tokens) reconst
 detached, without b_dec; its squared error is divided by the residual's total variance.
 
 MSE and L1 are docs/design.md 3's: summed over dimensions/features, averaged over the batch. Every step stays on the
-device (no reads back to the host), so a GPU never waits on the CPU.
+device (no reads back to the host), so a GPU never waits on the CPU; the sparse kernel's varying-count selections
+(BatchTopK, JumpReLU, standard) read their widest row's count back once per step.
+
+Each loss runs on one of two kernels (``sae.kernel``) that compute the same function: dense, through [B, d_sae]
+matrices; sparse (sparse.py), through the latents the activation keeps. A varying-count selection wider than
+``SPARSE_WIDEST_SHARE`` of d_sae (JumpReLU's and ReLU's first steps, where half the latents fire) runs that step dense
+when auto chose the sparse kernel (``kernel: sparse`` runs every step sparse).
 """
 
 from __future__ import annotations
@@ -25,10 +31,26 @@ from __future__ import annotations
 import torch
 
 from attnsae.config import SAEConfig
+from attnsae.sae import sparse
 from attnsae.sae.autoencoder import SAE, SAEOutput, reconstruction_loss, row_topk
 from attnsae.sae.sharding import WHOLE_BATCH, Shard
 
 GEOMETRIC_MEDIAN_STEPS = 100  # Weiszfeld iterations for b_dec's initial value
+
+# sae.kernel auto: the kernel whose step measured faster, per device type and architecture (bench/sparse_step.py,
+# BENCHMARKS.md). CPU: the sparse step ran 2.2x to 4.3x the dense one for TopK, BatchTopK and JumpReLU at
+# GPT-2 Small's and the quickstart's shapes; the standard recipe's ReLU keeps about half the latents until the L1
+# penalty has acted, so it stays dense. CUDA: dense (bf16, compiled: bench/gpu.py) until the sparse step is
+# measured there.
+FASTER_KERNEL = {"cpu": {"standard": "dense", "topk": "sparse", "batchtopk": "sparse", "jumprelu": "sparse"}}
+SPARSE_WIDEST_SHARE = 0.25  # under auto, a selection keeping more than this share of d_sae in a row runs dense
+
+
+def resolve_kernel(cfg: SAEConfig, device: torch.device) -> str:
+    """The kernel ``cfg`` trains with on ``device``: its ``kernel``, or for auto the one measured faster."""
+    if cfg.kernel != "auto":
+        return cfg.kernel
+    return FASTER_KERNEL.get(device.type, {}).get(cfg.architecture, "dense")
 
 
 def geometric_median(x: torch.Tensor, steps: int = GEOMETRIC_MEDIAN_STEPS) -> torch.Tensor:
@@ -128,6 +150,8 @@ class Objective:
 
     def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device, shard: Shard = WHOLE_BATCH):
         self.cfg, self.d_in, self.device, self.shard = cfg, d_in, device, shard
+        self.kernel = resolve_kernel(cfg, device)
+        self.widest_sparse = cfg.d_sae if cfg.kernel == "sparse" else SPARSE_WIDEST_SHARE * cfg.d_sae
         self.input_scale = 1.0  # the training inputs are x * input_scale (jumprelu only)
 
     def new_sae(self, generator: torch.Generator) -> SAE:
@@ -139,8 +163,29 @@ class Objective:
     def scaled(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def activation(self, sae: SAE, pre: torch.Tensor) -> torch.Tensor:
+        return pre.relu()
+
+    def selection(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(idx [B, m], mask [B, m] or None): the latents ``activation`` may keep nonzero in each row."""
+        return sparse.padded_selection(pre > 0)
+
+    def reconstruct(self, sae: SAE, x: torch.Tensor, l1_coeff: float = 0.0
+                    ) -> tuple[SAEOutput, torch.Tensor, torch.Tensor | None]:
+        """(output, pre, centred) of ``activation`` on this objective's kernel. ``centred`` (x - b_dec, what the
+        sparse backward reads) is None when the step ran dense."""
+        if self.kernel == "sparse":
+            centred, pre = sparse.encode(sae, x)
+            idx, mask = self.selection(pre)
+            if idx.shape[1] <= self.widest_sparse:
+                values = sparse.SelectedPreActivations.apply(pre, centred, sae.W_enc, sae.b_enc, idx).relu()
+                values = values if mask is None else values * mask
+                return sparse.sparse_reconstruction_loss(sae, x, idx, values, l1_coeff), pre, centred
+        pre = sae.pre_activation(x)
+        return reconstruction_loss(sae, x, self.activation(sae, pre), l1_coeff), pre, None
+
     def loss(self, sae: SAE, x: torch.Tensor, step: int) -> SAEOutput:
-        return sae(x, self.cfg.l1_coeff)
+        return self.reconstruct(sae, x, self.cfg.l1_coeff)[0]
 
     def after_step(self, sae: SAE, out: SAEOutput) -> None:
         """Bookkeeping after the optimizer step."""
@@ -177,18 +222,22 @@ class TopKObjective(Objective):
     def activation(self, sae: SAE, pre: torch.Tensor) -> torch.Tensor:
         return row_topk(pre, self.cfg.k)
 
+    def selection(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return pre.topk(min(self.cfg.k, pre.shape[-1]), dim=-1).indices, None
+
     def loss(self, sae: SAE, x: torch.Tensor, step: int) -> SAEOutput:
-        pre = sae.pre_activation(x)
-        out = reconstruction_loss(sae, x, self.activation(sae, pre))
+        out, pre, centred = self.reconstruct(sae, x)
         dead = self.tokens_since_fired >= self.cfg.auxk_dead_tokens
-        aux = auxk_loss(sae, pre, (x - out.x_hat).detach(), dead, self.aux_k)
+        residual = (x - out.x_hat).detach()
+        aux = (auxk_loss(sae, pre, residual, dead, self.aux_k) if centred is None
+               else sparse.sparse_auxk_loss(sae, pre, centred, residual, dead, self.aux_k))
         out.loss = out.mse + self.cfg.auxk_alpha * aux
         return out
 
     @torch.no_grad()
     def after_step(self, sae: SAE, out: SAEOutput) -> None:
-        fired = self.shard.reduce((out.features > 0).any(0).to(torch.uint8), "max").bool()  # over the whole batch
-        self.tokens_since_fired.add_(len(out.features) * self.shard.count).masked_fill_(fired, 0)
+        fired = self.shard.reduce((out.features.fires_per_feature() > 0).to(torch.uint8), "max").bool()  # whole batch
+        self.tokens_since_fired.add_(len(out.x_hat) * self.shard.count).masked_fill_(fired, 0)
 
     def state_dict(self) -> dict:
         return {"tokens_since_fired": self.tokens_since_fired.cpu()}
@@ -213,11 +262,13 @@ class BatchTopKObjective(TopKObjective):
     def activation(self, sae: SAE, pre: torch.Tensor) -> torch.Tensor:
         return batch_topk(pre, self.cfg.k)
 
+    def selection(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return sparse.batch_topk_selection(self.cfg.k)(pre)
+
     @torch.no_grad()
     def after_step(self, sae: SAE, out: SAEOutput) -> None:
         super().after_step(sae, out)
-        kept = out.features
-        smallest = self.shard.reduce(torch.where(kept > 0, kept, torch.inf).min().double(), "min")
+        smallest = self.shard.reduce(out.features.smallest_active().double(), "min")
         found = torch.isfinite(smallest)
         rate = self.cfg.threshold_ema_rate
         # The EMA starts at the first batch's value rather than at 0 (SAELens), so a short run is not biased low.
@@ -263,8 +314,18 @@ class JumpReLUObjective(Objective):
         return self.cfg.l0_coeff * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
 
     def loss(self, sae: SAE, x: torch.Tensor, step: int) -> SAEOutput:
-        pre = sae.pre_activation(x)
         bandwidth = self.cfg.jumprelu_bandwidth
+        if self.kernel == "sparse":
+            centred, pre = sparse.encode(sae, x)
+            # every latent whose straight-through gradient is nonzero: above its threshold or within bandwidth / 2
+            idx, mask = sparse.jumprelu_selection(sae.threshold.detach(), bandwidth)(pre)
+            if idx.shape[1] <= self.widest_sparse:
+                values = sparse.SelectedPreActivations.apply(pre, centred, sae.W_enc, sae.b_enc, idx)
+                f, fired = sparse.SelectedJumpReLU.apply(values, sae.threshold, idx, mask, bandwidth)
+                out = sparse.sparse_reconstruction_loss(sae, x, idx, f)
+                out.loss = out.mse + self.l0_coeff(step) * fired.float().sum(-1).mean()
+                return out
+        pre = sae.pre_activation(x)
         out = reconstruction_loss(sae, x, JumpReLUFunction.apply(pre, sae.threshold, bandwidth))
         l0 = StepFunction.apply(pre, sae.threshold, bandwidth).float().sum(-1).mean()  # bf16 counts only to 256
         out.loss = out.mse + self.l0_coeff(step) * l0

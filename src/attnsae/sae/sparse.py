@@ -16,15 +16,17 @@ threshold gradient (straight-through, nonzero within bandwidth / 2 of the thresh
 their thresholds, so ``jumprelu_selection`` keeps those too and ``SelectedJumpReLU`` scatters the threshold's
 gradient back.
 
-Not yet used by training (issue 23 wires it in as ``sae.kernel``).
+Training uses it with ``sae.kernel: sparse`` (objectives.py chooses per architecture and device).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from attnsae.sae.autoencoder import SAE
+from attnsae.sae.autoencoder import SAE, SAEOutput, scored
 
 
 class SelectedPreActivations(torch.autograd.Function):
@@ -74,8 +76,40 @@ def selected_values(sae: SAE, x: torch.Tensor, select) -> tuple[torch.Tensor, to
 
 
 def sparse_decode(w_dec: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """sum_j values[b, j] * W_dec[idx[b, j]] (without b_dec), [B, d_in]."""
-    return F.embedding_bag(idx, w_dec, per_sample_weights=values, mode="sum")
+    """sum_j values[b, j] * W_dec[idx[b, j]] (without b_dec), [B, d_in], in W_dec's dtype (under bf16 autocast the
+    values are bf16: a gather-sum gains nothing from rounding the weights too)."""
+    return F.embedding_bag(idx, w_dec, per_sample_weights=values.to(w_dec.dtype), mode="sum")
+
+
+@dataclass
+class SparseFeatures:
+    """A batch's feature activations as the latents each row kept: ``values`` [B, m] of latents ``idx`` [B, m]
+    (zero where an entry is padding or did not fire). autoencoder.DenseFeatures's questions, answered without the
+    [B, d_sae] matrix."""
+
+    idx: torch.Tensor
+    values: torch.Tensor
+    d_sae: int
+
+    def fires_per_feature(self) -> torch.Tensor:
+        fired = (self.values > 0).float()
+        return torch.zeros(self.d_sae, device=fired.device).index_add_(0, self.idx.reshape(-1), fired.reshape(-1))
+
+    def fires_per_row(self) -> torch.Tensor:
+        return (self.values > 0).sum(-1).float()
+
+    def smallest_active(self) -> torch.Tensor:
+        return torch.where(self.values > 0, self.values, torch.inf).min()
+
+    def dense(self) -> torch.Tensor:
+        return dense_features(self.idx, self.values, self.d_sae)
+
+
+def sparse_reconstruction_loss(sae: SAE, x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
+                               l1_coeff: float = 0.0) -> SAEOutput:
+    """autoencoder.reconstruction_loss for the activations ``values`` of latents ``idx``."""
+    x_hat = sparse_decode(sae.W_dec, idx, values) + sae.b_dec
+    return scored(x, x_hat, SparseFeatures(idx, values, sae.d_sae), values, l1_coeff)
 
 
 def topk_indices(k: int):
@@ -90,13 +124,15 @@ def dense_features(idx: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch
 def sparse_auxk_loss(sae: SAE, pre: torch.Tensor, centred: torch.Tensor, residual: torch.Tensor,
                      dead: torch.Tensor, aux_k: int) -> torch.Tensor:
     """objectives.auxk_loss over the aux_k selected dead latents only: their best reconstruction of ``residual``
-    (detached) as a fraction of its total variance; 0 when no latent is dead. Rows with fewer dead latents than
-    aux_k select live ones too, whose values are zeroed (as the dense form's -inf candidates are)."""
+    (detached) as a fraction of its total variance; 0 when no latent is dead. With fewer dead latents than aux_k
+    only those are selected (the dense form's other candidates are -inf, zeroed). The count of dead latents is read
+    back once per step: the selection is no wider than it, and most steps of a healthy run have none."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return torch.zeros((), device=pre.device)
     with torch.no_grad():
-        candidates = pre.relu().masked_fill(~dead, -torch.inf)
-        top = candidates.topk(min(aux_k, pre.shape[-1]), dim=-1)
+        top = pre.relu().masked_fill(~dead, -torch.inf).topk(min(aux_k, n_dead), dim=-1)
     values = SelectedPreActivations.apply(pre, centred, sae.W_enc, sae.b_enc, top.indices).relu()
-    values = values * torch.isfinite(top.values)
     error = (sparse_decode(sae.W_dec, top.indices, values).float() - residual).pow(2).sum(-1).mean()
     variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()  # a constant: the residual is detached
     return error * torch.where(variance > 0, 1 / variance, 0.0) * dead.any()

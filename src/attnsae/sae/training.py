@@ -48,7 +48,7 @@ from attnsae.sae.checkpoints import (
     save_checkpoint,
     stop_signals_deferred,
 )
-from attnsae.sae.objectives import make_objective
+from attnsae.sae.objectives import make_objective, resolve_kernel
 from attnsae.sae.sharding import WHOLE_BATCH, Shard
 
 RESAMPLE_ENCODER_SCALE = 0.2  # new encoder columns: this times the mean norm of alive columns
@@ -246,8 +246,7 @@ class LayerTrainer:
         self.objective.after_step(self.sae, out)
 
         with torch.no_grad():
-            fired = out.features > 0
-            fires = self.shard.reduce(fired.sum(0).float())  # over the whole batch
+            fires = self.shard.reduce(out.features.fires_per_feature())  # over the whole batch
             self.window_counts += fires
             self.window_tokens += len(x) * self.shard.count
             self.fired_in_window |= fires > 0
@@ -257,7 +256,7 @@ class LayerTrainer:
                 return None
             self.check_finite(step)  # never log (or pass to MLflow) a NaN curve
             shown = torch.stack([out.loss.detach().float(), out.mse.detach().float(), out.l1.detach().float(),
-                                 fired.sum(-1).float().mean(),
+                                 out.features.fires_per_row().mean(),
                                  torch.tensor(explained_variance(x, out.x_hat), device=self.device)])
             loss, mse, l1, l0, ev = (self.shard.reduce(shown) / self.shard.count).tolist()  # the slices' mean
             row = {
@@ -508,7 +507,7 @@ def _save_layer(result: TrainResult, cfg: SAEConfig, layer: int, meta: dict, out
         dataset=meta["dataset"],
         kind=result.sae.kind,
         k=result.sae.k,
-        extra={"attnsae": {"train": cfg.recipe(), "trained_tokens": result.tokens, "resampled": result.resampled,
+        extra={"attnsae": {"train": trained_recipe(cfg), "trained_tokens": result.tokens, "resampled": result.resampled,
                            "nonfinite_rows_dropped": result.nonfinite_rows_dropped}},
     )
     save_sae(result.sae, out_dir, cfg_json, result.log10_density)
@@ -525,9 +524,15 @@ def _save_layer(result: TrainResult, cfg: SAEConfig, layer: int, meta: dict, out
     )
 
 
+def trained_recipe(cfg: SAEConfig) -> dict:
+    """The settings as trained: ``cfg``'s recipe with the kernel auto chose on this device."""
+    return {**cfg.recipe(), "kernel": resolve_kernel(cfg, resolve_device(cfg.device))}
+
+
 def _log_params(run, cfg: SAEConfig, layer: int, meta: dict) -> None:
     if run is not None:
-        run.log_params({"layer": layer, "hook_name": meta["hook_name"], "model": meta["model"], **cfg.recipe()})
+        run.log_params({"layer": layer, "hook_name": meta["hook_name"], "model": meta["model"],
+                        **trained_recipe(cfg)})
 
 
 @dataclass(frozen=True)
