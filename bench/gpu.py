@@ -12,11 +12,11 @@ Prints, in order:
 - the same SAE trained on the same planted rows in each precision (and bf16 on the sparse kernel), scored in fp32:
   quality at equal steps;
 - tokens/s of the model forward capturing hook_z at every layer (gpt2-random: GPT-2 Small's shape), fp32 and bf16
-  autocast;
+  autocast, through the bridge and through the harvesting forward the stages use (data/harvest.py);
 - where the host waits for the GPU in a streamed run (CUDA's sync debug mode);
 - tokens/s of the streaming trainer end to end (``train_saes`` over a ``ModelStream``: forward + buffer + steps) in
   steady state with the gpt2-small profile's rows per forward and buffer, for one layer and for all layers from one
-  forward, at the best precision, then with sae.compile;
+  forward, at the best precision, then with sae.compile, then TopK k 32 on the sparse kernel;
 - the paper run (12 layers x 2e9 tokens) in hours on one GPU and on eight (layers dealt to ranks in turn, each
   rank running its own forward), from the fastest end-to-end number.
 """
@@ -105,27 +105,36 @@ def forward_tokens_per_s(bridge, vocab: int, layers: list[int], rows: int, amp, 
     return rows * 128 / timed(lambda: capture_z(bridge, tokens, layers, amp), repeats, device)
 
 
+def harvesting_tokens_per_s(model, vocab: int, layers: list[int], rows: int, amp, repeats: int,
+                            device: torch.device) -> float:
+    from attnsae.data.harvest import HarvestingForward
+
+    harvest = HarvestingForward(model, layers, "bf16" if amp is not None else "fp32")
+    tokens = torch.randint(0, vocab, (rows, 128), device=device)
+    return rows * 128 / timed(lambda: harvest(tokens), repeats, device)
+
+
 class Stream:
     """`attnsae train --stream` on random token rows: ``train_saes`` over a ``ModelStream``, with the gpt2-small
     profile's rows per forward and buffer size."""
 
-    def __init__(self, bridge, vocab: int, d_in: int, d_sae: int, batch: int, rows_per_forward: int,
+    def __init__(self, model, vocab: int, d_in: int, d_sae: int, batch: int, rows_per_forward: int,
                  buffer_rows: int, device: torch.device):
-        self.bridge, self.d_in, self.d_sae, self.batch = bridge, d_in, d_sae, batch
+        self.model, self.d_in, self.d_sae, self.batch = model, d_in, d_sae, batch
         self.rows_per_forward, self.buffer_rows, self.device = rows_per_forward, buffer_rows, device
         self.token_rows = np.random.default_rng(0).integers(0, vocab, size=(4096, 128)).astype(np.int32)
 
-    def seconds(self, layers: list[int], precision: str, steps: int, compiled: bool = False) -> float:
+    def seconds(self, layers: list[int], precision: str, steps: int, compiled: bool = False, **recipe) -> float:
         from attnsae.config import SAEConfig
         from attnsae.data.activations import ArrayRows, ModelStream
-        from attnsae.data.models import autocast_dtype
+        from attnsae.data.harvest import HarvestingForward
         from attnsae.sae.training import train_saes
 
-        stream = ModelStream(self.bridge, ArrayRows(self.token_rows), self.rows_per_forward, layers, self.d_in,
-                             self.device, autocast_dtype("auto", self.device))
-        cfg = SAEConfig(d_sae=self.d_sae, l1_coeff=1.0, train_tokens=self.batch * steps, batch_size=self.batch,
+        stream = ModelStream(HarvestingForward(self.model, layers, "auto"), ArrayRows(self.token_rows),
+                             self.rows_per_forward, self.d_in, self.device)
+        cfg = SAEConfig(d_sae=self.d_sae, train_tokens=self.batch * steps, batch_size=self.batch,
                         buffer_rows=self.buffer_rows, resample_every=10**9, dead_window=1, log_every=10**9,
-                        precision=precision, device=self.device.type, compile=compiled)
+                        precision=precision, device=self.device.type, compile=compiled, **(recipe or {"l1_coeff": 1.0}))
         synchronize(self.device)
         start = time.perf_counter()
         train_saes({n: cfg for n in layers}, {n: stream.view(n) for n in layers}, progress=False, shared=stream)
@@ -163,7 +172,7 @@ def main() -> None:
     device = torch.device(args.device)
     quick = args.quick
     d_in, d_sae, batch, repeats = (64, 256, 256, 2) if quick else (768, 24576, 4096, 20)
-    model = "tiny-gpt2" if quick else "gpt2-random"
+    model_name = "tiny-gpt2" if quick else "gpt2-random"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, {'quick smoke test' if quick else 'GPT-2 Small shapes'}")
 
@@ -195,12 +204,14 @@ def main() -> None:
     precision_agreement(d_in, d_sae, batch, 30 if quick else 400, device)
 
     from attnsae.config import ModelConfig, read_params
+    from attnsae.data.harvest import load_harvesting_model
     from attnsae.data.models import load_bridge, prepare_model
 
-    folder = Path("/tmp") / f"attnsae-bench-{model}"
+    folder = Path("/tmp") / f"attnsae-bench-{model_name}"
     if not (folder / "attnsae_model.json").is_file():
-        prepare_model(ModelConfig(source=model), folder)
+        prepare_model(ModelConfig(source=model_name), folder)
     bridge, info = load_bridge(folder, device)
+    model = load_harvesting_model(folder, device)
     layers = list(range(info.n_layers))
     paper = read_params(Path(__file__).resolve().parents[1] / "profiles" / "gpt2-small.yaml")
     forward_rows = 8 if quick else paper["activations"]["batch_rows"]
@@ -208,11 +219,14 @@ def main() -> None:
         if amp is None and label != "fp32":
             continue
         rate = forward_tokens_per_s(bridge, info.vocab_size, layers, forward_rows, amp, max(2, repeats // 4), device)
-        print(f"model forward ({model}, hook_z at all {len(layers)} layers), {label}: {rate:,.0f} tokens/s")
+        harvesting = harvesting_tokens_per_s(model, info.vocab_size, layers, forward_rows, amp, max(2, repeats // 4),
+                                             device)
+        print(f"model forward ({model_name}, hook_z at all {len(layers)} layers), {label}: bridge {rate:,.0f} tokens/s, "
+              f"harvesting forward {harvesting:,.0f} tokens/s ({harvesting / rate:.2f}x)")
 
     rows, buffer_rows = (forward_rows, 4 * batch) if quick else (forward_rows, paper["sae"]["buffer_rows"])
     steps = (2, 6) if quick else (8, 8 + buffer_rows // 2 // batch)  # the longer run refills the buffer once
-    stream = Stream(bridge, info.vocab_size, info.d_in, d_sae, batch, rows, buffer_rows, device)
+    stream = Stream(model, info.vocab_size, info.d_in, d_sae, batch, rows, buffer_rows, device)
     stream.seconds(layers, best, 2)  # warm-up
     if device.type == "cuda":
         waits = stream.host_waits(layers, best, steps[1])
@@ -233,6 +247,11 @@ def main() -> None:
         print(f"paper run ({PAPER_LAYERS} layers x {PAPER_TOKENS:.0e} tokens), {best} {options or ''}: "
               f"{one_gpu:.1f} h on one GPU, {eight:.1f} h on eight ({per_rank} layers on the busiest rank, "
               f"its own forward)")
+    topk = {"architecture": "topk", "k": 32, "kernel": "sparse"}
+    sparse = stream.tokens_per_s(layers, best, steps, **topk)
+    print(f"  all {len(layers)} layers, TopK k 32 on the sparse kernel ({best}): {sparse:,.0f} tokens/s through each "
+          f"layer's SAE" + ("" if quick else f"; the paper run's tokens with gpt2-small-topk's architecture: "
+                                             f"{PAPER_TOKENS / sparse / 3600:.1f} h on one GPU"))
 
 
 if __name__ == "__main__":

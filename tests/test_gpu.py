@@ -83,3 +83,20 @@ def test_the_sparse_kernel_on_the_gpu_is_the_dense_step(architecture):
     result = train_sae(bf16, PlantedDictionary(seed=0), progress=False)
     assert result.curves[-1]["loss"] < result.curves[0]["loss"]
 
+
+def test_the_harvesting_forward_on_the_gpu_is_the_bridges(tmp_path):
+    from test_model_families import FAMILIES, LAYERS, VOCAB, random_family_model
+
+    from attnsae.data.activations import capture_z
+    from attnsae.data.harvest import HarvestingForward, load_harvesting_model
+    from attnsae.data.models import load_bridge
+
+    cuda = torch.device("cuda")
+    tokens = torch.randint(0, VOCAB - 1, (2, 24), generator=torch.Generator().manual_seed(3)).to(cuda)
+    for name in FAMILIES:
+        random_family_model(name, tmp_path / name)
+        bridge, _ = load_bridge(tmp_path / name, cuda)
+        expected = capture_z(bridge, tokens, list(range(LAYERS)))
+        got = HarvestingForward(load_harvesting_model(tmp_path / name, cuda), list(range(LAYERS)))(tokens)
+        for layer in range(LAYERS):
+            torch.testing.assert_close(got[layer], expected[layer], atol=1e-4, rtol=0, msg=f"{name} {layer}")

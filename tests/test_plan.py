@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from attnsae import config
@@ -86,8 +87,31 @@ def test_plan_measures_the_step_and_gives_the_time_for_n_processes():
                                        "--processes", "4"])
     assert result.exit_code == 0, result.output
     assert "measured training step (standard, bf16, dense kernel, d_sae 49152, batch 64) on cpu: " in result.output
+    (forward,) = [line for line in result.output.splitlines() if line.startswith("measured harvesting forward")]
+    assert forward.startswith("measured harvesting forward (hook_z at layers 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, "
+                              "1 rows of 128) on cpu: ")
+    assert float(forward.split(": ")[1].split(" tokens/s")[0].replace(",", "")) > 0
     (line,) = [line for line in result.output.splitlines() if line.startswith("training time at the measured step")]
     assert "1 process " in line and "4 processes " in line
+
+
+def test_the_measured_forward_is_the_harvesting_forward_of_the_profiles_shape(monkeypatch):
+    """Built from config.json alone, up to the last needed layer, weights zeroed: the forward the stream trainer runs."""
+    from attnsae.data import harvest
+    from attnsae.plan import measure_forward_tokens_per_s
+
+    seen = []
+    original = harvest.HarvestingForward.__call__
+    monkeypatch.setattr(harvest.HarvestingForward, "__call__",
+                        lambda self, tokens: seen.append((self, tokens.shape)) or original(self, tokens))
+    params = config.read_params(PROFILES / "pythia-70m.yaml")
+    params["layers"] = [0, 2]
+    rate, rows = measure_forward_tokens_per_s(params, torch.device("cpu"))
+    assert rate > 0 and rows == 1
+    forward, shape = seen[-1]
+    assert shape == (1, 128) and forward.layers == [0, 2]
+    assert len(harvest.decoder_layers(forward.model)) == 3  # blocks after the last needed layer are not built
+    assert all(float(p.abs().max()) == 0 for p in forward.model.parameters())
 
 
 @pytest.mark.parametrize("profile, model_line, rows, largest", [

@@ -14,7 +14,8 @@ from attnsae.cli import main
 from attnsae.config import ActivationsConfig, CorpusConfig, ModelConfig, SAEConfig, TokenizeConfig
 from attnsae.data.activations import ArrayRows, DiskActivations, ModelStream, cache_activations
 from attnsae.data.corpus import build_corpus, open_documents, synthetic_documents
-from attnsae.data.models import load_bridge, load_tokenizer
+from attnsae.data.harvest import HarvestingForward, load_harvesting_model
+from attnsae.data.models import load_tokenizer
 from attnsae.data.tokenization import is_eval_document, load_rows, pack_rows, tokenize_corpus, train_row_stream
 from attnsae.errors import UserError
 from attnsae.formats.model_info import read_model_info
@@ -55,9 +56,9 @@ def test_one_pass_for_all_layers_equals_training_each_layer_from_the_cache(setup
     cfgs = {1: sae_cfg(0.01), 2: sae_cfg(0.02)}
     alone = {n: train_sae(cfgs[n], DiskActivations(layout.activations_dir(n, root / "acts")), progress=False) for n in LAYERS}
 
-    bridge, _ = load_bridge(root / "model", torch.device("cpu"))
+    harvest = HarvestingForward(load_harvesting_model(root / "model", torch.device("cpu")), LAYERS)
     rows = load_rows(root / "tokens", "train")[: CACHE_TOKENS // 32]
-    stream = ModelStream(bridge, ArrayRows(rows), BATCH_ROWS, LAYERS, info.d_in, torch.device("cpu"))
+    stream = ModelStream(harvest, ArrayRows(rows), BATCH_ROWS, info.d_in, torch.device("cpu"))
     together = train_saes(cfgs, {n: stream.view(n) for n in LAYERS}, progress=False)
 
     for n in LAYERS:
@@ -80,9 +81,9 @@ def test_layers_trained_together_must_share_the_schedule(setup):
 
 def test_stream_that_runs_out_says_so(setup):
     root, info = setup
-    bridge, _ = load_bridge(root / "model", torch.device("cpu"))
+    harvest = HarvestingForward(load_harvesting_model(root / "model", torch.device("cpu")), [1])
     rows = load_rows(root / "tokens", "train")[:4]
-    stream = ModelStream(bridge, ArrayRows(rows, cycle=False), 4, [1], info.d_in, torch.device("cpu"))
+    stream = ModelStream(harvest, ArrayRows(rows, cycle=False), 4, info.d_in, torch.device("cpu"))
     stream.take(1, 4 * 32)
     with pytest.raises(UserError, match="token stream ran out"):
         stream.take(1, 1)
@@ -92,18 +93,18 @@ class Killed(Exception):
     pass
 
 
-def streamed_sources(root, info, bridge):
+def streamed_sources(root, info, model):
     rows = train_row_stream(open_documents(root / "corpus"), read_tokens_meta(root / "stream-tokens"),
                             load_tokenizer(root / "model"))
-    stream = ModelStream(bridge, rows, BATCH_ROWS, LAYERS, info.d_in, torch.device("cpu"))
+    stream = ModelStream(HarvestingForward(model, LAYERS), rows, BATCH_ROWS, info.d_in, torch.device("cpu"))
     return stream, {n: stream.view(n) for n in LAYERS}
 
 
 def test_streamed_run_killed_and_resumed_is_bit_identical(setup, tmp_path):
     root, info = setup
-    bridge, _ = load_bridge(root / "model", torch.device("cpu"))
+    model = load_harvesting_model(root / "model", torch.device("cpu"))
     cfgs = {1: sae_cfg(0.01), 2: sae_cfg(0.02)}
-    stream, views = streamed_sources(root, info, bridge)
+    stream, views = streamed_sources(root, info, model)
     straight = train_saes(cfgs, views, progress=False, shared=stream)
     assert stream.tokens > 0 and any(n for _, n in straight[1].resampled)
 
@@ -112,13 +113,13 @@ def test_streamed_run_killed_and_resumed_is_bit_identical(setup, tmp_path):
             raise Killed
 
     ckpt = tmp_path / "train.pt"
-    stream, views = streamed_sources(root, info, bridge)
+    stream, views = streamed_sources(root, info, model)
     with pytest.raises(Killed):
         train_saes(cfgs, views, progress=False, shared=stream, checkpoint=ckpt, checkpoint_every=6, on_step=kill_at_27)
     saved = torch.load(ckpt, weights_only=True)
     assert saved["step"] == 24 and saved["shared"]["token_rows"]["documents_read"] > 0
 
-    stream, views = streamed_sources(root, info, bridge)  # a new process: the documents are read from the start
+    stream, views = streamed_sources(root, info, model)  # a new process: the documents are read from the start
     steps_run = []
     resumed = train_saes(cfgs, views, progress=False, shared=stream, checkpoint=ckpt, checkpoint_every=6,
                          on_step=steps_run.append)

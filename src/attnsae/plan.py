@@ -186,13 +186,13 @@ def describe_plan(params: dict[str, Any], device: torch.device, processes: int |
 def step_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, device: torch.device,
                rates: dict[str, float], processes: int | None) -> list[str]:
     """The measured training step, and the training time it gives for one process and for ``processes``."""
+    from attnsae.sae.objectives import resolve_kernel
+
     widest = max(layer_plans, key=lambda lp: lp.d_sae)
     cfg = config.sae_config(params, widest.layer)
     rate, batch = measure_step_tokens_per_s(cfg, shape.d_in, device)
     flop_rate = rate * SAE_STEP_FLOP_PER_TOKEN_PER_PARAM * shape.d_in * widest.d_sae
     roofline = rates["bf16" if cfg.precision == "bf16" and "bf16" in rates else "fp32"]
-    from attnsae.sae.objectives import resolve_kernel
-
     kernel = resolve_kernel(cfg, device)
     lines = [f"measured training step ({cfg.architecture}, {cfg.precision}, {kernel} kernel, d_sae {widest.d_sae}, "
              f"batch {batch}) on "
@@ -200,13 +200,52 @@ def step_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, devi
              f"measured matmul rate"]
     if config.activations_config(params).source != "stream":
         return lines
-    forward_rate = rates["bf16" if "bf16" in rates else "fp32"] / lm_forward_flop(shape.n_params, 1, 1)
+    forward_rate, rows = measure_forward_tokens_per_s(params, device)
+    lines.append(f"measured harvesting forward (hook_z at layers {', '.join(map(str, config.layers(params)))}, "
+                 f"{rows} rows of {config.tokenize_config(params).context_size}) on {device}: {forward_rate:,.0f} tokens/s")
     counts = sorted({1, processes or config.distributed_config(params).nproc_per_node})
     times = ", ".join(f"{n} process{'es' if n > 1 else ''} {human_duration(processes_time(layer_plans, rate, widest.d_sae, forward_rate, n))}"
                       for n in counts if n <= len(layer_plans))
-    lines.append(f"training time at the measured step, each process with its own model forward (at the matmul "
-                 f"rate, optimistic): {times}")
+    lines.append(f"training time at the measured step and forward, each process with its own model forward: {times}")
     return lines
+
+
+CPU_FORWARD_ROWS = 1  # token rows per measured forward on a CPU (a lower bound there, as the step's probe)
+
+
+def measure_forward_tokens_per_s(params: dict[str, Any], device: torch.device, repeats: int = 2) -> tuple[float, int]:
+    """(tokens/s, rows) of the harvesting forward the stream trainer runs (data/harvest.py: hook_z at the profile's
+    layers, stopping after the last), on the profile's model built from its config.json alone: its blocks up to the
+    last of those layers, weights zeroed (a forward's time does not depend on their values), at ``model.precision``,
+    ``activations.batch_rows`` rows per forward on a GPU (``CPU_FORWARD_ROWS`` on a CPU)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from attnsae.data.harvest import HarvestingForward, attention_implementation
+    from attnsae.data.model_sources import source_config
+
+    layers = config.layers(params)
+    model_config = source_config(config.model_config(params).source)
+    model_config.num_hidden_layers = max(layers) + 1  # the forward stops there: later blocks never run
+    with torch.device(device), no_init_weights():  # weights allocated, not drawn: buffers (rotary tables) as built
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32,
+                                                 attn_implementation=attention_implementation(model_config))
+    model.eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+    rows = config.activations_config(params).batch_rows if device.type == "cuda" else CPU_FORWARD_ROWS
+    context = config.tokenize_config(params).context_size
+    harvest = HarvestingForward(model, layers, config.model_config(params).precision)
+    tokens = torch.zeros(rows, context, dtype=torch.long, device=device)
+    harvest(tokens)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        found = harvest(tokens)
+    next(iter(found.values())).sum().item()  # waits for the device
+    return rows * context * repeats / (time.perf_counter() - start), rows
 
 
 def capped(*caps: int) -> int:

@@ -3,7 +3,8 @@
 The stage reads ``models/base`` and ``data/tokens`` and writes ``data/activations/L<n>``; train@L reads it
 back with ``DiskActivations``. Every path: layout.py.
 
-- ``capture_z``: one forward pass, hook_z of every requested layer, reshaped [batch*pos, heads*d_head].
+- ``capture_z``: one bridge forward pass, hook_z of every requested layer, reshaped [batch*pos, heads*d_head]: the
+  definition of hook_z that evaluate splices into, and that the stages' harvesting forward (harvest.py) equals.
 - The `activations` stage (``cache_activations``): a bounded disk cache, bf16 shards per layer.
 - ``DiskActivations``: reads a layer's cache back as an endless stream of rows (epochs).
 - ``ShuffledBuffer``: the recipe's mixing buffer over any row stream: fill, shuffle, serve half,
@@ -27,7 +28,8 @@ from tqdm import tqdm
 
 from attnsae import layout
 from attnsae.config import ActivationsConfig, ModelConfig
-from attnsae.data.models import autocast_dtype, hook_z_name, load_bridge, resolve_device
+from attnsae.data.harvest import HarvestingForward, load_harvesting_model
+from attnsae.data.models import hook_z_name, resolve_device
 from attnsae.data.tokenization import load_rows
 from attnsae.errors import UserError
 from attnsae.files import atomic_dir, read_json_as, read_safetensors, write_safetensors
@@ -84,12 +86,11 @@ def cache_activations(
     rows = load_rows(tokens_dir, "train", vocab_size=info.vocab_size)
     dataset = read_tokens_meta(tokens_dir)["corpus"]  # read before the slow part, so a bad file fails first
     device = resolve_device(model_cfg.device)
-    bridge, _ = load_bridge(model_dir, device)
+    harvest = HarvestingForward(load_harvesting_model(model_dir, device), layers, model_cfg.precision)
     context = rows.shape[1]
     n_rows = min(len(rows), max(1, cfg.tokens // context))
     if cfg.tokens > len(rows) * context:
         print(f"activations: token budget {cfg.tokens} exceeds the train split; caching all {len(rows) * context}")
-    amp = autocast_dtype(model_cfg.precision, device)
     shard_rows = max(1, cfg.shard_tokens // context)
     pending: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     counts = {layer: 0 for layer in layers}
@@ -112,7 +113,7 @@ def cache_activations(
         supply = ArrayRows(rows[:n_rows], cycle=False)
         for _ in tqdm(range(-(-n_rows // cfg.batch_rows)), desc="activations", unit="batch"):
             batch = rows_as_tensor(supply.next_rows(cfg.batch_rows), device)
-            for layer, z in capture_z(bridge, batch, layers, amp).items():
+            for layer, z in harvest(batch).items():
                 pending[layer].append(z.cpu())
             rows_in_shard += len(batch)
             if rows_in_shard >= shard_rows:
@@ -246,7 +247,8 @@ class ArrayRows:
 
 
 class ModelStream:
-    """Activations made on the fly: one model forward per batch of token rows feeds every layer.
+    """Activations made on the fly: one model forward per batch of token rows (``harvest``, for its layers) feeds every
+    layer.
 
     ``view(layer)`` is that layer's ``RowSource``. Rows produced for other layers wait in their
     queues until those layers ask; layers that draw the same amounts in turn (as SAEs trained in
@@ -255,13 +257,13 @@ class ModelStream:
     checkpoint restores the stream exactly where it was.
     """
 
-    def __init__(self, bridge, token_rows: TokenRowSupply, batch_rows: int, layers: list[int], d_in: int,
-                 device: torch.device, amp: torch.dtype | None = None):
-        self.bridge, self.token_rows, self.batch_rows, self.layers = bridge, token_rows, batch_rows, layers
-        self.d_in, self.device, self.amp = d_in, device, amp
-        self.queues: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-        self.queued: dict[int, int] = {layer: 0 for layer in layers}
-        self.taken: dict[int, int] = {layer: 0 for layer in layers}
+    def __init__(self, harvest: HarvestingForward, token_rows: TokenRowSupply, batch_rows: int, d_in: int,
+                 device: torch.device):
+        self.harvest, self.token_rows, self.batch_rows, self.layers = harvest, token_rows, batch_rows, harvest.layers
+        self.d_in, self.device = d_in, device
+        self.queues: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        self.queued: dict[int, int] = {layer: 0 for layer in self.layers}
+        self.taken: dict[int, int] = {layer: 0 for layer in self.layers}
         self.forward_passes = 0
         self.tokens = 0
 
@@ -273,7 +275,7 @@ class ModelStream:
                 "lower sae.train_tokens or add corpus sources"
             )
         tokens = rows_as_tensor(rows, self.device)
-        for layer, z in capture_z(self.bridge, tokens, self.layers, self.amp).items():
+        for layer, z in self.harvest(tokens).items():
             self.queues[layer].append(z.to(STORE_DTYPE))  # stays on the device, where the SAE's buffer is
             self.queued[layer] += len(z)
         self.forward_passes += 1

@@ -277,7 +277,7 @@ def _build_random_gpt2(cfg: ModelConfig, out: Path) -> tuple[str, dict[str, str]
 
 
 @contextlib.contextmanager
-def _damaged_model_as_user_error(model_dir: str | Path) -> Iterator[None]:
+def damaged_model_as_user_error(model_dir: str | Path) -> Iterator[None]:
     """transformers' errors for a damaged model folder as one line naming the folder (the weights file if known)."""
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
@@ -296,7 +296,7 @@ def _damaged_model_as_user_error(model_dir: str | Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
     """Without transformers' "Loading weights" bar: it takes a second, and a stage that then fails prints one line."""
     from transformers.utils import logging as hf_logging
 
@@ -312,7 +312,7 @@ def _no_progress_bars() -> Iterator[None]:
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
-    with _damaged_model_as_user_error(model_dir):
+    with damaged_model_as_user_error(model_dir):
         return AutoTokenizer.from_pretrained(str(model_dir))
 
 
@@ -327,7 +327,7 @@ def load_bridge(model_dir: str | Path, device: torch.device):
 
     info = read_model_info(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    with _damaged_model_as_user_error(model_dir), _no_progress_bars():
+    with damaged_model_as_user_error(model_dir), no_progress_bars():
         bridge = TransformerBridge.boot_transformers(str(model_dir), device=str(device), dtype=torch.float32,
                                                      tokenizer=tokenizer)
     if read_config_file(Path(model_dir) / CONFIG_FILE).model_type == "gpt2":

@@ -595,18 +595,20 @@ def train_layers_streaming(
     """
     from attnsae.data.activations import ModelStream
     from attnsae.data.corpus import open_documents, read_manifest
-    from attnsae.data.models import autocast_dtype, hook_z_name, load_bridge, load_tokenizer
+    from attnsae.data.harvest import HarvestingForward, load_harvesting_model
+    from attnsae.data.models import hook_z_name, load_tokenizer
     from attnsae.data.tokenization import train_row_stream
+    from attnsae.formats.model_info import read_model_info
     from attnsae.formats.tokens_meta import read_tokens_meta
 
     device = resolve_device(data.model_cfg.device)
-    bridge, info = load_bridge(data.model_dir, device)
+    info = read_model_info(data.model_dir)
     for layer in cfgs:
         info.check_layer(layer)
     tokens_meta = read_tokens_meta(data.tokens_dir)
     rows = train_row_stream(open_documents(data.corpus_dir), tokens_meta, load_tokenizer(data.model_dir))
-    stream = ModelStream(bridge, rows, data.batch_rows, sorted(cfgs), info.d_in, device,
-                         autocast_dtype(data.model_cfg.precision, device))
+    harvest = HarvestingForward(load_harvesting_model(data.model_dir, device), sorted(cfgs), data.model_cfg.precision)
+    stream = ModelStream(harvest, rows, data.batch_rows, info.d_in, device)
     metas = {
         layer: {
             "hook_name": hook_z_name(layer),
