@@ -52,15 +52,15 @@ def compare(label: str, folder: Path, layers: list[int], rows: int, repeats: int
     difference = max(float((got[n] - expected[n]).abs().max() / expected[n].abs().max()) for n in layers)
     precisions = [("fp32", None, "fp32")] + ([("bf16 autocast", torch.bfloat16, "bf16")] if device.type == "cuda" else [])
     for name, amp, precision in precisions:
-        bridge_rate = rows * CONTEXT / timed(lambda: capture_z(bridge, tokens, layers, amp), repeats, device)
+        bridge_rate = rows * CONTEXT / timed(lambda amp=amp: capture_z(bridge, tokens, layers, amp), repeats, device)
         harvest = HarvestingForward(model, layers, precision)
-        rate = rows * CONTEXT / timed(lambda: harvest(tokens), repeats, device)
+        rate = rows * CONTEXT / timed(lambda harvest=harvest: harvest(tokens), repeats, device)
         line = (f"{label}, hook_z at {len(layers)} layers (to layer {max(layers)}), {rows} rows, {name}: bridge "
                 f"{bridge_rate:,.0f} tok/s; harvesting {rate:,.0f} tok/s, {rate / bridge_rate:.2f}x")
         if device.type == "cuda":
             compiled = HarvestingForward(torch.compile(model), layers, precision)
             compiled(tokens)  # compiles
-            compiled_rate = rows * CONTEXT / timed(lambda: compiled(tokens), repeats, device)
+            compiled_rate = rows * CONTEXT / timed(lambda compiled=compiled: compiled(tokens), repeats, device)
             line += f"; compiled {compiled_rate:,.0f} tok/s, {compiled_rate / bridge_rate:.2f}x"
         print(line + (f"; largest |difference| to the bridge in fp32, over the layer's largest |hook_z|: "
                       f"{difference:.1e}" if amp is None else ""),

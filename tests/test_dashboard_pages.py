@@ -21,7 +21,7 @@ from attnsae import layout
 from attnsae.errors import UserError
 from attnsae.features import labels, pages
 from attnsae.features.pages import SOURCES_SHOWN, render_layer_page
-from attnsae.formats.features import content_hash
+from attnsae.formats.features import content_hash, families_of
 
 LAYER = 3
 D_SAE = 12
@@ -54,7 +54,8 @@ def example(row: int, position: int, activation: float) -> dict:
 def card(feature: int) -> dict:
     top = 2.0 + feature / 10
     return {
-        "feature": feature, "reason": "first_n", "density": 0.01 * feature, "max_activation": top,
+        "feature": feature, "reason": "first_n" if feature == CARDED[0] else "random", "density": 0.01 * feature,
+        "max_activation": top,
         "firing_tokens": 40 + feature, "tags": ["induction"] if feature == CARDED[0] else [],
         "top_examples": [example(feature, 30, top), example(feature + 1, 10, top * 0.9)],  # 31 sources: some folded
         "intervals": [
@@ -69,9 +70,9 @@ def card(feature: int) -> dict:
 
 
 def synthetic_doc() -> dict:
-    """A features.json document (format 1) for a layer with 12 features, 3 heads and 2 cards."""
+    """A features.json document (format 2) for a layer with 12 features, 3 heads and 2 cards."""
     doc = {
-        "format": "attnsae-dashboards", "version": 1, "layer": LAYER, "hook_name": f"blocks.{LAYER}.attn.hook_z",
+        "format": "attnsae-dashboards", "version": 2, "layer": LAYER, "hook_name": f"blocks.{LAYER}.attn.hook_z",
         "model": "tiny <test> model", "sae": f"models/sae/L{LAYER}", "d_sae": D_SAE, "n_heads": HEADS, "d_head": 4,
         "tokens": {"split": "eval", "rows": 6, "context_size": CONTEXT, "count": 240, "documents": 3},
         "alive": {"definition": "fired at least once on the first 240 evaluation tokens", "tokens": 240, "count": 10},
@@ -93,6 +94,9 @@ def synthetic_doc() -> dict:
         },
         "cards": [card(f) for f in CARDED],
     }
+    doc["families"] = families_of(doc["summary"]["tags"], doc["summary"]["scores"])
+    doc["rating_sets"] = {"first_n": {"rule": "the first alive", "features": CARDED[:1]},
+                          "random": {"rule": "drawn at random", "features": CARDED[1:]}}
     return {**doc, "content_hash": content_hash(doc)}
 
 
@@ -173,6 +177,18 @@ def test_summary_has_a_row_per_feature_linking_the_cards(doc, dom):
     assert sorted(set(links)) == sorted(f"#f{f}" for f in CARDED)
     assert len([a for a in dom.with_class("tags", "td")]) == D_SAE  # tag cells blind mode hides
     assert len(dom.with_class("tags", "div")) == len(CARDED)
+
+
+def test_families_section_names_each_family_best_first_and_hides_in_blind_mode(doc):
+    page = render_layer_page(doc)
+    section = re.search(r'<section id="families" class="tags">(.*?)</section>', page, flags=re.DOTALL).group(1)
+    rows = re.findall(r"<tr><th>([a-z_]+)</th>(.*?)</tr>", section.split("<tbody>")[1])
+    assert [tag for tag, _ in rows] == list(doc["families"])
+    for tag, cells in rows:
+        if tag == "induction":  # carried by the first carded feature alone: it is the best, linked to its card
+            assert f'<td>1</td><td><a href="#f{CARDED[0]}">{CARDED[0]} (' in cells
+        else:
+            assert "no feature above its threshold and its null on this layer" in cells
 
 
 def test_rating_controls_per_card_and_nothing_external(doc, dom):
@@ -342,3 +358,32 @@ def test_rating_mode_exports_a_file_that_imports_and_a_tampered_copy_fails(brows
             labels.import_labels(tampered, root, labels_root)
         assert len(str(err.value).splitlines()) == 1 and str(tampered) in str(err.value) and fragment in str(err.value)
         assert csv_path.read_bytes() == before
+
+
+@pytest.mark.integration
+def test_two_raters_in_chromium_give_the_random_samples_share_and_their_agreement(browser, site, doc, tmp_path):
+    """Two raters rate both cards (the first alive feature and the random sample's) in the page, export, import; the
+    report reads the random sample's share and the raters' kappa from labels/L<n>.csv."""
+    from attnsae.reporting.report import read_dashboard
+
+    root, labels_root = site
+    answers = {"ada": {CARDED[0]: "yes", CARDED[1]: "yes"}, "bo": {CARDED[0]: "yes", CARDED[1]: "no"}}
+    for rater, given in answers.items():
+        page, messages, _ = open_page(browser, layout.dashboard_page(LAYER, root).resolve().as_uri())
+        page.locator("#rate-mode").check()
+        page.locator("#rater").fill(rater)
+        for feature, answer in given.items():
+            rate(page, feature, answer)
+        with page.expect_download() as download:
+            page.locator("#export").click()
+        exported = tmp_path / f"{rater}.json"
+        download.value.save_as(exported)
+        assert messages == []
+        page.context.close()
+        labels.import_labels(exported, root, labels_root)
+    seen = read_dashboard(LAYER, None, root, labels_root, tmp_path)
+    assert (seen.yes, seen.rated, seen.sample_yes, seen.sample_rated) == (2, 2, 1, 2)
+    assert seen.sample_cell() == "50% (1/2 rated)"
+    # one shared answer each: both "yes" on the first (chance agreement 1: kappa undefined), yes / no on the sample
+    assert seen.agreement.cell() == "undefined (2 raters, 1 shared answer)"
+    assert seen.sample_agreement.cell() == "κ 0.00 (2 raters, 1 shared answer)"

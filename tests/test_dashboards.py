@@ -67,8 +67,23 @@ def test_summary_matches_dense_activations(case):
     assert doc["summary"]["alive"] == alive.tolist()
     assert doc["alive"]["count"] == int(alive.sum()) and doc["alive"]["tokens"] == 5 * rows.shape[1]
     first = [int(f) for f in np.flatnonzero(alive)[:4]]
-    assert [c["feature"] for c in doc["cards"]] == sorted(set(first) | {5})
-    assert {c["feature"]: c["reason"] for c in doc["cards"]}[first[0]] == "first_n"
+    best = {family["best"]: tag for tag, family in reversed(doc["families"].items()) if family["best"] is not None}
+    assert [c["feature"] for c in doc["cards"]] == sorted(set(first) | {5} | set(best))
+    reasons = {c["feature"]: c["reason"] for c in doc["cards"]}
+    assert reasons[first[0]] == "first_n"
+    assert all(reasons[f] == f"best {tag}" for f, tag in best.items() if f not in first and f != 5)
+
+
+def test_each_family_is_its_features_by_score_and_its_best_has_a_card(case):
+    _, _, _, _, doc = case
+    summary, carded = doc["summary"], {c["feature"] for c in doc["cards"]}
+    for tag, family in doc["families"].items():
+        carrying = [f for f, tags in enumerate(summary["tags"]) if tag in tags]
+        assert sorted(family["ranked"]) == carrying, tag
+        scores = [summary["scores"][tag][f] for f in family["ranked"]]
+        assert scores == sorted(scores, reverse=True), tag
+        assert family["best"] == (family["ranked"][0] if carrying else None) and family["best"] in carded | {None}
+    assert any(family["best"] is not None for family in doc["families"].values())  # the check checks something
 
 
 def test_cards_match_a_slow_reference(case):
@@ -86,8 +101,9 @@ def test_cards_match_a_slow_reference(case):
         assert np.allclose([e["activation"] for e in card["top_examples"]], expected_top, rtol=1e-5)
         # intervals: equal-width bins over (0, max], counted directly
         top = firing.max() if len(firing) else 0.0
+        edges = np.linspace(0.0, float(top), CFG.intervals + 1)  # (k * top / n, computed apart, can round across a value)
         for k, interval in enumerate(card["intervals"]):
-            lo, hi = top * k / CFG.intervals, top * (k + 1) / CFG.intervals
+            lo, hi = edges[k], edges[k + 1]
             inside = ((firing > lo) & (firing <= hi)) if k else (firing <= hi)
             assert interval["firing_tokens"] == int(inside.sum()), (f, k)
             for e in interval["examples"]:
@@ -104,6 +120,9 @@ def test_cards_match_a_slow_reference(case):
         logits = (residual - residual.mean()) @ bridge.W_U.detach()
         assert [t["id"] for t in card["logits"]["top"]] == logits.topk(CFG.logit_tokens).indices.tolist()
         assert [t["id"] for t in card["logits"]["bottom"]] == (-logits).topk(CFG.logit_tokens).indices.tolist()
+        counts, edges = np.histogram(logits.double().numpy(), bins=CFG.histogram_bins)  # over the whole vocabulary
+        assert card["logits"]["histogram"]["counts"] == counts.tolist() and sum(counts) == len(logits)
+        assert np.allclose(card["logits"]["histogram"]["bin_edges"], edges, rtol=1e-4, atol=1e-5)
 
 
 def check_example(e, f, rows, pattern, v, pre, acts, sae, n_heads, d_head, bos):
@@ -177,7 +196,20 @@ def test_document_ids_count_separators_not_row_starts():
 
 def test_a_listed_feature_outside_the_sae_is_one_line():
     with pytest.raises(UserError, match=r"dashboards.features: feature 30 is not in this SAE \(ids 0..23\)"):
-        dashboards.card_features(np.ones(24, dtype=bool), 2, [30], 24)
+        dashboards.card_features({"first_n": [0, 1], "random": []}, [30], 24)
+
+
+def test_the_random_rating_sample_is_seeded_alive_and_apart_from_index_order():
+    alive = np.zeros(200, dtype=bool)
+    alive[::3] = True  # 67 alive
+    sets = dashboards.rating_sets(alive, first_n=5, random_n=10, seed=0)
+    assert sets["first_n"] == [0, 3, 6, 9, 12]
+    assert len(sets["random"]) == len(set(sets["random"])) == 10 and all(alive[f] for f in sets["random"])
+    assert sets["random"] == sorted(sets["random"]) and max(sets["random"]) > 30  # drawn from all of them
+    assert dashboards.rating_sets(alive, 5, 10, seed=0) == sets and dashboards.rating_sets(alive, 5, 10, 1) != sets
+    assert len(dashboards.rating_sets(alive, 5, 500, seed=0)["random"]) == 67  # at most every alive feature
+    cards = dict(dashboards.card_features(sets, [199], 200))
+    assert {cards[f] for f in sets["random"] if f not in sets["first_n"]} == {"random"} and cards[199] == "listed"
 
 
 def test_alive_rows_are_evaluates_rows():

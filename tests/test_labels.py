@@ -25,7 +25,7 @@ HEADER = "feature,answer,family,note,rater,date,content_hash\n"
 
 def features_doc(layer: int = LAYER, cards: list[int] = CARDED) -> dict:
     """The parts of a features.json document that an import reads (the page tests build a whole one)."""
-    doc = {"format": "attnsae-dashboards", "version": 1, "layer": layer,
+    doc = {"format": "attnsae-dashboards", "version": 2, "layer": layer,
            "tag_definitions": {tag: {"threshold": 0.3} for tag in TAGS},
            "cards": [{"feature": f} for f in cards]}
     return {**doc, "content_hash": content_hash(doc)}

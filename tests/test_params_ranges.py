@@ -141,6 +141,7 @@ BAD_VALUES = [
     ("dashboards.max_rows", 8, "must be 0 (all) or >= evaluate.max_rows (16), so the dashboards see the rows"),
     ("dashboards.batch_rows", 0, "must be an integer >= 1 and <= 65536 (got 0)"),
     ("dashboards.first_n", -1, "must be an integer >= 0 and <= 10000 (got -1)"),
+    ("dashboards.random_n", -1, "must be an integer >= 0 and <= 10000 (got -1)"),
     ("dashboards.features", [3, 3], "must be distinct feature ids >= 0 (got [3, 3])"),
     ("dashboards.features", [-1], "must be distinct feature ids >= 0 (got [-1])"),
     ("dashboards.features", "3", "must be a list of integers with at most 10000 entries (got '3')"),

@@ -24,7 +24,7 @@ from attnsae.cli import main
 from attnsae.errors import UserError
 from attnsae.evaluation import comparison
 from attnsae.features.labels import import_labels
-from attnsae.formats.features import content_hash
+from attnsae.formats.features import content_hash, families_of
 from attnsae.formats.sae_cfg import sae_cfg
 from attnsae.reporting import publish, report
 from attnsae.sae.autoencoder import SAE, load_sae, save_sae
@@ -287,13 +287,19 @@ def test_report_shows_standard_errors_and_the_heldout_source(tmp_path):
 
 
 def write_dashboard(dirs: dict[str, Path], layer: int, tags: list[list[str]], first_alive: list[int],
-                    listed: list[int], fields: dict | None = None) -> str:
-    """A layer's features.json with what the report reads (tags per feature, the cards and why they have one)."""
-    doc = {"format": "attnsae-dashboards", "version": 1, "layer": layer, **(fields or {}),
+                    listed: list[int], fields: dict | None = None, sample: tuple[int, ...] = ()) -> str:
+    """A layer's features.json with what the report reads (tags per feature, the cards and why they have one, the
+    rating sets: the first alive features and a random ``sample``)."""
+    scores = {tag: [round(0.5 + f / 100, 2) for f in range(len(tags))] for tag in ("induction", "previous_token")}
+    doc = {"format": "attnsae-dashboards", "version": 2, "layer": layer, **(fields or {}),
            "tag_definitions": {"induction": {}, "previous_token": {}},
-           "summary": {"tags": tags},
+           "summary": {"tags": tags, "scores": scores},
+           "families": families_of(tags, scores),
+           "rating_sets": {"first_n": {"rule": "first", "features": first_alive},
+                           "random": {"rule": "random", "features": list(sample)}},
            "cards": [{"feature": f, "reason": "first_n"} for f in first_alive] +
-                    [{"feature": f, "reason": "listed"} for f in listed]}
+                    [{"feature": f, "reason": "listed"} for f in listed] +
+                    [{"feature": f, "reason": "random"} for f in sample if f not in first_alive]}
     doc["content_hash"] = content_hash(doc)
     path = dirs["dashboards"] / f"L{layer}" / "features.json"
     path.parent.mkdir(parents=True)
@@ -345,8 +351,33 @@ def test_interpretable_column_counts_only_peoples_ratings_of_the_first_alive(tmp
     tag_rows = table_rows(markdown, "layer | induction")
     assert tag_rows[0] == ["layer", "induction", "previous_token", "untagged"]
     assert tag_rows[2] == ["3", "2", "2", "2"] and tag_rows[3] == ["10", "2", "2", "2"]
+    # each family's best feature (scores 0.50 + f / 100): induction on 0 and 2, previous_token on 2 and 3
+    family_rows = re.findall(r"\| layer \| induction \| previous_token \|\n.*\n(.*)\n(.*)", markdown)
+    assert family_rows == [("| 3 | 2 (0.52) | 3 (0.53) |", "| 10 | 2 (0.52) | 3 (0.53) |")]
     page_html = (dirs["out"] / "index.html").read_text()
     assert 'href="../dashboards/L3/index.html"' in page_html and 'href="../dashboards/L10/index.html"' in page_html
+
+
+def test_ratings_of_the_random_sample_and_the_raters_agreement(tmp_path):
+    """Two raters on the first alive features and on a random sample: each set's yes / rated, and Cohen's kappa over
+    the features both rated. By hand: first alive, observed 3/4, chance 0.5 * 0.25 + 0.5 * 0.75 = 0.5, kappa
+    (0.75 - 0.5) / 0.5 = 0.5; sample (1, 7, 9 shared), observed 1/3, chance 1 * 1/3 = 1/3, kappa 0: no better than
+    chance although they agree on one feature in three."""
+    dirs = make_run(tmp_path, SMOLLM2, {3: metrics_for(3, SMOLLM2)})
+    tags = [[] for _ in range(12)]
+    page = write_dashboard(dirs, 3, tags, first_alive=[0, 1, 2, 3], listed=[], sample=(1, 7, 9, 11))
+    answers = {"ada": {0: "yes", 1: "yes", 2: "no", 3: "no", 7: "yes", 9: "yes", 11: "no"},
+               "bo": {0: "yes", 1: "no", 2: "no", 3: "no", 7: "yes", 9: "no"}}
+    for rater, given in answers.items():
+        exported = tmp_path / f"labels-{rater}.json"
+        exported.write_text(json.dumps({"format": "attnsae-labels", "version": 1, "layer": 3, "content_hash": page,
+                                        "rater": rater, "ratings": [
+                                            {"feature": f, "answer": a, "family": "", "note": "", "date": "2026-12-07"}
+                                            for f, a in given.items()]}))
+        import_labels(exported, dirs["dashboards"], dirs["labels"])
+    rows = table_rows(build(dirs, [3], "none"), "layer | first alive")
+    assert rows[2] == ["3", "38% (3/8 rated) of 4", "κ 0.50 (2 raters, 4 shared answers)",
+                       "57% (4/7 rated) of 4", "κ 0.00 (2 raters, 3 shared answers)"]
 
 
 def test_report_refuses_published_for_smollm2(tmp_path):

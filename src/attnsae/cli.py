@@ -18,6 +18,7 @@ import click
 from attnsae import config, layout
 from attnsae.errors import UserError
 from attnsae.files import DISK_FULL
+from attnsae.reporting import neuronpedia  # light (no torch): its defaults are the command's
 
 
 def one_line_errors(fn):
@@ -432,9 +433,9 @@ def dashboards(params_path: str, layer: str | None, model_dir: str, tokens_dir: 
     """Feature dashboards for one layer's SAE: features.json and a static page (params: dashboards, evaluate.max_rows).
 
     Reads the held-out evaluation rows. Every feature gets its density, maximum and family tags; the first
-    dashboards.first_n alive features (and dashboards.features) get a card: top examples, activation intervals,
-    histogram, logit effects, head attribution and DFA by source position for every shown example. Only the
-    pipeline's own SAE logs to the layer's MLflow run.
+    dashboards.first_n alive features, dashboards.random_n alive ones drawn at random, dashboards.features and each
+    family's best feature get a card: top examples, activation intervals, histogram, logit effects, head attribution
+    and DFA by source position for every shown example. Only the pipeline's own SAE logs to the layer's MLflow run.
     """
     from attnsae.evaluation.evaluate import sae_layer
     from attnsae.features.dashboards import build_dashboards
@@ -543,6 +544,34 @@ def labels_import(file: str, dashboards_root: str, labels_root: str) -> None:
 
     path, written = import_labels(file, Path(dashboards_root), Path(labels_root))
     click.echo(f"labels import: {written} ratings from {file} -> {path}")
+
+
+@main.group()
+def export() -> None:
+    """A layer's dashboards in another tool's format."""
+
+
+@export.command(name="neuronpedia")
+@click.option("--layer", type=click.IntRange(min=0), required=True, help="The layer whose features.json to export.")
+@click.option("--model-id", required=True, help="Neuronpedia's id of the model, e.g. gpt2-small or smollm2-135m.")
+@click.option("--source-set", default=neuronpedia.DEFAULT_SOURCE_SET, show_default=True,
+              help="Neuronpedia's source set: the source id is <layer>-<source set>.")
+@click.option("--creator-id", default=neuronpedia.DEFAULT_CREATOR, show_default=True,
+              help="The Neuronpedia user the rows name (default: its seeded default user).")
+@click.option("--dashboards", "dashboards_root", default=str(layout.DASHBOARDS_DIR), show_default=True)
+@click.option("--labels", "labels_root", default=str(layout.LABELS_DIR), show_default=True,
+              help="Ratings whose notes become explanations.")
+@click.option("--out", "out_root", default="reports/neuronpedia", show_default=True,
+              help="Writes <out>/<model id>/<source id>/, the folder Neuronpedia's importer reads.")
+@one_line_errors
+def export_neuronpedia_command(layer: int, model_id: str, source_set: str, creator_id: str, dashboards_root: str,
+                               labels_root: str, out_root: str) -> None:
+    """Write layer L's features, shown examples (with DFA) and rating notes in the layout Neuronpedia imports
+    (model/sourceset/source.jsonl, features, activations and explanations as batch-0.jsonl.gz), from features.json
+    alone. Only carded features have examples, histograms and logit tables (features.json keeps them for cards)."""
+    folder, counts = neuronpedia.export_neuronpedia(layer, model_id, Path(dashboards_root), Path(labels_root), Path(out_root),
+                                        source_set, creator_id)
+    click.echo(f"export neuronpedia: L{layer} -> {folder}: " + ", ".join(f"{n:,} {t}" for t, n in counts.items()))
 
 
 @main.command()

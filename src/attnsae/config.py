@@ -299,6 +299,8 @@ class DashboardsConfig(Section):
     batch_rows: int = Field(8, ge=1, le=MAX_BATCH_ROWS)
     first_n: int = Field(30, ge=0, le=10**4)  # cards for the first N alive features, as the post rated
     features: list[int] = Field(default_factory=list, max_length=10**4)  # and cards for these feature ids (< d_sae)
+    # and cards for this many alive features drawn at random (seed): a rating sample that does not depend on index order
+    random_n: int = Field(0, ge=0, le=10**4)
     top_k: int = Field(20, ge=1, le=MAX_SHOWN)  # top activating examples per card
     intervals: int = Field(10, ge=1, le=MAX_SHOWN)  # equal-width activation bins between 0 and the max
     interval_examples: int = Field(5, ge=0, le=MAX_SHOWN)  # random examples per bin

@@ -285,7 +285,8 @@ def dashboards_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape
                 "cost unknown until `attnsae tokenize` has run"]
     tokens = rows * tokenize.context_size
     lines = [f"dashboards: {tokens:,} tokens per layer ({rows:,} evaluation rows), {cfg.first_n} cards + "
-             f"{len(cfg.features)} listed, {cfg.null_directions} null directions"]
+             f"{cfg.random_n} random + {len(cfg.features)} listed + one per family, {cfg.null_directions} null "
+             f"directions"]
     total = 0.0
     for lp in layer_plans:
         forward = lm_forward_flop(shape.n_params, tokens, 1) * (lp.layer + 1) / shape.n_layers

@@ -21,7 +21,8 @@ How the numbers are made, in one pass over the dashboard tokens:
   the numbers are the same either way.
 - "alive": fired at least once on the first ``evaluate.max_rows`` evaluation rows, the tokens and the rule of
   evaluate's ``dead_fraction``. Cards: the first ``dashboards.first_n`` alive features by id, as the post rated,
-  plus ``dashboards.features``.
+  ``dashboards.random_n`` alive features drawn at random (a rating sample apart from index order), those in
+  ``dashboards.features``, and each family's best feature (the families section ranks every tag's features).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from attnsae.formats.features import (
     FORMAT,
     VERSION,
     content_hash,
+    families_of,
     features_json_text,
     rounded,
     tag_counts,
@@ -54,6 +56,7 @@ from attnsae.formats.features import (
 from attnsae.sae.autoencoder import SAE
 
 PAGE_FILE = "index.html"
+RANDOM_SAMPLE_STREAM = 2**40  # the random rating sample: [seed, this]; the intervals draw from [seed, feature]
 WINDOW_BEFORE, WINDOW_AFTER = 16, 4  # tokens shown around an example's own token
 
 LOGIT_DEFINITION = (
@@ -151,7 +154,7 @@ class Scan:
 
 @torch.inference_mode()
 def scan(bridge, sae: SAE, layer: int, rows: np.ndarray, alive_rows: int, cfg: DashboardsConfig,
-         device: torch.device) -> Scan:
+         device: torch.device, make_null=families.null_encoder) -> Scan:
     n_heads = bridge.cfg.n_heads
     stats = families.CorpusFamilyStats(sae, n_heads)
     null = null_stats = None
@@ -170,7 +173,7 @@ def scan(bridge, sae: SAE, layer: int, rows: np.ndarray, alive_rows: int, cfg: D
         if start < alive_rows:
             fired |= (acts[: alive_rows - start] > 0).flatten(0, 1).any(0).cpu()
         if null is None:  # the null is made as sparse as the features on the first batch
-            null = families.null_encoder(sae, cfg.null_directions, cfg.seed, first_batch=t.x)
+            null = make_null(sae, cfg.null_directions, cfg.seed, first_batch=t.x)
             null_stats = families.CorpusFamilyStats(null, n_heads)
         stats.add(t, acts)
         null_stats.add(t, null.encode(t.x).view(batch, positions, -1))
@@ -185,14 +188,31 @@ def document_ids(rows: np.ndarray, bos: int) -> np.ndarray:
     return np.cumsum(separators.ravel()).reshape(rows.shape)
 
 
-def card_features(alive: np.ndarray, first_n: int, listed: list[int], d_sae: int) -> list[tuple[int, str]]:
-    """(feature, why it has a card), in feature order: the first ``first_n`` alive features, then those listed."""
+def rating_sets(alive: np.ndarray, first_n: int, random_n: int, seed: int) -> dict[str, list[int]]:
+    """The features people rate: the first ``first_n`` alive ones (as the post rated) and ``random_n`` alive ones
+    drawn at random with ``seed`` (a sample that does not depend on index order), each sorted."""
+    alive_ids = np.flatnonzero(alive)
+    drawn = np.random.default_rng([seed, RANDOM_SAMPLE_STREAM]).choice(
+        alive_ids, size=min(random_n, len(alive_ids)), replace=False)
+    return {"first_n": [int(f) for f in alive_ids[:first_n]], "random": sorted(int(f) for f in drawn)}
+
+
+def card_features(rated: dict[str, list[int]], listed: list[int], d_sae: int,
+                  best: dict[str, int | None] | None = None) -> list[tuple[int, str]]:
+    """(feature, why it has a card), in feature order: the rating sets' features (``rating_sets``: "first_n",
+    "random"), those listed, and each family's best feature (``best``: tag -> feature) as "best <tag>" (the first
+    reason a feature has wins)."""
     for f in listed:
         if f >= d_sae:
             raise UserError(f"dashboards.features: feature {f} is not in this SAE (ids 0..{d_sae - 1})")
-    chosen = {int(f): "first_n" for f in np.flatnonzero(alive)[:first_n]}
+    chosen = {f: "first_n" for f in rated["first_n"]}
     for f in listed:
         chosen.setdefault(f, "listed")
+    for f in rated["random"]:
+        chosen.setdefault(f, "random")
+    for tag, f in (best or {}).items():
+        if f is not None:
+            chosen.setdefault(f, f"best {tag}")
     return sorted(chosen.items())
 
 
@@ -268,7 +288,10 @@ def attribute_examples(bridge, sae: SAE, layer: int, rows: np.ndarray, refs: lis
     return out
 
 
-def logit_tables(bridge, sae: SAE, layer: int, features: list[int], n_tokens: int, token_text) -> dict[int, dict]:
+def logit_tables(bridge, sae: SAE, layer: int, features: list[int], n_tokens: int, token_text,
+                 bins: int) -> dict[int, dict]:
+    """Per feature: its ``n_tokens`` most positive and most negative logit effects, and a ``bins``-bin histogram of
+    its effect on every token of the vocabulary (equal-width bins from the smallest effect to the largest)."""
     if not features:
         return {}
     index = torch.tensor(features, device=sae.W_dec.device)
@@ -278,7 +301,12 @@ def logit_tables(bridge, sae: SAE, layer: int, features: list[int], n_tokens: in
     def entries(values, ids):
         return [{"token": token_text(int(i)), "id": int(i), "value": float(v)} for v, i in zip(values, ids)]
 
-    return {f: {"top": entries(top.values[k], top.indices[k]), "bottom": entries(bottom.values[k], bottom.indices[k])}
+    def histogram(row: torch.Tensor) -> dict:
+        counts, edges = np.histogram(row.double().numpy(), bins=bins)
+        return {"bin_edges": edges.tolist(), "counts": counts.tolist()}
+
+    return {f: {"top": entries(top.values[k], top.indices[k]), "bottom": entries(bottom.values[k], bottom.indices[k]),
+                "histogram": histogram(effects[k])}
             for k, f in enumerate(features)}
 
 
@@ -342,12 +370,15 @@ def build_document(
 
     token_text = _token_decoder(tokenizer)
     docs = document_ids(rows, info.bos_token_id)
-    chosen = card_features(alive, cfg.first_n, cfg.features, sae.d_sae)
+    # ranked on the scores as features.json rounds them, so the page's order is the document's
+    ranked = families_of(tags, {tag: rounded(scores[tag].tolist()) for tag in families.TAGS})
+    rated = rating_sets(alive, cfg.first_n, cfg.random_n, cfg.seed)
+    chosen = card_features(rated, cfg.features, sae.d_sae, {tag: family["best"] for tag, family in ranked.items()})
     picks = {f: choose_examples(firings, f, cfg) for f, _ in chosen}
     refs = {r for top, intervals in picks.values() for r in top + [e for i in intervals for e in i["examples"]]}
     attributed = attribute_examples(bridge, sae, layer, rows, sorted(refs, key=_ref_order), scanned.captures, device)
     row_text = {row: [token_text(int(t)) for t in rows[row]] for row in {r.row for r in refs}}
-    logits = logit_tables(bridge, sae, layer, [f for f, _ in chosen], cfg.logit_tokens, token_text)
+    logits = logit_tables(bridge, sae, layer, [f for f, _ in chosen], cfg.logit_tokens, token_text, cfg.histogram_bins)
     decoder_share = attribution.decoder_head_shares(sae, n_heads).cpu()
 
     def entry(r: ExampleRef) -> dict:
@@ -388,6 +419,13 @@ def build_document(
             "density": density.tolist(), "max_activation": maxima.tolist(), "alive": alive.tolist(), "tags": tags,
             "scores": {tag: scores[tag].tolist() for tag in families.TAGS},
             "percentiles": {tag: pct[tag].tolist() for tag in families.TAGS},
+        },
+        "families": ranked,
+        "rating_sets": {
+            "first_n": {"rule": f"the first {cfg.first_n} alive features by id, as the post rated",
+                        "features": rated["first_n"]},
+            "random": {"rule": f"{cfg.random_n} alive features drawn at random (seed {cfg.seed})",
+                       "features": rated["random"]},
         },
         "cards": cards,
     }

@@ -150,10 +150,12 @@ TAG_DEFINITIONS: dict[str, dict[str, str]] = {
 }
 
 NULL_DESCRIPTION = ("each null direction is a uniformly random direction with the encoder norm of an SAE feature drawn "
-                    "at random among those that fire on the first batch of dashboard rows, and a bias that makes it "
-                    "fire on as many tokens of that batch as the feature does (as sparse as the features); every "
-                    "tag's score is computed for it exactly as for the features; percentile = 100 x (null scores "
-                    "below + half the ties) / null directions")
+                    "at random among those that fire on the first batch of dashboard rows, passed through the SAE's "
+                    "own activation (ReLU; JumpReLU at the drawn feature's threshold; TopK: firing only where it "
+                    "would win one of the k slots against the SAE's features at that token), with a bias that makes "
+                    "it fire on as many tokens of that batch as the feature does; every tag's score is computed for "
+                    "it exactly as for the features; percentile = 100 x (null scores below + half the ties) / null "
+                    "directions")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -548,15 +550,40 @@ def head_induction_scores(bridge, layer: int, tokenizer, bos_token_id: int, prom
 # The null baseline and the tags
 
 
-def null_encoder(sae: SAE, n_directions: int, seed: int, first_batch: torch.Tensor | None = None) -> SAE:
+class CompetingNull(SAE):
+    """Null directions for a TopK SAE: a direction fires at a token where its pre-activation is positive and above
+    the k-th largest of the SAE's own pre-activations there, i.e. where it would take one of the k slots from the
+    SAE's features. Each direction competes with the features alone, never with the other null directions."""
+
+    def __init__(self, d_in: int, n_directions: int, rivals: SAE):
+        super().__init__(d_in, n_directions)
+        self.rivals = rivals
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_activation(x)
+        return pre * (pre > slot_bar(self.rivals, x).unsqueeze(-1))
+
+
+def slot_bar(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """[...]: what a pre-activation must exceed to fire in a TopK SAE at each row of ``x``: its k-th largest
+    pre-activation there, and 0."""
+    return sae.pre_activation(x).topk(min(sae.k, sae.d_sae), dim=-1).values[..., -1].clamp_min(0.0)
+
+
+def null_encoder(sae: SAE, n_directions: int, seed: int, first_batch: torch.Tensor | None = None,
+                 own_activation: bool = True) -> SAE:
     """``n_directions`` random encoder directions (``NULL_DESCRIPTION``): each a uniformly random direction scaled to
-    the encoder norm of an SAE feature drawn at random, with the SAE's b_dec. Its decoder is the directions'
-    transpose (unit rows); only the encoder is used.
+    the encoder norm of an SAE feature drawn at random, with the SAE's b_dec, through the SAE's own activation (a
+    standard SAE's ReLU; a jumprelu SAE's at the drawn feature's threshold; a topk SAE's competition for its k slots,
+    ``CompetingNull``). Its decoder is the directions' transpose (unit rows); only the encoder is used.
 
     With ``first_batch`` (SAE inputs [N, d_in]) each direction is drawn from the features that fire on it, and its
-    bias makes it fire on as many of those N tokens as that feature does: a null as sparse as the features, so a
-    score that sparse firing alone inflates (a feature firing only where one head's output is large) is inflated
-    for the null too. Without it: any feature, with that feature's b_enc.
+    bias makes it fire, under that activation, on as many of those N tokens as that feature does: a null as sparse as
+    the features, so a score that sparse firing alone inflates (a feature firing only where one head's output is
+    large) is inflated for the null too. Without it: any feature, with that feature's b_enc.
+
+    ``own_activation`` False: a ReLU null whatever the SAE's activation, as every SAE's was before issue 24 (kept so
+    bench/tag_nulls.py can show what the change does).
     """
     generator = torch.Generator().manual_seed(seed)
     weights = sae.W_enc.detach().cpu()
@@ -566,19 +593,32 @@ def null_encoder(sae: SAE, n_directions: int, seed: int, first_batch: torch.Tens
     directions = torch.randn(sae.d_in, n_directions, generator=generator)
     directions /= directions.norm(dim=0, keepdim=True)
     w_enc = directions * weights[:, drawn].norm(dim=0)
+    kind = sae.kind if own_activation else "standard"
+    if kind == "topk":
+        null = CompetingNull(sae.d_in, n_directions, sae)
+    else:
+        null = SAE(sae.d_in, n_directions, kind=kind)
+    threshold = sae.threshold.detach().cpu()[drawn] if kind == "jumprelu" else torch.zeros(n_directions)
     if firing is None:
         b_enc = sae.b_enc.detach().cpu()[drawn]
     else:
-        projections = (first_batch.cpu() - sae.b_dec.detach().cpu()) @ w_enc  # [N, n_directions]
-        ranked = projections.sort(dim=0, descending=True).values
+        with torch.no_grad():
+            # fire where projection + b_enc exceeds the bar the SAE's activation sets: 0 (ReLU), the threshold
+            # (JumpReLU), the k-th largest feature pre-activation at that token (TopK)
+            bar = slot_bar(sae, first_batch).cpu().unsqueeze(1) if kind == "topk" else threshold
+            margins = (first_batch.cpu() - sae.b_dec.detach().cpu()) @ w_enc - bar  # [N, n_directions]
+        ranked = margins.sort(dim=0, descending=True).values
         count = firing[drawn].long().clamp(1, len(ranked) - 1)  # fire on the top `count` tokens of the batch
-        b_enc = -ranked[count, torch.arange(n_directions)]
-    null = SAE(sae.d_in, n_directions)
+        columns = torch.arange(n_directions)
+        # halfway between the last token in and the first out, so rounding in the encoder cannot move the cut
+        b_enc = -(ranked[count - 1, columns] + ranked[count, columns]) / 2
     with torch.no_grad():
         null.W_enc.copy_(w_enc)
         null.W_dec.copy_(directions.T)
         null.b_enc.copy_(b_enc)
         null.b_dec.copy_(sae.b_dec.detach().cpu())
+        if null.kind == "jumprelu":
+            null.threshold.copy_(threshold)
     return null.to(sae.W_enc.device)
 
 

@@ -313,6 +313,29 @@ def interpretable(ratings: Iterable[Rating], features: Iterable[int], content_ha
     and not yes, so "% alive interpretable" = votes "yes" / all votes on those features. With
     ``content_hash``, only ratings given on that version of the page count. (0, 0) means "not rated".
     """
+    votes = latest_votes(ratings, features, content_hash)
+    return sum(v.answer == "yes" for v in votes.values()), len(votes)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far raters agree on a set of features: Cohen's kappa over their answers (yes / no / unsure) on the
+    features both rated, the mean over rater pairs when there are more than two (Light's kappa)."""
+
+    kappa: float | None  # None: fewer than two raters share a feature, or every shared answer was one category
+    raters: int  # raters with at least one vote on the features
+    shared: int  # (feature, rater pair) comparisons behind kappa
+
+    def cell(self) -> str:
+        if self.raters < 2:
+            return "one rater" if self.raters else "not rated"
+        behind = f"{self.raters} raters, {self.shared} shared answer{'' if self.shared == 1 else 's'}"
+        return f"undefined ({behind})" if self.kappa is None else f"κ {self.kappa:.2f} ({behind})"
+
+
+def latest_votes(ratings: Iterable[Rating], features: Iterable[int], content_hash: str | None = None
+                 ) -> dict[tuple[int, str], Rating]:
+    """Each (feature, rater)'s latest rating by date among ``features`` (on the page ``content_hash`` when given)."""
     wanted = set(features)
     votes: dict[tuple[int, str], Rating] = {}
     for rating in ratings:
@@ -321,4 +344,32 @@ def interpretable(ratings: Iterable[Rating], features: Iterable[int], content_ha
         key = (rating.feature, rating.rater)
         if key not in votes or (rating.date, rating.content_hash) > (votes[key].date, votes[key].content_hash):
             votes[key] = rating
-    return sum(v.answer == "yes" for v in votes.values()), len(votes)
+    return votes
+
+
+def cohen_kappa(first: list[str], second: list[str]) -> float | None:
+    """Cohen's kappa of two raters' answers on the same items: (observed - chance agreement) / (1 - chance); None
+    when chance agreement is 1 (both gave one and the same answer throughout: kappa is undefined)."""
+    n = len(first)
+    observed = sum(a == b for a, b in zip(first, second)) / n
+    chance = sum((first.count(answer) / n) * (second.count(answer) / n) for answer in ANSWERS)
+    return None if chance == 1 else (observed - chance) / (1 - chance)
+
+
+def agreement(ratings: Iterable[Rating], features: Iterable[int], content_hash: str | None = None) -> Agreement:
+    """The raters' agreement on ``features`` (each rater's latest answer per feature, as ``interpretable`` counts)."""
+    votes = latest_votes(ratings, features, content_hash)
+    by_rater: dict[str, dict[int, str]] = {}
+    for (feature, rater), vote in votes.items():
+        by_rater.setdefault(rater, {})[feature] = vote.answer
+    kappas, shared = [], 0
+    raters = sorted(by_rater)
+    for i, a in enumerate(raters):
+        for b in raters[i + 1:]:
+            both = sorted(set(by_rater[a]) & set(by_rater[b]))
+            if both:
+                shared += len(both)
+                kappa = cohen_kappa([by_rater[a][f] for f in both], [by_rater[b][f] for f in both])
+                if kappa is not None:
+                    kappas.append(kappa)
+    return Agreement(sum(kappas) / len(kappas) if kappas else None, len(raters), shared)

@@ -207,12 +207,14 @@ def rating_block(feature: int, families: list[str]) -> str:
 def card_section(card: dict, summary: dict, families: list[str]) -> str:
     feature, max_activation = card["feature"], card["max_activation"]
     facts = (f'density {percent(card["density"])} · max activation {num(max_activation)} · '
-             f'{card["firing_tokens"]:,} firing tokens · card: {card["reason"]}')
+             f'{card["firing_tokens"]:,} firing tokens · card: ')
+    reason = card["reason"]  # "best <tag>" names a tag: hidden in blind mode with the others
+    reason = f'<span class="tags">{esc(reason)}</span>' if reason.startswith("best ") else esc(reason)
     top = "".join(example_block(e, max_activation) for e in card["top_examples"])
     intervals = "".join(interval_block(i, max_activation) for i in card["intervals"])
     return (
         f'<section class="card" id="f{feature}" data-feature="{feature}"><h3>Feature {feature}</h3>'
-        f'<p class="facts">{esc(facts)}</p>{tags_block(card, summary)}{rating_block(feature, families)}'
+        f'<p class="facts">{esc(facts)}{reason}</p>{tags_block(card, summary)}{rating_block(feature, families)}'
         f'<div class="columns"><div class="main"><h4>Top activations</h4>{top}'
         f'<h4>Activation intervals</h4>{intervals}</div>'
         f'<div class="side">{histogram_block(card["histogram"])}{logits_block(card["logits"])}'
@@ -257,6 +259,34 @@ def tag_definitions_table(doc: dict) -> str:
     return ('<table id="tag-definitions" class="definitions"><thead><tr><th>tag</th><th>score</th><th>threshold</th>'
             '<th>source</th><th>probe prompts</th><th>probe</th><th>features tagged</th></tr></thead>'
             f"<tbody>{rows}</tbody></table>")
+
+
+FAMILY_SHOWN = 20  # features listed per family, best first; the rest are counted
+
+
+def families_section(doc: dict, carded: set[int]) -> str:
+    """Per tag: how many features carry it, the best one (its card linked), the next ones by score; or that none
+    scored above the tag's threshold and its null on this layer. Hidden in blind mode (it names tags)."""
+    scores = doc["summary"]["scores"]
+    rows = []
+    for tag, family in doc["families"].items():
+        ranked = family["ranked"]
+        if not ranked:
+            rows.append(f'<tr><th>{esc(tag)}</th><td>0</td><td colspan="2" class="muted">no feature above its '
+                        f'threshold and its null on this layer</td></tr>')
+            continue
+
+        def name(f: int, tag: str = tag) -> str:
+            label = f"{f} ({num(scores[tag][f])})"
+            return f'<a href="#f{f}">{label}</a>' if f in carded else label
+
+        more = f" and {len(ranked) - FAMILY_SHOWN:,} more" if len(ranked) > FAMILY_SHOWN else ""
+        rows.append(f'<tr><th>{esc(tag)}</th><td>{len(ranked):,}</td><td>{name(family["best"])}</td>'
+                    f'<td class="text">{" · ".join(name(f) for f in ranked[1:FAMILY_SHOWN])}{more}</td></tr>')
+    return ('<section id="families" class="tags"><h2>Families</h2><p class="muted">Each family\'s features by score '
+            '(in parentheses), best first; the best one always has a card.</p><table class="definitions"><thead><tr>'
+            '<th>tag</th><th>features</th><th>best</th><th>next by score</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></section>')
 
 
 def summary_table(doc: dict, carded: set[int]) -> str:
@@ -329,6 +359,7 @@ def render_layer_page(doc: dict) -> str:
 <p class="muted">{esc(doc["tag_rule"])} Tags never fill the "% alive interpretable" column, which only people's
 ratings do. Blind mode hides them while rating.</p>
 {tag_definitions_table(doc)}
+{families_section(doc, carded)}
 <h2>Features</h2>
 <p>Cards ({len(cards)}): {card_links}</p>
 {summary_table(doc, carded)}

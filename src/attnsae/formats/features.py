@@ -1,5 +1,5 @@
 """``features.json``: the dashboards stage's document of every number a layer page shows (format
-``attnsae-dashboards``, version 1; its fields are described in docs/features-json.md).
+``attnsae-dashboards``, version 2; its fields are described in docs/features-json.md).
 
 The format's name and version, its rounding, its content hash (what people's ratings are tied to), its bytes,
 the checked reader, and the tag counts the report tables. labels, the report and the head-scores check read the
@@ -16,7 +16,7 @@ from attnsae.errors import UserError
 from attnsae.files import read_json_object
 
 FORMAT = "attnsae-dashboards"
-VERSION = 1
+VERSION = 2  # 2: each family's features ranked and its best one carded (``families``)
 FEATURES_FILE = "features.json"
 
 
@@ -47,6 +47,16 @@ def tag_counts(doc: dict) -> tuple[dict[str, int], int]:
     """How many features carry each tag of the document, and how many carry none."""
     tags = doc["summary"]["tags"]
     return {tag: sum(tag in t for t in tags) for tag in doc["tag_definitions"]}, sum(not t for t in tags)
+
+
+def families_of(tags: list[list[str]], scores: dict[str, list[float]]) -> dict[str, dict]:
+    """Per tag: the features carrying it, best score first (ties: lower feature first), and the best one (None when
+    no feature carries it: none scored above the tag's threshold and its null on this layer)."""
+    families = {}
+    for tag, score in scores.items():
+        ranked = sorted((f for f, carried in enumerate(tags) if tag in carried), key=lambda f: (-score[f], f))
+        families[tag] = {"ranked": ranked, "best": ranked[0] if ranked else None}
+    return families
 
 
 def read_features(path: str | Path, layer: int, sae: str | Path | None = None) -> dict:

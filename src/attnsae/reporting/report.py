@@ -34,7 +34,7 @@ from pathlib import Path
 
 from attnsae import layout
 from attnsae.evaluation.comparison import Reference, difference, resolve_reference
-from attnsae.features.labels import interpretable, read_labels
+from attnsae.features.labels import Agreement, agreement, interpretable, read_labels
 from attnsae.files import write_texts_atomic
 from attnsae.formats.features import read_features, tag_counts
 from attnsae.formats.metrics import format_value, numeric_metrics, read_density, read_heldout_metrics, read_metrics
@@ -94,11 +94,22 @@ class LayerDashboard:
     untagged: int
     yes: int
     rated: int
+    best: dict[str, tuple[int, float] | None]  # per tag: its best feature and that feature's score (carded)
+    sample_features: int = 0  # the random sample of alive features (dashboards.random_n)
+    sample_yes: int = 0
+    sample_rated: int = 0
+    agreement: Agreement | None = None  # the raters' on the first_n features
+    sample_agreement: Agreement | None = None
 
     def interpretable_cell(self) -> str:
-        if not self.rated:
-            return "not rated"
-        return f"{self.yes / self.rated:.0%} ({self.yes}/{self.rated} rated)"
+        return share_cell(self.yes, self.rated)
+
+    def sample_cell(self) -> str:
+        return share_cell(self.sample_yes, self.sample_rated) if self.sample_features else "no sample"
+
+
+def share_cell(yes: int, rated: int) -> str:
+    return f"{yes / rated:.0%} ({yes}/{rated} rated)" if rated else "not rated"
 
 
 @dataclass(frozen=True)
@@ -120,12 +131,20 @@ def read_dashboard(layer: int, sae: str | None, dashboards_root: Path, labels_ro
     if not path.is_file():
         return None
     doc = read_features(path, layer, sae)
-    first_alive = [card["feature"] for card in doc["cards"] if card["reason"] == "first_n"]
-    yes, rated = interpretable(read_labels(layer, labels_root) or [], first_alive, doc["content_hash"])
+    first_alive = doc["rating_sets"]["first_n"]["features"]
+    sample = doc["rating_sets"]["random"]["features"]
+    ratings, page_hash = read_labels(layer, labels_root) or [], doc["content_hash"]
+    yes, rated = interpretable(ratings, first_alive, page_hash)
+    sample_yes, sample_rated = interpretable(ratings, sample, page_hash)
     counts, untagged = tag_counts(doc)
+    best = {tag: None if family["best"] is None else (family["best"], doc["summary"]["scores"][tag][family["best"]])
+            for tag, family in doc["families"].items()}
     page = layout.dashboard_page(layer, dashboards_root)
     return LayerDashboard(page=Path(_relative_link(page, out_dir)), rated_features=len(first_alive),
-                          tag_counts=counts, untagged=untagged, yes=yes, rated=rated)
+                          tag_counts=counts, untagged=untagged, yes=yes, rated=rated, best=best,
+                          sample_features=len(sample), sample_yes=sample_yes, sample_rated=sample_rated,
+                          agreement=agreement(ratings, first_alive, page_hash),
+                          sample_agreement=agreement(ratings, sample, page_hash))
 
 
 def _relative_link(target: Path, start: Path) -> str:
@@ -200,6 +219,33 @@ def tag_columns(results: list[LayerResult]) -> list[Column]:
 
     return [Column("layer", "", lambda r: str(r.metrics["layer"])), *(Column(t, "", count(t)) for t in tags),
             Column("untagged", "", lambda r: fmt(r.dashboard.untagged if r.dashboard else None, "{:,}"))]
+
+
+def rating_columns() -> list[Column]:
+    """layer, then per rating set (the first alive features, the random sample) yes / rated and the raters' kappa."""
+    def of(cell: Callable[[LayerDashboard], str]) -> Callable[[LayerResult], str]:
+        return lambda r: cell(r.dashboard) if r.dashboard else "–"
+
+    return [Column("layer", "", lambda r: str(r.metrics["layer"])),
+            Column("first alive", "", of(lambda d: f"{d.interpretable_cell()} of {d.rated_features}")),
+            Column("agreement, first alive", "", of(lambda d: d.agreement.cell())),
+            Column("random sample", "", of(lambda d: f"{d.sample_cell()} of {d.sample_features}")),
+            Column("agreement, random sample", "", of(lambda d: d.sample_agreement.cell()))]
+
+
+def family_columns(results: list[LayerResult]) -> list[Column]:
+    """layer, then per tag its best feature and score ("none" where no feature carries the tag)."""
+    tags = next((list(r.dashboard.best) for r in results if r.dashboard), [])
+
+    def best(tag):
+        def cell(r: LayerResult) -> str:
+            if not r.dashboard:
+                return "–"
+            found = r.dashboard.best.get(tag)
+            return "none" if found is None else f"{found[0]} ({found[1]:.2f})"
+        return cell
+
+    return [Column("layer", "", lambda r: str(r.metrics["layer"])), *(Column(t, "", best(t)) for t in tags)]
 
 
 def other_columns() -> list[Column]:
@@ -426,6 +472,19 @@ TAGS_NOTE = (
     "directions (docs/features-json.md: family tags). A feature may have several tags or none. Tags are evidence for raters; "
     "they never count as a rating."
 )
+RATINGS_NOTE = (
+    "People's ratings (docs/features-json.md: rating) of two sets of alive features per layer: the first ones by id, "
+    "as the post rated (the per-layer table's column), and a random sample (dashboards.random_n, seeded), whose "
+    "share does not depend on how the features are numbered. yes / rated; unsure counts as rated. Agreement: "
+    "Cohen's kappa over the answers (yes / no / unsure) of two raters on the features both rated, the mean over pairs "
+    "with more raters."
+)
+FAMILIES_NOTE = (
+    "Each family's best feature on each layer, with its score: the feature with that tag that scores highest. Each "
+    "has a card on its layer's page (section Families: every feature of the family by score), so a reader sees what "
+    "an induction, previous-token or context feature of this SAE looks like. \"none\": no feature scored above the "
+    "tag's threshold and its null on that layer."
+)
 DELTA = "Δ = ours minus the reference (dead: in percentage points)."
 FRONTIER_NOTE = ("Every architecture at several sparsities, each a DVC experiment (`attnsae frontier queue`, "
                  "`dvc exp run --run-all`, `attnsae frontier collect`): L0, CE increase and loss recovered with "
@@ -445,7 +504,9 @@ def report_sections(results: list[LayerResult], reference: Reference | None, com
                 Table("layers", comparison_columns(reference), results)),
         heldout_section(results),
         Section("Other metrics", table=Table("more", other_columns(), results)),
+        ratings_section(results),
         tags_section(results),
+        families_section(results),
         Section("L0 against loss recovered",
                 figure=Figure("L0 against loss recovered", _png(l0_loss_figure(results, reference)))),
         Section("Feature density", figure=Figure("feature density histograms", _png(density_figure(results)))),
@@ -467,6 +528,19 @@ def tags_section(results: list[LayerResult]) -> Section | None:
                   f"{r.dashboard.rated_features} cards to rate") for r in with_pages]
     return Section("Family tags", TAGS_NOTE, table=Table("tags", tag_columns(results), results),
                    links=Links("Feature dashboards", "Dashboards", "dashboards", pages), one_line=True)
+
+
+def ratings_section(results: list[LayerResult]) -> Section | None:
+    if not any(r.dashboard for r in results):
+        return None
+    return Section("Ratings", RATINGS_NOTE, table=Table("ratings", rating_columns(), results), one_line=True)
+
+
+def families_section(results: list[LayerResult]) -> Section | None:
+    if not any(r.dashboard for r in results):
+        return None
+    return Section("Families", FAMILIES_NOTE, table=Table("families", family_columns(results), results),
+                   one_line=True)
 
 
 def frontier_section(rows: list[dict]) -> Section:

@@ -1,0 +1,87 @@
+"""Family tags against the null each architecture gets (issue 24, item 1): not a speed benchmark, a measurement on
+the quickstart's data of what the null baseline does to the tag counts.
+
+    python bench/tag_nulls.py [--layer 17]      # after `dvc repro` of the quickstart (its model, tokens and cache)
+
+One SAE per architecture at L0 about 20 on one layer, trained on the quickstart's activation cache with the
+quickstart's recipe and the frontier's settings for the architecture (params.yaml `frontier`): standard (l1_coeff
+1.2, between the frontier's 0.8 and 1.6, whose layer-17 L0 were 37 and 13), topk k 20 (the committed quickstart SAE),
+batchtopk k 20, jumprelu l0_coeff 0.005. Each is tagged as the dashboards stage tags it (same rows, probes and
+thresholds) twice: against a ReLU null, as every architecture was before, and against a null through the SAE's own
+activation (families.null_encoder). Prints the features per tag for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+POINTS = {"standard": {"l1_coeff": 1.2}, "topk": {"k": 20}, "batchtopk": {"k": 20}, "jumprelu": {"l0_coeff": 0.005}}
+
+
+def trained_sae(params: dict, architecture: str, layer: int):
+    from attnsae import config, layout
+    from attnsae.data.activations import DiskActivations
+    from attnsae.sae.autoencoder import load_sae
+    from attnsae.sae.training import train_sae
+
+    if architecture == params["sae"]["architecture"] and params["sae"].get("k") == POINTS[architecture].get("k"):
+        return load_sae(REPO / "models" / "sae" / f"L{layer}")[0]  # the quickstart's own
+    frontier = params["frontier"][architecture]
+    recipe = {key: value for key, value in params["sae"].items() if key not in config.ARCHITECTURE_SETTINGS["topk"]}
+    values = {**recipe, **frontier["settings"], "architecture": architecture, **POINTS[architecture]}
+    cfg = config.SAEConfig.model_validate(values)
+    return train_sae(cfg, DiskActivations(layout.activations_dir(layer, REPO / "data" / "activations")),
+                     progress=False).sae
+
+
+def tag_counts(bridge, sae, layer: int, rows, cfg, tokenizer, bos: int, own_activation: bool) -> tuple[dict, float]:
+    from attnsae.features import dashboards, families
+
+    device = torch.device("cpu")
+    make_null = functools.partial(families.null_encoder, own_activation=own_activation)
+    scanned = dashboards.scan(bridge, sae, layer, rows, len(rows), cfg, device, make_null=make_null)
+    scores, pct, _ = dashboards.tag_scores(bridge, sae, layer, scanned, tokenizer, bos, cfg)
+    fired = scanned.firings.counts() > 0
+    tags = [t if f else [] for t, f in zip(families.assign_tags(scores, pct, cfg.tags, cfg.null_percentile), fired)]
+    counts = {tag: sum(tag in t for t in tags) for tag in families.TAGS}
+    return counts, float(scanned.firings.counts().sum() / rows.size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", type=int, default=17)
+    args = parser.parse_args()
+    from attnsae import config
+    from attnsae.data.models import load_bridge, load_tokenizer
+    from attnsae.data.tokenization import load_rows
+    from attnsae.features import families
+    from attnsae.formats.model_info import read_model_info
+
+    params = config.read_params(REPO / "params.yaml")
+    cfg = config.dashboards_config(params)
+    model_dir = REPO / "models" / "base"
+    info = read_model_info(model_dir)
+    rows = load_rows(REPO / "data" / "tokens", "eval", vocab_size=info.vocab_size)[: cfg.max_rows or None]
+    bridge, _ = load_bridge(model_dir, torch.device("cpu"))
+    tokenizer = load_tokenizer(model_dir)
+    print(f"layer {args.layer}, {rows.size:,} dashboard tokens, {cfg.null_directions} null directions, null "
+          f"percentile {cfg.null_percentile}; features per tag, ReLU null -> the SAE's own activation", flush=True)
+    print("| architecture | L0 | " + " | ".join(families.TAGS) + " |")
+    print("|---|---|" + "---|" * len(families.TAGS))
+    for architecture, point in POINTS.items():
+        sae = trained_sae(params, architecture, args.layer).eval()
+        before, l0 = tag_counts(bridge, sae, args.layer, rows, cfg, tokenizer, info.bos_token_id, False)
+        after, _ = tag_counts(bridge, sae, args.layer, rows, cfg, tokenizer, info.bos_token_id, True)
+        cells = " | ".join(f"{before[tag]} -> {after[tag]}" for tag in families.TAGS)
+        print(f"| {architecture} {', '.join(f'{k} {v:g}' for k, v in point.items())} | {l0:.1f} | "
+              f"{cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
