@@ -1,14 +1,16 @@
 """Family tags against the null each architecture gets (issue 24, item 1): not a speed benchmark, a measurement on
 the quickstart's data of what the null baseline does to the tag counts.
 
-    python bench/tag_nulls.py [--layer 17]      # after `dvc repro` of the quickstart (its model, tokens and cache)
+    python bench/tag_nulls.py [--layer 17] [--architecture topk ...]  # after the quickstart's `dvc repro`
 
 One SAE per architecture at L0 about 20 on one layer, trained on the quickstart's activation cache with the
 quickstart's recipe and the frontier's settings for the architecture (params.yaml `frontier`): standard (l1_coeff
 1.2, between the frontier's 0.8 and 1.6, whose layer-17 L0 were 37 and 13), topk k 20 (the committed quickstart SAE),
 batchtopk k 20, jumprelu l0_coeff 0.005. Each is tagged as the dashboards stage tags it (same rows, probes and
 thresholds) twice: against a ReLU null, as every architecture was before, and against a null through the SAE's own
-activation (families.null_encoder). Prints the features per tag for both.
+activation (families.null_encoder). Prints the features per tag for both, and how many reach each tag's score
+threshold before any null is asked. Kernels and threads pinned as the stages pin them (numerics.py), so the TopK
+row's right-hand counts are the committed dashboards'.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ import functools
 import sys
 from pathlib import Path
 
-import torch
+from attnsae import numerics
+
+numerics.pin_kernels()  # before torch's first operation, as the CLI
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 POINTS = {"standard": {"l1_coeff": 1.2}, "topk": {"k": 20}, "batchtopk": {"k": 20}, "jumprelu": {"l0_coeff": 0.005}}
@@ -50,15 +56,18 @@ def tag_counts(bridge, sae, layer: int, rows, cfg, tokenizer, bos: int, own_acti
     fired = scanned.firings.counts() > 0
     tags = [t if f else [] for t, f in zip(families.assign_tags(scores, pct, cfg.tags, cfg.null_percentile), fired)]
     counts = {tag: sum(tag in t for t in tags) for tag in families.TAGS}
-    return counts, float(scanned.firings.counts().sum() / rows.size)
+    reaching = {tag: int(((scores[tag] >= getattr(cfg.tags, tag)) & torch.as_tensor(fired)).sum()) for tag in families.TAGS}
+    return counts, reaching, float(scanned.firings.counts().sum() / rows.size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", type=int, default=17)
+    parser.add_argument("--architecture", dest="architectures", action="append", choices=list(POINTS),
+                        help="Only this architecture (repeatable) [default: all four].")
     args = parser.parse_args()
     from attnsae import config
-    from attnsae.data.models import load_bridge, load_tokenizer
+    from attnsae.data.models import load_bridge, load_tokenizer, resolve_device
     from attnsae.data.tokenization import load_rows
     from attnsae.features import families
     from attnsae.formats.model_info import read_model_info
@@ -68,19 +77,25 @@ def main() -> None:
     model_dir = REPO / "models" / "base"
     info = read_model_info(model_dir)
     rows = load_rows(REPO / "data" / "tokens", "eval", vocab_size=info.vocab_size)[: cfg.max_rows or None]
-    bridge, _ = load_bridge(model_dir, torch.device("cpu"))
+    bridge, _ = load_bridge(model_dir, resolve_device("cpu"))
     tokenizer = load_tokenizer(model_dir)
     print(f"layer {args.layer}, {rows.size:,} dashboard tokens, {cfg.null_directions} null directions, null "
           f"percentile {cfg.null_percentile}; features per tag, ReLU null -> the SAE's own activation", flush=True)
     print("| architecture | L0 | " + " | ".join(families.TAGS) + " |")
     print("|---|---|" + "---|" * len(families.TAGS))
-    for architecture, point in POINTS.items():
+    reaching = {}
+    for architecture in args.architectures or list(POINTS):
         sae = trained_sae(params, architecture, args.layer).eval()
-        before, l0 = tag_counts(bridge, sae, args.layer, rows, cfg, tokenizer, info.bos_token_id, False)
-        after, _ = tag_counts(bridge, sae, args.layer, rows, cfg, tokenizer, info.bos_token_id, True)
+        before, reaching[architecture], l0 = tag_counts(bridge, sae, args.layer, rows, cfg, tokenizer,
+                                                        info.bos_token_id, False)
+        after, _, _ = tag_counts(bridge, sae, args.layer, rows, cfg, tokenizer, info.bos_token_id, True)
         cells = " | ".join(f"{before[tag]} -> {after[tag]}" for tag in families.TAGS)
+        point = POINTS[architecture]
         print(f"| {architecture} {', '.join(f'{k} {v:g}' for k, v in point.items())} | {l0:.1f} | "
               f"{cells} |", flush=True)
+    for architecture, counts in reaching.items():
+        print(f"{architecture}: features reaching each tag's score threshold: "
+              + ", ".join(f"{tag} {n}" for tag, n in counts.items()))
 
 
 if __name__ == "__main__":

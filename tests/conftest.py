@@ -7,7 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+
+from attnsae import numerics
+
+numerics.pin_kernels()  # as the CLI does, before torch's first operation: tests compute what the stages compute
+
+import torch  # noqa: E402
 
 # Tests never reach a model or dataset hub (docs/design.md 6): set before any test module imports transformers,
 # which reads these once. `make test` sets them too; this holds for a bare `pytest` as well.

@@ -15,10 +15,14 @@ from pathlib import Path
 
 import click
 
-from attnsae import config, layout
-from attnsae.errors import UserError
-from attnsae.files import DISK_FULL
-from attnsae.reporting import neuronpedia  # light (no torch): its defaults are the command's
+from attnsae import numerics
+
+numerics.pin_kernels()  # before anything runs a torch operation: every stage's CPU arithmetic is then portable
+
+from attnsae import config, layout  # noqa: E402
+from attnsae.errors import UserError  # noqa: E402
+from attnsae.files import DISK_FULL  # noqa: E402
+from attnsae.reporting import neuronpedia  # noqa: E402  light (no torch): its defaults are the command's
 
 
 def one_line_errors(fn):

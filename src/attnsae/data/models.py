@@ -34,6 +34,7 @@ from typing import Iterator
 
 import torch
 
+from attnsae import numerics
 from attnsae.config import ModelConfig
 from attnsae.data import hub
 from attnsae.data.model_sources import (
@@ -70,10 +71,13 @@ def hook_z_name(layer: int) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The device a stage runs on; on a CPU, with the thread count that makes its results portable (numerics.py)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was requested but no CUDA device is available (allowed here: auto, cpu)")
+    if device == "cpu":
+        numerics.pin_cpu_threads()
     return torch.device(device)
 
 

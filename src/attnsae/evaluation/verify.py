@@ -19,9 +19,9 @@ from attnsae.errors import UserError
 # ----------------------------------------------------------------------------------------------------------
 # Comparisons (pure)
 
-# Re-evaluating the same SAE on the same tokens with the same model differs between machines only through
-# float summation order (BLAS kernels, thread counts, CPU vs GPU): fp32 values ~1e-6 relative apart. On one
-# CPU the re-evaluation is bit-identical (measured on the quickstart). The tolerances leave ~100x room.
+# Re-evaluating the same SAE on the same tokens with the same model on an x86-64 CPU is bit-identical: the stages
+# pin the CPU kernels and threads (numerics.py). On a GPU or an ARM CPU it differs only through float summation
+# order: fp32 values ~1e-6 relative apart. The tolerances leave ~100x room.
 NATS_TOL = 1e-4  # absolute, for every cross-entropy and KL value (nats)
 RATIO_TOL = 1e-4  # absolute floor for ratios and fractions
 RELATIVE_TOL = 1e-4  # for scale-dependent sums (mse)
