@@ -208,3 +208,23 @@ def test_the_command_on_the_tiny_pipelines_real_dashboards(tiny_pipeline, tmp_pa
     check_references(rows)
     assert rows["activations"] and all(r["logits_hist_data_bar_heights"] for r in rows["features"]
                                        if r["pos_str"])  # carded features carry their logit histogram
+
+
+def test_the_committed_quickstart_export_has_the_published_schema_and_is_what_the_pipeline_made():
+    """The quickstart's `neuronpedia` stage (pipelines/extra/quickstart.yaml) writes layer 17's export into git: its
+    rows pass the schema, and dvc.lock says it was made from the committed dashboards of layer 17 and holds these
+    very files."""
+    import yaml
+
+    from attnsae.reporting.repository import dvc_md5
+    from helpers import REPO
+
+    folder = REPO / "reports" / "neuronpedia" / "smollm2-135m" / "17-att-attnsae"
+    rows = read_export(folder)
+    check_references(rows)
+    assert len(rows["features"]) == 2304 and rows["activations"]
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    made_from = {d["path"]: d["md5"] for d in lock["neuronpedia"]["deps"]}
+    assert made_from["reports/dashboards/L17"] == lock["dashboards@17"]["outs"][0]["md5"]
+    (out,) = lock["neuronpedia"]["outs"]
+    assert out["path"] == "reports/neuronpedia" and out["md5"] == dvc_md5(REPO / "reports" / "neuronpedia")

@@ -31,12 +31,15 @@ COMMAND_MODULES = {
     "publish": ("attnsae.reporting.publish",),
     "import": ("attnsae.evaluation.paper_saes",),
     "import --set gemma-scope-2b-att": ("attnsae.evaluation.gemma_scope",),
+    "export": ("attnsae.reporting.neuronpedia",),
 }
 # `train --stream` places its workers with the launcher (which layers and which slice of each batch a process
 # trains), so the stream pipeline's train stage runs it too; the cache pipeline's never does.
 STREAM_COMMAND_MODULES = {**COMMAND_MODULES, "train": ("attnsae.sae.training", "attnsae.launcher")}
-# The pipeline files, and the published SAEs' stages `attnsae profile` appends to the stream pipeline for their model.
-PIPELINES = sorted((REPO / "pipelines").glob("*.yaml")) + sorted((REPO / "pipelines" / "published").glob("*.yaml"))
+# The pipeline files, the published SAEs' stages `attnsae profile` appends to the stream pipeline for their model, and
+# the stages it appends for one profile (pipelines/extra/<profile>.yaml).
+PIPELINES = [*sorted((REPO / "pipelines").glob("*.yaml")), *sorted((REPO / "pipelines" / "published").glob("*.yaml")),
+             *sorted((REPO / "pipelines" / "extra").glob("*.yaml"))]
 # Files a module reads at run time besides its imports (package data): a stage that runs the module depends on them.
 MODULE_DATA = {"attnsae.features.pages": "src/attnsae/features/assets",
                "attnsae.data.model_sources": "src/attnsae/data/known_configs"}

@@ -78,8 +78,9 @@ def published_set(params: dict[str, Any]) -> str | None:
     return sets.get(source.split("@")[0])
 
 
-def with_published_stages(pipeline_text: str, published_text: str) -> str:
-    """The stream pipeline with the published SAEs' stages (the fragment's, comments kept) after its own."""
+def with_stages(pipeline_text: str, published_text: str) -> str:
+    """The pipeline with a fragment's stages (comments kept) after its own: the published SAEs' of the profile's
+    model, or the profile's own extra stages."""
     head, marker, tail = pipeline_text.partition("\nplots:")
     stages = published_text.split("\nstages:\n", 1)[1]
     return f"{head.rstrip()}\n\n{stages.rstrip()}\n{marker}{tail}" if marker else f"{head.rstrip()}\n\n{stages}"
@@ -100,11 +101,14 @@ def with_local_model_dep(pipeline_text: str, params: dict[str, Any]) -> str:
     return pipeline_text.replace(MODEL_STAGE_DEPS, f"{MODEL_STAGE_DEPS}      - {path}\n", 1)
 
 
-def render_pipeline(pipeline_text: str, profile: str, params: dict[str, Any], published_text: str | None = None) -> str:
+def render_pipeline(pipeline_text: str, profile: str, params: dict[str, Any], published_text: str | None = None,
+                    extra_text: str | None = None) -> str:
     """dvc.yaml for a profile: the pipeline file unchanged (comments kept), the published SAEs' stages of its model
-    if any, a local model folder as the model stage's dep, and the artifacts section."""
-    if published_text is not None:
-        pipeline_text = with_published_stages(pipeline_text, published_text)
+    if any, the profile's extra stages if any, a local model folder as the model stage's dep, and the artifacts
+    section."""
+    for fragment in (published_text, extra_text):
+        if fragment is not None:
+            pipeline_text = with_stages(pipeline_text, fragment)
     pipeline_text = with_local_model_dep(pipeline_text, params)
     pipeline = yaml.safe_load(pipeline_text) or {}
     if "artifacts" in pipeline:
@@ -129,7 +133,9 @@ def profile_pipeline(root: str | Path, name: str, params: dict[str, Any]) -> str
     fragment = pipelines / "published" / f"{published}.yaml"
     if published is not None and not fragment.is_file():
         raise UserError(f"{fragment}: missing; it holds the stages of the published SAEs of the profile's model")
-    return render_pipeline(pipeline.read_text(), name, params, fragment.read_text() if published else None)
+    extra = pipelines / "extra" / f"{name}.yaml"  # stages of this profile alone (the quickstart's Neuronpedia export)
+    return render_pipeline(pipeline.read_text(), name, params, fragment.read_text() if published else None,
+                           extra.read_text() if extra.is_file() else None)
 
 
 def activate_profile(root: str | Path, name: str) -> str:
