@@ -213,11 +213,13 @@ def step_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, devi
 CPU_FORWARD_ROWS = 1  # token rows per measured forward on a CPU (a lower bound there, as the step's probe)
 
 
-def measure_forward_tokens_per_s(params: dict[str, Any], device: torch.device, repeats: int = 2) -> tuple[float, int]:
+def measure_forward_tokens_per_s(params: dict[str, Any], device: torch.device, repeats: int | None = None
+                                 ) -> tuple[float, int]:
     """(tokens/s, rows) of the harvesting forward the stream trainer runs (data/harvest.py: hook_z at the profile's
     layers, stopping after the last), on the profile's model built from its config.json alone: its blocks up to the
     last of those layers, weights zeroed (a forward's time does not depend on their values), at ``model.precision``,
-    ``activations.batch_rows`` rows per forward on a GPU (``CPU_FORWARD_ROWS`` on a CPU)."""
+    ``activations.batch_rows`` rows per forward on a GPU (``CPU_FORWARD_ROWS`` on a CPU), timed over ``repeats``
+    forwards (default: two after a warm-up on a GPU; one on a CPU, where Gemma 2 2B's takes half a minute)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -235,11 +237,12 @@ def measure_forward_tokens_per_s(params: dict[str, Any], device: torch.device, r
         for param in model.parameters():
             param.zero_()
     rows = config.activations_config(params).batch_rows if device.type == "cuda" else CPU_FORWARD_ROWS
+    repeats = repeats or (2 if device.type == "cuda" else 1)
     context = config.tokenize_config(params).context_size
     harvest = HarvestingForward(model, layers, config.model_config(params).precision)
     tokens = torch.zeros(rows, context, dtype=torch.long, device=device)
-    harvest(tokens)  # warm-up
-    if device.type == "cuda":
+    if device.type == "cuda":  # the first call pays CUDA's start-up; on a CPU the first costs what the others do
+        harvest(tokens)
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
