@@ -56,7 +56,8 @@ def tag_counts(bridge, sae, layer: int, rows, cfg, tokenizer, bos: int, own_acti
     fired = scanned.firings.counts() > 0
     tags = [t if f else [] for t, f in zip(families.assign_tags(scores, pct, cfg.tags, cfg.null_percentile), fired)]
     counts = {tag: sum(tag in t for t in tags) for tag in families.TAGS}
-    reaching = {tag: int(((scores[tag] >= getattr(cfg.tags, tag)) & torch.as_tensor(fired)).sum()) for tag in families.TAGS}
+    reaching = {tag: int(((scores[tag] >= getattr(cfg.tags, tag)) & torch.as_tensor(fired)).sum())
+                for tag in families.TAGS}
     return counts, reaching, float(scanned.firings.counts().sum() / rows.size)
 
 

@@ -573,8 +573,8 @@ def export_neuronpedia_command(layer: int, model_id: str, source_set: str, creat
     """Write layer L's features, shown examples (with DFA) and rating notes in the layout Neuronpedia imports
     (model/sourceset/source.jsonl, features, activations and explanations as batch-0.jsonl.gz), from features.json
     alone. Only carded features have examples, histograms and logit tables (features.json keeps them for cards)."""
-    folder, counts = neuronpedia.export_neuronpedia(layer, model_id, Path(dashboards_root), Path(labels_root), Path(out_root),
-                                        source_set, creator_id)
+    folder, counts = neuronpedia.export_neuronpedia(layer, model_id, Path(dashboards_root), Path(labels_root),
+                                                    Path(out_root), source_set, creator_id)
     click.echo(f"export neuronpedia: L{layer} -> {folder}: " + ", ".join(f"{n:,} {t}" for t, n in counts.items()))
 
 
