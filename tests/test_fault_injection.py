@@ -29,6 +29,7 @@ import csv
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -73,9 +74,10 @@ STAGE_TIMEOUT = 600
 # Outputs compared byte for byte with the reference run.
 COMPARED = ("models/sae", "reports/metrics", "reports/density", "reports/curves", "reports/layers.csv",
             "models/published")
-# Outputs that quote the repository's git commit (report.py: "git commit"): compared with the commit masked.
+# Outputs that quote the repository's git commit (report.py: "git commit"): compared with the commit masked, and
+# whether the tree was dirty (the reference's is when a test edited its params.yaml and re-ran it before this one).
 QUOTE_COMMIT = ("reports/report.md", "reports/index.html")
-COMMIT = re.compile(rb"\b[0-9a-f]{40}\b")
+COMMIT = re.compile(rb"\b[0-9a-f]{40}\b(?: \(dirty\))?")
 
 
 class Repro:
@@ -398,7 +400,11 @@ def faulted(tiny_pipeline, tmp_path_factory):
     base = tmp_path_factory.mktemp("faults")
     root = base / "repo"
     env = {**ref_env, "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
-    pipeline_repository(root, env, "tiny")  # as the reference (the tiny_pipeline fixture) was made
+    pipeline_repository(root, env, "tiny", commit=False)  # as the reference (the tiny_pipeline fixture) was made,
+    # with the params it holds now: tests may have changed and re-run it before this one (test_pipeline retrains L2)
+    shutil.copyfile(ref_root / "params.yaml", root / "params.yaml")
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-q", "-m", "tiny"], root, env)
 
     order = execution_order(ref_output)
     faults = plan_faults(order, random.Random(SEED))

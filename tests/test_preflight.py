@@ -76,7 +76,8 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize(("change", "machine", "expected"), REFUSED, ids=lambda v: str(v)[:60])
+@pytest.mark.parametrize(("change", "machine", "expected"), REFUSED,
+                         ids=[expected[:60] for _, _, expected in REFUSED])
 def test_refused_in_one_line(tiny_params, change, machine, expected):
     with pytest.raises(UserError) as err:
         preflight.check(change(tiny_params), machine)
