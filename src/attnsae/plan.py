@@ -200,9 +200,9 @@ def step_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, devi
              f"measured matmul rate"]
     if config.activations_config(params).source != "stream":
         return lines
-    forward_rate, rows = measure_forward_tokens_per_s(params, device)
+    forward_rate, (rows, length) = measure_forward_tokens_per_s(params, device)
     lines.append(f"measured harvesting forward (hook_z at layers {', '.join(map(str, config.layers(params)))}, "
-                 f"{rows} rows of {config.tokenize_config(params).context_size}) on {device}: {forward_rate:,.0f} tokens/s")
+                 f"{rows} rows of {length}) on {device}: {forward_rate:,.0f} tokens/s")
     counts = sorted({1, processes or config.distributed_config(params).nproc_per_node})
     times = ", ".join(f"{n} process{'es' if n > 1 else ''} {human_duration(processes_time(layer_plans, rate, widest.d_sae, forward_rate, n))}"
                       for n in counts if n <= len(layer_plans))
@@ -210,16 +210,21 @@ def step_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, devi
     return lines
 
 
-CPU_FORWARD_ROWS = 1  # token rows per measured forward on a CPU (a lower bound there, as the step's probe)
+# On a CPU the measured forward is one row of at most CPU_FORWARD_TOKENS tokens, a rough figure there: one row uses
+# the cores less well than a batch, and a short row spends less on attention per token than the profile's context
+# (little beside the weights' matmuls at these widths). Gemma 2 2B's forward over its 1,024 tokens took a minute.
+CPU_FORWARD_ROWS = 1
+CPU_FORWARD_TOKENS = 128
 
 
 def measure_forward_tokens_per_s(params: dict[str, Any], device: torch.device, repeats: int | None = None
-                                 ) -> tuple[float, int]:
-    """(tokens/s, rows) of the harvesting forward the stream trainer runs (data/harvest.py: hook_z at the profile's
-    layers, stopping after the last), on the profile's model built from its config.json alone: its blocks up to the
-    last of those layers, weights zeroed (a forward's time does not depend on their values), at ``model.precision``,
-    ``activations.batch_rows`` rows per forward on a GPU (``CPU_FORWARD_ROWS`` on a CPU), timed over ``repeats``
-    forwards (default: two after a warm-up on a GPU; one on a CPU, where Gemma 2 2B's takes half a minute)."""
+                                 ) -> tuple[float, tuple[int, int]]:
+    """(tokens/s, (rows, tokens per row)) of the harvesting forward the stream trainer runs (data/harvest.py: hook_z
+    at the profile's layers, stopping after the last), on the profile's model built from its config.json alone: its
+    blocks up to the last of those layers, weights zeroed (a forward's time does not depend on their values), at
+    ``model.precision``, ``activations.batch_rows`` rows of the profile's context per forward on a GPU (on a CPU
+    ``CPU_FORWARD_ROWS`` of at most ``CPU_FORWARD_TOKENS``), timed over ``repeats`` forwards (default: two after a
+    warm-up on a GPU; one on a CPU, where the first costs what the others do)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -239,6 +244,8 @@ def measure_forward_tokens_per_s(params: dict[str, Any], device: torch.device, r
     rows = config.activations_config(params).batch_rows if device.type == "cuda" else CPU_FORWARD_ROWS
     repeats = repeats or (2 if device.type == "cuda" else 1)
     context = config.tokenize_config(params).context_size
+    if device.type != "cuda":
+        context = min(context, CPU_FORWARD_TOKENS)
     harvest = HarvestingForward(model, layers, config.model_config(params).precision)
     tokens = torch.zeros(rows, context, dtype=torch.long, device=device)
     if device.type == "cuda":  # the first call pays CUDA's start-up; on a CPU the first costs what the others do
@@ -248,7 +255,7 @@ def measure_forward_tokens_per_s(params: dict[str, Any], device: torch.device, r
     for _ in range(repeats):
         found = harvest(tokens)
     next(iter(found.values())).sum().item()  # waits for the device
-    return rows * context * repeats / (time.perf_counter() - start), rows
+    return rows * context * repeats / (time.perf_counter() - start), (rows, context)
 
 
 def capped(*caps: int) -> int:
