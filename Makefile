@@ -46,12 +46,15 @@ browser:
 	  echo "WARNING: chromium is missing and apt-get is not available: install Chromium by hand, or tests/test_report_browser.py is skipped"; \
 	fi
 
+# On every core (pytest-xdist): a module runs whole on one worker, the integration modules first (tests/conftest.py).
+PARALLEL := -n auto --dist loadfile --no-loadscope-reorder
+
 test: install browser
-	$(OFFLINE) PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
+	$(OFFLINE) PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q $(PARALLEL)
 
 # The unit tests alone (no `dvc repro`, no MLflow server, no browser): a few minutes.
 test-fast: install
-	$(OFFLINE) PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -m "not integration"
+	$(OFFLINE) PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q $(PARALLEL) -m "not integration"
 
 # Rewrite requirements.lock after a change to pyproject.toml's dependencies: pins already in the lock stay unless
 # UPGRADE=1, which moves every transitive pin to the newest release that fits. pip-tools runs in its own venv.

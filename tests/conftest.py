@@ -23,6 +23,16 @@ from helpers import TINY_PROFILE, pipeline_repository, read_tiny_params, run  # 
 from loopback_hub import serve  # noqa: E402
 
 
+# `make test` runs the suite on every core (pytest-xdist, `--dist loadfile`): a module runs whole on one worker, so
+# its module-scoped fixtures are built once; each worker builds the session fixtures its modules use.
+def pytest_collection_modifyitems(config, items):
+    """Run on several workers, send the integration modules out first (the long ones), so that short unit tests
+    fill the end rather than one long pipeline. (The order is kept with --no-loadscope-reorder.)"""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        integration = {item.module.__name__ for item in items if item.get_closest_marker("integration")}
+        items.sort(key=lambda item: item.module.__name__ not in integration)  # stable: each module keeps its order
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """One real `dvc repro` of the tiny profile in a fresh git repository, shared by every test that needs one

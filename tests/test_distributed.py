@@ -31,7 +31,7 @@ from helpers import TINY_PROFILE
 pytestmark = pytest.mark.integration
 
 LAYERS = [1, 2]
-STEPS = 300
+STEPS = 150  # past a resample (step 50) and several checkpoints (every 20)
 SAE = {"d_sae": 128, "batch_size": 256, "train_tokens": 256 * STEPS, "buffer_rows": 1024, "warmup_steps": 5,
        "resample_every": 50, "dead_window": 10, "max_resamples": 1, "resample_inputs": 512, "log_every": 10}
 

@@ -57,6 +57,8 @@ def test_a_reloaded_tokenizer_is_saved_the_same_in_every_environment(tmp_path, w
     """)
     digests = {}
     for name, env in environments(tmp_path).items():
+        if writer == "save_pretrained" and name not in ("hub offline", "hub online"):
+            continue  # the control needs only the pair it differs on
         out = tmp_path / name
         run_python(code, tmp_path, {**env, "OUT": str(out)})
         digests[name] = folder_digest(out)

@@ -1,9 +1,9 @@
 """A sweep over one layer's L1 coefficient as queued DVC experiments, on a copy of the session's tiny pipeline.
 
-`dvc exp run --queue -S per_layer.L2.l1_coeff=...` three times, then `dvc exp run --run-all`: the queued
+`dvc exp run --queue -S per_layer.L2.l1_coeff=...` once per value, then `dvc exp run --run-all`: the queued
 experiments run in temporary copies under .dvc/tmp/exps/, yet each lands in the main repository's MLflow
 store as its own parent run; `dvc exp show` gives the table and `dvc plots diff` the L0 / loss-recovered
-frontier of the three.
+frontier of the experiments.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from helpers import run
 
 pytestmark = pytest.mark.integration
 
-VALUES = (0.005, 0.03, 0.1)  # none equal to the baseline's L2 value, so every experiment retrains L2
+# Two experiments: a sweep's queue, run and comparison as with more (each one more takes about 45 s of CI).
+VALUES = (0.005, 0.1)  # none equal to the baseline's L2 value, so every experiment retrains L2
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def experiments(root, env) -> dict[str, dict]:
     return {exp["name"]: exp["revs"][0] for exp in baseline["experiments"]}
 
 
-def test_exp_show_lists_the_three_experiments(sweep):
+def test_exp_show_lists_every_experiment(sweep):
     root, env, names = sweep
     found = experiments(root, env)
     assert sorted(found) == sorted(names)
