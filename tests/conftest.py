@@ -26,7 +26,7 @@ from loopback_hub import serve  # noqa: E402
 
 
 # `make test` runs the suite on every core (pytest-xdist, `--dist loadfile`): a module runs whole on one worker, so
-# its module-scoped fixtures are built once; each worker builds the session fixtures its modules use.
+# its module-scoped fixtures are built once; the costly session fixtures are built once per run (built_once).
 def pytest_collection_modifyitems(config, items):
     """Run on several workers, send the integration modules out first (the long ones), so that short unit tests
     fill the end rather than one long pipeline. (The order is kept with --no-loadscope-reorder.)"""

@@ -241,11 +241,11 @@ def measure_forward_tokens_per_s(params: dict[str, Any], device: torch.device, r
     with torch.no_grad():
         for param in model.parameters():
             param.zero_()
-    rows = config.activations_config(params).batch_rows if device.type == "cuda" else CPU_FORWARD_ROWS
-    repeats = repeats or (2 if device.type == "cuda" else 1)
     context = config.tokenize_config(params).context_size
-    if device.type != "cuda":
-        context = min(context, CPU_FORWARD_TOKENS)
+    if device.type == "cuda":
+        rows, repeats = config.activations_config(params).batch_rows, repeats or 2
+    else:
+        rows, context, repeats = CPU_FORWARD_ROWS, min(context, CPU_FORWARD_TOKENS), repeats or 1
     harvest = HarvestingForward(model, layers, config.model_config(params).precision)
     tokens = torch.zeros(rows, context, dtype=torch.long, device=device)
     if device.type == "cuda":  # the first call pays CUDA's start-up; on a CPU the first costs what the others do
