@@ -1,7 +1,8 @@
 """The GPU path in one run: the SAE step per precision, the model forward, and `train --stream` end to end, each
 against the matmul rooflines measured in the same run; then the paper run's projected hours.
 
-    python bench/gpu.py                      # on a CUDA machine: GPT-2 Small's shapes (d_in 768, d_sae 24576, batch 4096)
+    python bench/gpu.py                      # on a CUDA machine: GPT-2 Small's shapes
+                                             # (d_in 768, d_sae 24576, batch 4096)
     python bench/gpu.py --device cpu --quick # the same code on a CPU at tiny shapes (a smoke test, not a measurement)
 
 Prints, in order:
@@ -60,8 +61,8 @@ class PlantedBatches:
 
 def precision_agreement(d_in: int, d_sae: int, batch: int, steps: int, device: torch.device) -> None:
     """Trains the same SAE on the same planted rows in each precision (the layer-1 recipes of gpt2-small and
-    gpt2-small-topk, warm-up shortened to fit), then scores each in fp32 on fresh rows: explained variance, L0, and the mean cosine between
-    each feature's decoder direction and the fp32 run's."""
+    gpt2-small-topk, warm-up shortened to fit), then scores each in fp32 on fresh rows: explained variance, L0,
+    and the mean cosine between each feature's decoder direction and the fp32 run's."""
     from attnsae.config import SAEConfig, read_params, sae_config
     from attnsae.sae.training import LayerTrainer, matmul_precision
 
@@ -221,8 +222,8 @@ def main() -> None:
         rate = forward_tokens_per_s(bridge, info.vocab_size, layers, forward_rows, amp, max(2, repeats // 4), device)
         harvesting = harvesting_tokens_per_s(model, info.vocab_size, layers, forward_rows, amp, max(2, repeats // 4),
                                              device)
-        print(f"model forward ({model_name}, hook_z at all {len(layers)} layers), {label}: bridge {rate:,.0f} tokens/s, "
-              f"harvesting forward {harvesting:,.0f} tokens/s ({harvesting / rate:.2f}x)")
+        print(f"model forward ({model_name}, hook_z at all {len(layers)} layers), {label}: bridge {rate:,.0f} "
+              f"tokens/s, harvesting forward {harvesting:,.0f} tokens/s ({harvesting / rate:.2f}x)")
 
     rows, buffer_rows = (forward_rows, 4 * batch) if quick else (forward_rows, paper["sae"]["buffer_rows"])
     steps = (2, 6) if quick else (8, 8 + buffer_rows // 2 // batch)  # the longer run refills the buffer once

@@ -50,7 +50,8 @@ def compare(label: str, folder: Path, layers: list[int], rows: int, repeats: int
     expected, got = capture_z(bridge, check, layers), harvest(check)
     # per layer, the largest difference over the largest |hook_z| (the scale the 1e-5 of the tests is relative to)
     difference = max(float((got[n] - expected[n]).abs().max() / expected[n].abs().max()) for n in layers)
-    precisions = [("fp32", None, "fp32")] + ([("bf16 autocast", torch.bfloat16, "bf16")] if device.type == "cuda" else [])
+    precisions = [("fp32", None, "fp32")] + (
+        [("bf16 autocast", torch.bfloat16, "bf16")] if device.type == "cuda" else [])
     for name, amp, precision in precisions:
         bridge_rate = rows * CONTEXT / timed(lambda amp=amp: capture_z(bridge, tokens, layers, amp), repeats, device)
         harvest = HarvestingForward(model, layers, precision)

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 
+CPU = torch.device("cpu")
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels run asynchronously: time them to completion
 
 
-def timed(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
+def timed(fn, repeats: int, device: torch.device = CPU) -> float:
     fn()  # warm-up
     synchronize(device)
     start = time.perf_counter()
@@ -117,7 +119,8 @@ def main() -> None:
     fp32 = matmul_gflops(args.batch, args.d_in, args.d_sae, torch.float32, args.repeats * 4, device)
     # bf16 on a CPU without bf16 instructions is ~80x slower than fp32: one repeat is enough to see it
     bf16 = matmul_gflops(args.batch, args.d_in, args.d_sae, torch.bfloat16, args.repeats * 4 if on_gpu else 1, device)
-    print(f"matmul [{args.batch},{args.d_in}]x[{args.d_in},{args.d_sae}]: fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s")
+    print(f"matmul [{args.batch},{args.d_in}]x[{args.d_in},{args.d_sae}]: "
+          f"fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s")
     tps = sae_step_tokens_per_s(args.d_in, args.d_sae, args.batch, args.repeats * 4, device)
     achieved = tps * 12 * args.d_in * args.d_sae / 1e9
     print(f"SAE recipe step {args.d_in}->{args.d_sae}, batch {args.batch}, fp32: {tps:,.0f} tokens/s "

@@ -134,7 +134,8 @@ def sae_reconstruction(weights: Mapping[str, torch.Tensor], f: torch.Tensor) -> 
 def summed_next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     """Sum of CE over every (position, next token) pair of the batch, in float64 for the running total."""
     vocab = logits.shape[-1]
-    per_prediction = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), tokens[:, 1:].reshape(-1), reduction="none")
+    per_prediction = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), tokens[:, 1:].reshape(-1),
+                                     reduction="none")
     return per_prediction.double().sum().item()
 
 

@@ -10,9 +10,9 @@ import http.server
 import json
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 COMMIT = "c0ffee" + "0" * 34  # the commit every revision of the served repository resolves to
 LFS_SUFFIXES = (".safetensors", ".pt", ".bin", ".npz")

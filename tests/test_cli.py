@@ -126,7 +126,8 @@ def test_train_bad_layer_text(tiny_params_file, tmp_path):
 def test_train_unknown_key_in_params(tiny_params_file, tmp_path):
     edited_params(tiny_params_file, lambda d: d["sae"].update(l1_coef=d["sae"].pop("l1_coeff")))
     layer = yaml.safe_load(tiny_params_file.read_text())["layers"][0]
-    result = invoke("train", "--params", tiny_params_file, "--layer", f"L{layer}", "--no-mlflow", "--activations", tmp_path)
+    result = invoke("train", "--params", tiny_params_file, "--layer", f"L{layer}", "--no-mlflow", "--activations",
+                    tmp_path)
     assert_one_line_error(result, "unknown key 'sae.l1_coef'")
 
 

@@ -176,7 +176,8 @@ def test_report_section():
     with pytest.raises(UserError, match=r"unknown key 'report\.comparison' \(allowed: compare\)"):
         config.report_config(params(report={"comparison": "none"}))
     for bad in ("", "  ", 3, None):
-        with pytest.raises(UserError, match=r"bad value for 'report\.compare'.*auto, published, none, or a folder") as err:
+        with pytest.raises(UserError,
+                           match=r"bad value for 'report\.compare'.*auto, published, none, or a folder") as err:
             config.report_config(params(report={"compare": bad}))
         assert "\n" not in str(err.value)
 

@@ -21,9 +21,9 @@ import signal
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -101,8 +101,8 @@ def tree(tmp_path_factory) -> Path:
         sae_cfg = config.sae_config(params, LAYER)
         run_train_stage({LAYER: sae_cfg}, CachedActivations(ACTIVATIONS), {LAYER: Path(SAE)}, {LAYER: Path(CURVES)})
         # the stage drops its checkpoint when done; train_saes keeps the last one, a real one to corrupt.
-        train_saes({LAYER: sae_cfg}, {LAYER: DiskActivations(layout.activations_dir(LAYER, ACTIVATIONS))}, progress=False,
-                   checkpoint=Path(CHECKPOINT), checkpoint_every=2)
+        train_saes({LAYER: sae_cfg}, {LAYER: DiskActivations(layout.activations_dir(LAYER, ACTIVATIONS))},
+                   progress=False, checkpoint=Path(CHECKPOINT), checkpoint_every=2)
         evaluate_layers(config.evaluate_config(params), MODEL, TOKENS, {LAYER: SAE},
                         {LAYER: EvaluationFiles(METRICS, DENSITY, HELDOUT_METRICS)})
     assert (root / SHARD).is_file() and (root / CHECKPOINT).is_file()
@@ -260,7 +260,8 @@ ROWS = [
     Row("SAE cfg", "missing key", "evaluate", SAE_CFG, without("d_sae")),
     Row("SAE weights", "truncated", "evaluate", SAE_WEIGHTS, truncate),
     Row("SAE weights", "random bytes", "evaluate", SAE_WEIGHTS, random_bytes),
-    Row("SAE weights", "one NaN in W_enc", "evaluate", SAE_WEIGHTS, shard_edit(lambda t: {**t, "W_enc": with_nan(t["W_enc"])})),
+    Row("SAE weights", "one NaN in W_enc", "evaluate", SAE_WEIGHTS,
+        shard_edit(lambda t: {**t, "W_enc": with_nan(t["W_enc"])})),
     Row("SAE weights", "inf in b_dec", "evaluate", SAE_WEIGHTS,
         shard_edit(lambda t: {**t, "b_dec": t["b_dec"].clone().fill_(float("inf"))})),
     Row("model config", "wrong type", "activations", f"{MODEL}/config.json", with_value("num_hidden_layers", "thirty")),
@@ -284,7 +285,8 @@ ROW_PARAMS = [pytest.param(row, id=row.id) if isinstance(row, Row) else row for 
 # Running a command and looking at what it left.
 
 
-def run_attnsae(args: list[str], cwd: Path, in_subprocess: bool, preexec_fn=None, env: dict | None = None) -> tuple[int, str]:
+def run_attnsae(args: list[str], cwd: Path, in_subprocess: bool, preexec_fn=None,
+                env: dict | None = None) -> tuple[int, str]:
     """(exit status, stderr) of `attnsae ARGS` run in ``cwd``."""
     if in_subprocess:
         env = {**os.environ, **OFFLINE_ENV, **(env or {})}
@@ -476,8 +478,10 @@ def test_next_writer_removes_what_a_killed_writer_left(tmp_path, kind):
 WRITERS = {
     "write_json_atomic": "from attnsae.files import write_json_atomic\nwrite_json_atomic(out, {'x': 'y' * 100000})",
     # transformers' save_pretrained writes with safetensors' Rust writer, whose errors carry "(os error 27)"
-    "atomic_dir, Rust writer": ("import torch\nfrom safetensors.torch import save_file\nfrom attnsae.files import atomic_dir\n"
-                                "with atomic_dir(out) as tmp:\n    save_file({'z': torch.zeros(100000)}, str(tmp / 'w'))"),
+    "atomic_dir, Rust writer": ("import torch\nfrom safetensors.torch import save_file\n"
+                                "from attnsae.files import atomic_dir\n"
+                                "with atomic_dir(out) as tmp:\n"
+                                "    save_file({'z': torch.zeros(100000)}, str(tmp / 'w'))"),
 }
 
 

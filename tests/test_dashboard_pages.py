@@ -285,7 +285,8 @@ def test_page_in_chromium_loads_clean_with_coloured_tokens_and_dfa_rows(browser,
     row.locator("input.all").check()
     assert row.locator(".srcs > .e").first.is_visible()
     dfa_colours = set(page.eval_on_selector_all(
-        "#f2 .srcs > span", "spans => spans.map(s => getComputedStyle(s).backgroundColor.split(',').slice(0, 3).join())"))
+        "#f2 .srcs > span",
+        "spans => spans.map(s => getComputedStyle(s).backgroundColor.split(',').slice(0, 3).join())"))
     assert {"rgba(37, 99, 235", "rgba(220, 38, 38"} <= dfa_colours  # positive blue and negative red sources
     page.context.close()
 

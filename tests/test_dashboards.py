@@ -101,7 +101,8 @@ def test_cards_match_a_slow_reference(case):
         assert np.allclose([e["activation"] for e in card["top_examples"]], expected_top, rtol=1e-5)
         # intervals: equal-width bins over (0, max], counted directly
         top = firing.max() if len(firing) else 0.0
-        edges = np.linspace(0.0, float(top), CFG.intervals + 1)  # (k * top / n, computed apart, can round across a value)
+        # (k * top / n, computed apart, can round across a value)
+        edges = np.linspace(0.0, float(top), CFG.intervals + 1)
         for k, interval in enumerate(card["intervals"]):
             lo, hi = edges[k], edges[k + 1]
             inside = ((firing > lo) & (firing <= hi)) if k else (firing <= hi)

@@ -43,8 +43,9 @@ def inputs(tmp_path_factory, tiny_model_dir) -> Path:
     shutil.copytree(tiny_model_dir(seed=0), root / "model")
     info = read_model_info(root / "model")
     build_corpus(CorpusConfig(sources=["synthetic"], synthetic_documents=3000, seed=3), root / "corpus", stream=True)
-    tokenize_corpus(TokenizeConfig(context_size=32, eval_fraction=0.1, max_eval_rows=4), open_documents(root / "corpus"),
-                    load_tokenizer(root / "model"), info.bos_token_id, root / "tokens", streamed=True)
+    tokenize_corpus(TokenizeConfig(context_size=32, eval_fraction=0.1, max_eval_rows=4),
+                    open_documents(root / "corpus"), load_tokenizer(root / "model"), info.bos_token_id,
+                    root / "tokens", streamed=True)
     return root
 
 
@@ -62,7 +63,8 @@ def workspace(inputs: Path, folder: Path, nproc: int, layers: list[int] = LAYERS
 
 def train_command(inputs: Path) -> list[str]:
     return [sys.executable, "-m", "attnsae", "train", "--stream", "--all-layers", "--no-mlflow", "--checkpoint-every",
-            "20", "--model", str(inputs / "model"), "--corpus", str(inputs / "corpus"), "--tokens", str(inputs / "tokens")]
+            "20", "--model", str(inputs / "model"), "--corpus", str(inputs / "corpus"),
+            "--tokens", str(inputs / "tokens")]
 
 
 def environment() -> dict[str, str]:

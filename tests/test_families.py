@@ -98,7 +98,7 @@ def slow_corpus_scores(t, sae, n_heads, acts) -> dict[str, torch.Tensor]:
             far[f] = (weights * beyond).sum() / weights.sum()
         density = fire.float().mean()
 
-        def persistence(lag):
+        def persistence(lag, fire=fire):
             starts = fire[:, :-lag].sum() if seq - 1 > lag else 0
             return (fire[:, :-lag] & fire[:, lag:]).sum() / starts if starts else torch.tensor(0.0)
 
@@ -160,7 +160,8 @@ def one_head_tensors(pattern: torch.Tensor) -> attribution.LayerTensors:
     """One row, one head of width 1 with value 1 at every position: DFA = the pattern itself."""
     seq = pattern.shape[0]
     ones = torch.ones(1, seq, 1, 1)
-    return attribution.LayerTensors(tokens=torch.zeros(1, seq, dtype=torch.long), z=pattern.sum(-1).reshape(1, seq, 1, 1),
+    return attribution.LayerTensors(tokens=torch.zeros(1, seq, dtype=torch.long),
+                                    z=pattern.sum(-1).reshape(1, seq, 1, 1),
                                     pattern=pattern.reshape(1, 1, seq, seq), v=ones)
 
 
@@ -302,7 +303,7 @@ def test_probes_are_deterministic_and_well_formed():
     for row, d, source in induction.targets:  # the current token's earlier copy sits just before the source
         tokens = induction.rows[row]
         assert tokens[source - 1] == tokens[d] and source < d
-    for (row, d, first), tokens in zip(duplicate.targets, duplicate.rows):
+    for (_row, d, first), tokens in zip(duplicate.targets, duplicate.rows):
         repeated = [token for token, count in Counter(tokens[1:]).items() if count > 1]
         assert repeated == [tokens[d]] and tokens[first] == tokens[d] and d - first >= families.DUPLICATE_MIN_GAP
     assert successor.prompts == 24 and not successor.targets
@@ -531,7 +532,8 @@ def test_tags_with_known_answers(hand_set):
         scores, null_scores = ({**each.scores(), **probe} for each, probe in zip(stats, by_probe))
         pct = {tag: families.percentiles(scores[tag], null_scores[tag]) for tag in families.TAGS}
         tags = families.assign_tags(scores, pct, thresholds, null_percentile)
-        report = {tag: (scores[tag].numpy().round(2).tolist(), pct[tag].numpy().round(1).tolist()) for tag in families.TAGS}
+        report = {tag: (scores[tag].numpy().round(2).tolist(), pct[tag].numpy().round(1).tolist())
+                  for tag in families.TAGS}
         for feature, wanted in tag_of.items():
             assert tags[feature] == wanted, (layer, feature, report)
         assert tags[len(heads):] == [[]] * random_features, (layer, report)
@@ -551,9 +553,9 @@ TAG_FLOORS = {"precision": 0.75, "recall": 0.9}  # every known tag, every archit
 
 def planted_sae(bridge, layout: Layout, layer: int, architecture: str, rows: torch.Tensor) -> SAE:
     """Features reading each known head's realness coordinate (``head_reader_sae``), four per head at different
-    scales, then ``RANDOM_FEATURES`` random directions scaled to a pre-activation std of ``RANDOM_STD`` on ``rows``, saved as
-    ``architecture`` saves: ReLU; TopK k 6 (planted features at their largest beat most random ones); BatchTopK as a
-    jumprelu SAE with one threshold, 0.1; JumpReLU with thresholds spread over 0.05-0.3."""
+    scales, then ``RANDOM_FEATURES`` random directions scaled to a pre-activation std of ``RANDOM_STD`` on
+    ``rows``, saved as ``architecture`` saves: ReLU; TopK k 6 (planted features at their largest beat most random
+    ones); BatchTopK as a jumprelu SAE with one threshold, 0.1; JumpReLU with thresholds spread over 0.05-0.3."""
     heads = sorted(KNOWN[layer])
     reader = head_reader_sae(bridge, layout, layer, heads, 0, seed=layer)
     n = len(heads) * len(PLANTED_SCALES) + RANDOM_FEATURES

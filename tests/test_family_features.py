@@ -77,7 +77,8 @@ def undo_norm_scale(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def reference_logit_effects(name: str, model, sae: SAE, features: torch.Tensor) -> torch.Tensor:
     """A feature's decoder row through the plain model's modules, one direction at a time."""
     projection = output_projection(model, LAYER)
-    blocks = model.transformer.h if name == "gpt2" else model.gpt_neox.layers if name == "gpt_neox" else model.model.layers
+    blocks = model.transformer.h if name == "gpt2" else model.gpt_neox.layers if name == "gpt_neox" \
+        else model.model.layers
     final = model.transformer.ln_f if name == "gpt2" else model.gpt_neox.final_layer_norm if name == "gpt_neox" \
         else model.model.norm
     effects = []

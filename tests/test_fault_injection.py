@@ -5,8 +5,8 @@ SQLite store), is reproduced by a sequence of `dvc repro` runs, each in its own 
 line by line as it comes. Each run is watched for `Running stage '<name>'` of the next chosen stage, and the whole
 group gets SIGKILL a seeded random delay later (as the stage ends, if it ends first); the next `dvc repro` goes on
 and is killed in the next chosen stage, until a last uninterrupted `dvc repro` completes. The chosen stages: every
-stage that is not per layer (evaluate among them), and one train@L and publish@L. The killed train stage is killed in its
-training loop, after a seeded logged step past the first checkpoint (the loop lasts well under a second on the
+stage that is not per layer (evaluate among them), and one train@L and publish@L. The killed train stage is killed in
+its training loop, after a seeded logged step past the first checkpoint (the loop lasts well under a second on the
 tiny profile, too short for a delay from the stage's start); the other train stage gets SIGTERM in its loop: it
 must stop within seconds with one line about the checkpoint it saved, and its rerun must resume from that
 checkpoint; that rerun is then SIGKILLed as it prints its final line (after it has written its outputs and logged
@@ -117,9 +117,9 @@ class Repro:
         with self.cond:
             i = start
             while True:
-                for i in range(i, len(self.lines)):
-                    if match(self.lines[i][1]):
-                        return i
+                for j in range(i, len(self.lines)):
+                    if match(self.lines[j][1]):
+                        return j
                 i = len(self.lines)
                 left = deadline - time.monotonic()
                 if self.eof_at is not None or left <= 0:

@@ -64,9 +64,8 @@ def test_two_cuda_ranks_when_there_are_two_gpus():
 def test_the_sparse_kernel_on_the_gpu_is_the_dense_step(architecture):
     """test_sparse_step.py's first steps on CUDA, fp32 (TF32 off): the same losses and weights from either kernel;
     and a bf16 sparse run (autocast encoder, fp32 gather-sum decoder) stays finite and learns."""
-    from test_sparse_step import FixedBatches, trainer_cfg
-
     from attnsae.sae.training import LayerTrainer
+    from test_sparse_step import FixedBatches, trainer_cfg
 
     cuda = torch.device("cuda")
     trained = {}
@@ -85,11 +84,10 @@ def test_the_sparse_kernel_on_the_gpu_is_the_dense_step(architecture):
 
 
 def test_the_harvesting_forward_on_the_gpu_is_the_bridges(tmp_path):
-    from test_model_families import FAMILIES, LAYERS, VOCAB, random_family_model
-
     from attnsae.data.activations import capture_z
     from attnsae.data.harvest import HarvestingForward, load_harvesting_model
     from attnsae.data.models import load_bridge
+    from test_model_families import FAMILIES, LAYERS, VOCAB, random_family_model
 
     cuda = torch.device("cuda")
     tokens = torch.randint(0, VOCAB - 1, (2, 24), generator=torch.Generator().manual_seed(3)).to(cuda)

@@ -117,7 +117,8 @@ def test_table_agrees_with_the_gpt2_small_profile():
     profile = yaml.safe_load((REPO / "profiles" / "gpt2-small.yaml").read_text())
     for n, entry in PAPER_SAES.items():
         layer = {**profile["sae"], **profile["per_layer"][f"L{n}"]}
-        assert (entry.d_sae, entry.l1_coeff, entry.dead_cutoff) == (layer["d_sae"], layer["l1_coeff"], layer["dead_cutoff"])
+        assert (entry.d_sae, entry.l1_coeff, entry.dead_cutoff) == (
+            layer["d_sae"], layer["l1_coeff"], layer["dead_cutoff"])
         assert (entry.lr, entry.batch_size, entry.resample_every, entry.n_resamples) == (
             layer["lr"], layer["batch_size"], layer["resample_every"], layer["max_resamples"])
 
@@ -220,7 +221,8 @@ def test_pickle_with_objects_is_refused_not_executed(hub, tmp_path, monkeypatch)
     "edit, fragments",
     [
         (lambda s: s.pop("b_dec"), ["missing tensor 'b_dec'"]),
-        (lambda s: s.__setitem__("W_dec", torch.zeros(D_SAE, 767)), ["tensor 'W_dec' has shape (64, 767)", "(64, 768)"]),
+        (lambda s: s.__setitem__("W_dec", torch.zeros(D_SAE, 767)),
+         ["tensor 'W_dec' has shape (64, 767)", "(64, 768)"]),
         (lambda s: s.__setitem__("W_enc", torch.zeros(768, D_SAE, dtype=torch.int32)), ["'W_enc'", "floating-point"]),
         (lambda s: s.__setitem__("threshold", torch.zeros(D_SAE)), ["unexpected entry 'threshold'"]),
         (lambda s: s["b_enc"].__setitem__(0, float("nan")), ["'b_enc'", "non-finite"]),
@@ -357,7 +359,7 @@ def test_unreachable_server_is_one_line(tmp_path, monkeypatch):
         port = probe.getsockname()[1]
     use_table(monkeypatch, PaperSAE(0, D_SAE, 1.8, 1e-6, 9, "0" * 64))
     result = invoke("import", "--layer", "0", "--endpoint", f"http://127.0.0.1:{port}", "--out", tmp_path / "out")
-    assert_one_line_error(result, "could not download", f"127.0.0.1:{port}")
+    assert_one_line_error(result, "needs the Hugging Face hub", f"127.0.0.1:{port}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -92,7 +92,8 @@ def assert_not_degenerate(metrics: dict, d_in: int, lr_range: tuple[float, float
     """Values for which agreement means something (a constant both sides return would not)."""
     # 1e-4 on loss recovered needs the CE gap well above the ~1e-6 float noise of each CE
     assert abs(metrics["ce_zero"] - metrics["ce_clean"]) > 0.01, metrics
-    assert abs(metrics["ce_sae"] - metrics["ce_clean"]) > 1e-3 and abs(metrics["ce_sae"] - metrics["ce_zero"]) > 1e-3, metrics
+    assert (abs(metrics["ce_sae"] - metrics["ce_clean"]) > 1e-3
+            and abs(metrics["ce_sae"] - metrics["ce_zero"]) > 1e-3), metrics
     assert lr_range[0] < metrics["loss_recovered"] < lr_range[1], metrics
     # at most one feature of each +/- pair fires, so L0 <= d_in
     assert 0.05 * d_in < metrics["l0"] < 0.95 * d_in, metrics
@@ -186,8 +187,8 @@ def as_kind(sae: SAE, kind: str, hook_z: torch.Tensor) -> tuple[SAE, int | None]
 
 
 def widest_topk_gap(pre: torch.Tensor, smallest: int, largest: int) -> int:
-    """The k in [``smallest``, ``largest``] whose k-th and (k+1)-th largest pre-activations are furthest apart on every row,
-    so which features are kept is not float noise (the gap must exceed KINK_MARGIN)."""
+    """The k in [``smallest``, ``largest``] whose k-th and (k+1)-th largest pre-activations are furthest apart on
+    every row, so which features are kept is not float noise (the gap must exceed KINK_MARGIN)."""
     ordered = pre.sort(dim=-1, descending=True).values
     gaps = (ordered[:, :-1] - ordered[:, 1:]).min(dim=0).values  # [k - 1]: the smallest gap over rows
     gaps[: smallest - 1] = -torch.inf

@@ -48,7 +48,8 @@ def page_hash(dashboards: Path) -> str:
 def labels_file(folder: Path, dashboards: Path, rater: str = "ada", ratings: list | None = None, **changes) -> Path:
     data = {"format": "attnsae-labels", "version": 1, "layer": LAYER, "content_hash": page_hash(dashboards),
             "rater": rater, "ratings": ratings if ratings is not None else [
-                {"feature": 2, "answer": "yes", "family": "induction", "note": "A B ... A, \"quoted\", comma", "date": "2026-05-01"},
+                {"feature": 2, "answer": "yes", "family": "induction", "note": "A B ... A, \"quoted\", comma",
+                 "date": "2026-05-01"},
                 {"feature": 7, "answer": "unsure", "family": "", "note": "", "date": "2026-05-02"}]}
     path = folder / f"labels-{rater[:20] or 'nobody'}-{len(list(folder.glob('labels-*')))}.json"
     path.write_text(json.dumps({**data, **changes}))
@@ -76,7 +77,8 @@ def test_import_round_trip(roots, tmp_path):
 def test_reimport_replaces_the_raters_rows_and_keeps_the_others(roots, tmp_path):
     dashboards, labels_root = roots
     import_labels(labels_file(tmp_path, dashboards), dashboards, labels_root)
-    import_labels(labels_file(tmp_path, dashboards, "bob", [rating(2, "no"), rating(9, "yes")]), dashboards, labels_root)
+    import_labels(labels_file(tmp_path, dashboards, "bob", [rating(2, "no"), rating(9, "yes")]), dashboards,
+                  labels_root)
     path, count = import_labels(labels_file(tmp_path, dashboards, "ada", [rating(2, "no", "2026-05-03")]),
                                 dashboards, labels_root)
     assert count == 1

@@ -32,7 +32,8 @@ STAGE = textwrap.dedent("""
 
 FAKE_DVC = textwrap.dedent("""
     import os, subprocess, sys
-    subprocess.run(["bash", "--noprofile", "--norc", "-c", sys.argv[1]], env={**os.environ, "DVC_STAGE": "dashboards@3"})
+    subprocess.run(["bash", "--noprofile", "--norc", "-c", sys.argv[1]],
+                   env={**os.environ, "DVC_STAGE": "dashboards@3"})
 """)
 
 

@@ -224,7 +224,8 @@ def reference_ce(bridge, rows, hooks=()):
     tokens = torch.from_numpy(rows).long()
     with torch.no_grad():
         logits = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=list(hooks))
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             tokens[:, 1:].reshape(-1)).item()
 
 
 @pytest.mark.parametrize("layer", [0, TINY_EVAL_LAYER, 3])
@@ -401,7 +402,8 @@ def test_cli_evaluate_refuses_a_layer_the_sae_was_not_trained_on(sae_folder_and_
 
 @pytest.mark.parametrize("args, message", [
     ([], "name the SAEs to evaluate: --layer (repeatable; our models/sae/L<layer>), --all-layers, or --sae FOLDER"),
-    (["--sae", "x", "--all-layers"], "--sae names one SAE folder: give at most one --layer with it, and not --all-layers"),
+    (["--sae", "x", "--all-layers"],
+     "--sae names one SAE folder: give at most one --layer with it, and not --all-layers"),
     (["--sae", "x", "--layer", "1", "--layer", "2"], "--sae names one SAE folder"),
     (["--layer", "1", "--layer", "2", "--out", "m.json"], "--out, --density and --heldout-out name one SAE's files"),
     (["--all-layers", "--heldout-out", "h.json"], "--out, --density and --heldout-out name one SAE's files"),
@@ -422,7 +424,8 @@ def test_sae_layer_needs_an_attention_output_hook():
     from attnsae.evaluation.evaluate import sae_layer
 
     assert sae_layer({"hook_name": "blocks.11.attn.hook_z"}, "x") == 11
-    with pytest.raises(UserError, match=r"hook 'blocks.3.hook_resid_pre' is not an attention output \(allowed: blocks.<L>.attn.hook_z\)"):
+    with pytest.raises(UserError, match=r"hook 'blocks.3.hook_resid_pre' is not an attention output "
+                                        r"\(allowed: blocks.<L>.attn.hook_z\)"):
         sae_layer({"hook_name": "blocks.3.hook_resid_pre"}, "x")
 
 
@@ -452,8 +455,9 @@ def test_cli_evaluating_another_sae_leaves_the_pipelines_outputs_alone(sae_folde
         refused = CliRunner().invoke(main, [*common, option, str(path)])
         assert refused.exit_code == 1
         assert refused.stderr.strip().splitlines() == [
-            f"Error: {path} lies in the pipeline's output {layout.stage_output_holding(path)}, which holds its own SAEs' "
-            f"results, each at its own path: write {root / 'sae'}'s results outside the pipeline's outputs"]
+            f"Error: {path} lies in the pipeline's output {layout.stage_output_holding(path)}, "
+            f"which holds its own SAEs' results, each at its own path: "
+            f"write {root / 'sae'}'s results outside the pipeline's outputs"]
     assert layout.metrics_file(2).read_text() == "the pipeline's own result\n"
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["reports", "reports/metrics",
                                                                                         "reports/metrics/L2.json"]

@@ -108,7 +108,8 @@ def workspace(tmp_path_factory, server):
         meta = {"layer": n, "hook_name": f"blocks.{n}.attn.hook_z", "d_in": D_IN, "rows": ROWS, "context_size": 64,
                 "dtype": "bfloat16", "model": "synthetic hook_z", "model_source": "tiny-gpt2", "dataset": "synthetic"}
         (folder / "meta.json").write_text(json.dumps(meta))
-    git_env = {**env, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    git_env = {**env, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t"}
     (root / ".gitignore").write_text("/data/\n/models/\n/reports/\n")
     run(["git", "init", "-q"], root, git_env)
     run(["git", "add", "-A"], root, git_env)
@@ -181,5 +182,6 @@ def test_every_metric_point_artifact_and_registry_version_arrived(server, traine
         assert [a.path for a in client.list_artifacts(child.info.run_id, "sae")] == ["sae/cfg.json"]
         (version,) = client.search_model_versions(f"name='attnsae-tiny-gpt2-L{n}'")
         assert version.run_id == child.info.run_id
-        assert version.tags["attnsae.dvc_md5"] == dvc_md5(trained / f"models/sae/L{n}") == child.data.tags["attnsae.dvc_md5"]
+        assert version.tags["attnsae.dvc_md5"] == dvc_md5(trained / f"models/sae/L{n}") \
+            == child.data.tags["attnsae.dvc_md5"]
     assert points >= len(LAYERS) * 10 * 8

@@ -47,7 +47,9 @@ BAD_VALUES = [
     ("sae.seed", 2**70, f"must be {SEED_RANGE} (got {2**70})"),
     ("sae.l1_coeff", NAN, "must be a finite number >= 0 and <= 1000 (got nan)"),
     # model
-    ("model.source", "gpt3", "must be one of smollm2-135m, gpt2, tiny-gpt2, gpt2-random, hf:OWNER/NAME[@REVISION] or local:PATH (got 'gpt3')"),
+    ("model.source", "gpt3",
+     "must be one of smollm2-135m, gpt2, tiny-gpt2, gpt2-random, hf:OWNER/NAME[@REVISION] or local:PATH "
+     "(got 'gpt3')"),
     ("model.seed", -1, f"must be {SEED_RANGE} (got -1)"),
     ("model.seed", 2**70, f"must be {SEED_RANGE}"),
     ("model.seed", True, f"must be {SEED_RANGE} (got True)"),
@@ -172,7 +174,8 @@ BAD_VALUES = [
     ("tokenize.context_size", 2**21, "must be an integer >= 2 and <= 1048576 (got 2097152)"),
     ("sae.batch_size", 2**21, "must be an integer >= 1 and <= 1048576 (got 2097152)"),
     # rules between sections (tiny.yaml: d_sae 256 on layers 1 and 2)
-    ("dashboards.features", [0, 256], "feature 256 is not in layer 1's SAE (allowed: feature ids 0 to 255, its d_sae - 1)"),
+    ("dashboards.features", [0, 256],
+     "feature 256 is not in layer 1's SAE (allowed: feature ids 0 to 255, its d_sae - 1)"),
     # report, profile
     ("report.compare", "", "must be auto, published, none, or a folder of L<n>.json metrics files (got '')"),
     ("profile", 3, "must be a non-empty name (got 3)"),
@@ -280,7 +283,8 @@ def test_every_number_has_an_upper_bound(section):
     for name in cls.model_fields:
         info = config._field_info(cls, name)
         if info.annotation in (int, float):
-            assert any(hasattr(c, "le") or hasattr(c, "lt") for c in info.metadata), f"{section}.{name} has no upper bound"
+            assert any(hasattr(c, "le") or hasattr(c, "lt") for c in info.metadata), \
+                f"{section}.{name} has no upper bound"
 
 
 def test_tiny_profile_is_valid_as_the_table_starts_from_it(tiny_params):
@@ -300,7 +304,8 @@ def test_a_bad_shared_value_is_refused_even_where_every_layer_overrides_it(tiny_
 
 def test_unlisted_per_layer_entries_are_validated_too(tiny_params):
     params = with_value(tiny_params, "per_layer.L7", {"d_sae": -1})  # layer 7 is not in 'layers'
-    assert "bad value for 'per_layer.L7.d_sae': must be an integer >= 1 and <= 33554432 (got -1)" in validation_error(params)
+    assert "bad value for 'per_layer.L7.d_sae': must be an integer >= 1 and <= 33554432 (got -1)" \
+        in validation_error(params)
 
 
 @pytest.mark.parametrize("key", ["X3", "L03", "3", "l3"])

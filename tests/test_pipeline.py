@@ -69,7 +69,8 @@ def test_sae_folders_load_back(pipeline):
 
 def stage_runs(runs, stage: str) -> dict[str, object]:
     """The layers' runs of one stage (train or evaluate), by layer."""
-    found = [r for r in runs if r.data.tags.get("attnsae.stage") == stage and r.data.tags.get("attnsae.layer") != "none"]
+    found = [r for r in runs
+             if r.data.tags.get("attnsae.stage") == stage and r.data.tags.get("attnsae.layer") != "none"]
     assert len({r.data.tags["attnsae.layer"] for r in found}) == len(found), f"two {stage} runs of one layer"
     return {r.data.tags["attnsae.layer"]: r for r in found}
 
@@ -106,7 +107,8 @@ def test_mlflow_runs_carry_git_dvc_tags_and_registered_saes(pipeline):
     parent = next(r for r in runs if r.data.tags["attnsae.layer"] == "none")
     for r in runs:
         tags = r.data.tags
-        assert (tags["attnsae.git_commit"], tags["attnsae.git_dirty"], tags["attnsae.profile"]) == (commit, "false", "tiny")
+        assert (tags["attnsae.git_commit"], tags["attnsae.git_dirty"], tags["attnsae.profile"]) == (
+            commit, "false", "tiny")
     assert parent.data.tags["attnsae.dvc_stage.report"] == "report"
     assert parent.data.params["per_layer.L2.l1_coeff"] == "0.02"  # params.yaml, flattened, to compare runs by
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"layers.csv", "report.md", "params.yaml"}
@@ -119,11 +121,13 @@ def test_mlflow_runs_carry_git_dvc_tags_and_registered_saes(pipeline):
         assert train.data.tags["attnsae.dvc_md5"] == recorded == evaluation.data.tags["attnsae.evaluated_sae_dvc_md5"]
         assert train.data.tags["attnsae.sae_path"] == f"models/sae/L{layer}"
         metrics = json.loads((root / f"reports/metrics/L{layer}.json").read_text())
-        assert parent.data.metrics[f"L{layer}/loss_recovered"] == evaluation.data.metrics["loss_recovered"] == metrics["loss_recovered"]
+        assert parent.data.metrics[f"L{layer}/loss_recovered"] == evaluation.data.metrics["loss_recovered"] \
+            == metrics["loss_recovered"]
         (version,) = client.search_model_versions(f"name='attnsae-tiny-gpt2-L{layer}'")
         assert (version.run_id, version.source) == (train.info.run_id, f"runs:/{train.info.run_id}/sae")
         assert (version.tags["attnsae.dvc_md5"], version.tags["attnsae.sae_path"]) == (recorded, f"models/sae/L{layer}")
-        assert [a.path for a in client.list_artifacts(train.info.run_id, "sae")] == ["sae/cfg.json"]  # weights stay in DVC
+        # weights stay in DVC
+        assert [a.path for a in client.list_artifacts(train.info.run_id, "sae")] == ["sae/cfg.json"]
 
 
 def test_second_repro_does_nothing_and_one_layer_change_retrains_only_it(pipeline):
@@ -143,7 +147,8 @@ def test_second_repro_does_nothing_and_one_layer_change_retrains_only_it(pipelin
     # through formats/metrics.py, so they are not stale
     ("evaluation/evaluate.py", {"evaluate", "dashboards@1", "dashboards@2"}),
     # the SAE's maths and weights; the report reads each SAE's cfg.json through formats/sae_cfg.py
-    ("sae/autoencoder.py", {"train@1", "train@2", "evaluate", "dashboards@1", "dashboards@2", "publish@1", "publish@2"}),
+    ("sae/autoencoder.py",
+     {"train@1", "train@2", "evaluate", "dashboards@1", "dashboards@2", "publish@1", "publish@2"}),
     ("features/families.py", {"dashboards@1", "dashboards@2"}),  # the tag maths: report reads features.json only
     ("features/pages.py", {"dashboards@1", "dashboards@2"}),  # the page renderer
     ("features/assets/page.js", {"dashboards@1", "dashboards@2"}),  # the page's script, shipped as package data
@@ -183,7 +188,8 @@ def _results(root: Path) -> dict[Path, bytes]:
 # model's bounds from its config.json, the machine's memory). The other rules are unit-tested (test_params_ranges.py,
 # test_preflight.py): the check-params stage runs them all, so what this shows for one holds for each.
 BAD_PARAMS = [
-    (_set("sae", "lr", -0.001), None, "params.yaml: bad value for 'sae.lr': must be a finite number > 0 and <= 1 (got -0.001)"),
+    (_set("sae", "lr", -0.001), None,
+     "params.yaml: bad value for 'sae.lr': must be a finite number > 0 and <= 1 (got -0.001)"),
     (lambda params: _with_layer(params, 99), "activations",
      "params.yaml: bad value for 'layers': layer 99 is not in tiny-gpt2 (allowed: 0 to 3)"),
     (_set("sae", "buffer_rows", 2**31), "train@1",  # 2**31 rows of 64 bf16 values: 256 GiB
@@ -191,7 +197,8 @@ BAD_PARAMS = [
 ]
 
 
-@pytest.mark.parametrize(("change", "target", "expected"), BAD_PARAMS, ids=lambda v: str(v)[:40] if isinstance(v, str) else None)
+@pytest.mark.parametrize(("change", "target", "expected"), BAD_PARAMS,
+                         ids=lambda v: str(v)[:40] if isinstance(v, str) else None)
 def test_a_bad_param_stops_the_pipeline_before_any_result_is_deleted(pipeline, change, target, expected):
     """DVC deletes a stage's outputs before running it: the params stage must refuse the value first."""
     root, env, _ = pipeline

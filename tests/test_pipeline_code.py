@@ -74,7 +74,8 @@ def code_of(modules: tuple[str, ...]) -> set[str]:
         if module not in seen:
             seen.add(module)
             todo += imported_modules(module)
-    return {module_file(m).relative_to(REPO).as_posix() for m in seen} | {MODULE_DATA[m] for m in seen & MODULE_DATA.keys()}
+    return ({module_file(m).relative_to(REPO).as_posix() for m in seen}
+            | {MODULE_DATA[m] for m in seen & MODULE_DATA.keys()})
 
 
 def command_modules(pipeline: Path) -> dict[str, tuple[str, ...]]:
@@ -160,7 +161,8 @@ def test_every_package_data_folder_is_some_modules_data():
     """A data folder that no module claims would change a stage's output without making it stale."""
     folders = {p.parent.relative_to(REPO).as_posix() for p in (SRC / "attnsae").rglob("*")
                if p.is_file() and p.suffix not in (".py", ".pyc")}
-    assert folders <= set(MODULE_DATA.values()), f"package data no module claims: {sorted(folders - set(MODULE_DATA.values()))}"
+    assert folders <= set(MODULE_DATA.values()), \
+        f"package data no module claims: {sorted(folders - set(MODULE_DATA.values()))}"
 
 
 def test_the_architecture_page_lists_each_stages_code_as_it_is():

@@ -120,7 +120,8 @@ def exported_labels(root, layer: int, answers: dict[int, str]) -> dict:
 
 def test_imported_ratings_fill_the_reports_column_and_a_tampered_file_writes_nothing(copy_of_pipeline):
     root, env = copy_of_pipeline
-    first = [c["feature"] for c in read_features(root / layout.features_file(1), 1)["cards"] if c["reason"] == "first_n"]
+    first = [c["feature"] for c in read_features(root / layout.features_file(1), 1)["cards"]
+             if c["reason"] == "first_n"]
     answers = dict(zip(first[:4], ["yes", "yes", "no", "unsure"]))
     exported = root / "labels-L1.json"
     exported.write_text(json.dumps(exported_labels(root, 1, answers)))

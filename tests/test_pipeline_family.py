@@ -62,8 +62,8 @@ def test_tiny_profile_runs_end_to_end_on_a_gemma2_from_a_local_folder(tmp_path):
     with serve(hub) as url:
         run(["attnsae", "import", "--set", "gemma-scope-2b-att", "--layer", "1", "--width", "16k", "--l0", "100",
              "--endpoint", url, "--out", "models/imported"], root, online)
-    run(["attnsae", "evaluate", "--sae", "models/imported/L1", "--no-mlflow", "--out", "reports/imported/metrics/L1.json",
-         "--density", "reports/imported/density/L1.csv"], root, env)
+    run(["attnsae", "evaluate", "--sae", "models/imported/L1", "--no-mlflow",
+         "--out", "reports/imported/metrics/L1.json", "--density", "reports/imported/density/L1.csv"], root, env)
     run(["attnsae", "dashboards", "--sae", "models/imported/L1", "--out", "reports/imported/dashboards/L1",
          "--no-mlflow"], root, env)
     imported = json.loads((root / "reports" / "imported" / "metrics" / "L1.json").read_text())

@@ -43,7 +43,8 @@ def test_plan_prints_every_layer_and_an_estimate():
     # weights + two Adam moments (12 bytes per parameter) of 10 SAEs at 24576 and 2 at 49152, plus 12 bf16 buffers
     params = 10 * (2 * 768 * 24576 + 24576 + 768) + 2 * (2 * 768 * 49152 + 49152 + 768)
     checkpoint = params * 12 + 12 * 1_572_864 * 768 * 2
-    assert f"size of one training checkpoint (SAEs, Adam state, shuffled buffers): {checkpoint / 2**30:.1f} GiB" in result.output
+    assert ("size of one training checkpoint (SAEs, Adam state, shuffled buffers): "
+            f"{checkpoint / 2**30:.1f} GiB" in result.output)
 
 
 def test_plan_adds_the_dashboards_cost():
@@ -74,7 +75,8 @@ def test_plan_adds_the_evaluate_cost_with_its_shared_clean_pass():
 def test_processes_time_is_the_slowest_ranks_layers_and_its_own_forward():
     from attnsae.plan import LayerPlan, processes_time
 
-    plans = [LayerPlan(n, d_sae=100, tokens=1000, steps=1, sae_flop=0.0, sae_bytes=0, buffer_bytes=0) for n in range(12)]
+    plans = [LayerPlan(n, d_sae=100, tokens=1000, steps=1, sae_flop=0.0, sae_bytes=0, buffer_bytes=0)
+             for n in range(12)]
     # 12 layers over 8 processes: four ranks hold two layers; each rank also runs the model over all 1000 tokens
     assert processes_time(plans, step_rate=10.0, widest=100, forward_rate=50.0, processes=8) == 2 * 100 + 20
     assert processes_time(plans, step_rate=10.0, widest=100, forward_rate=50.0, processes=1) == 12 * 100 + 20
@@ -96,7 +98,8 @@ def test_plan_measures_the_step_and_gives_the_time_for_n_processes():
 
 
 def test_the_measured_forward_is_the_harvesting_forward_of_the_profiles_shape(monkeypatch):
-    """Built from config.json alone, up to the last needed layer, weights zeroed: the forward the stream trainer runs."""
+    """Built from config.json alone, up to the last needed layer, weights zeroed: the forward the stream trainer
+    runs."""
     from attnsae.data import harvest
     from attnsae.plan import measure_forward_tokens_per_s
 

@@ -71,8 +71,8 @@ REFUSED = [
      "stage dashboards@1 needs at least 1.0 TiB of machine memory"),
     # disk: the activation cache (bf16 hook_z of every layer)
     (lambda p: with_value(p, "activations.tokens", 10**12), LAPTOP,
-     "params.yaml: bad value for 'activations.tokens': the activation cache needs 232.8 TiB of disk and data/activations "
-     "has 100.0 GiB"),
+     "params.yaml: bad value for 'activations.tokens': the activation cache needs 232.8 TiB of disk "
+     "and data/activations has 100.0 GiB"),
 ]
 
 
@@ -128,7 +128,8 @@ def test_cuda_is_fine_on_a_machine_with_one(tiny_params):
 
 
 def test_a_stage_on_the_cpu_is_set_against_machine_memory_even_beside_a_gpu(tiny_params):
-    with_value(with_value(tiny_params, "sae.device", "cpu"), "sae.buffer_rows", 2**29 + 2**28)  # 96 GiB: fits the machine
+    # 96 GiB: fits the machine
+    with_value(with_value(tiny_params, "sae.device", "cpu"), "sae.buffer_rows", 2**29 + 2**28)
     preflight.check(tiny_params, GPU_BOX)  # though not the GPU
     with pytest.raises(UserError, match="of CUDA memory"):
         preflight.check(with_value(tiny_params, "sae.device", "auto"), GPU_BOX)
@@ -146,7 +147,8 @@ def test_stage_needs_are_lower_bounds_that_grow_with_every_size(tiny_params):
     shape = preflight.check_params(tiny_params)
     base = {stage.stage: stage.bytes for stage in preflight.stage_needs(tiny_params, shape)}
     for key, value in [("sae.buffer_rows", 2**20), ("sae.batch_size", 2**12), ("sae.resample_inputs", 2**20)]:
-        grown = {s.stage: s.bytes for s in preflight.stage_needs(with_value(copy.deepcopy(tiny_params), key, value), shape)}
+        grown = {s.stage: s.bytes
+                 for s in preflight.stage_needs(with_value(copy.deepcopy(tiny_params), key, value), shape)}
         assert grown["train@1"] > base["train@1"], key
 
 

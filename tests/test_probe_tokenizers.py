@@ -42,7 +42,8 @@ def sentencepiece_style(convention: str):
         core.decoder = decoders.Replace("▁", " ")
     trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=["<unk>", bos, "</s>"], show_progress=False)
     core.train_from_iterator(training_text(), trainer)
-    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, core.token_to_id(bos))])
+    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                        special_tokens=[(bos, core.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token="</s>", unk_token="<unk>")
 
 

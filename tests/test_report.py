@@ -46,15 +46,16 @@ DESIGN_TABLE = """
 | 11 | 24576 | 3.0 | 8 | 89% | 84% | 66% |
 """
 
-GPT2_SMALL = {"source": "gpt2", "name": "gpt2 (openai-community/gpt2@test)", "n_layers": 12, "n_heads": 12, "d_head": 64}
+GPT2_SMALL = {"source": "gpt2", "name": "gpt2 (openai-community/gpt2@test)", "n_layers": 12, "n_heads": 12,
+              "d_head": 64}
 SMOLLM2 = {"source": "smollm2-135m", "name": "SmolLM2-135M-Instruct (test)", "n_layers": 30, "n_heads": 9, "d_head": 64}
 TINY = {"source": "tiny-gpt2", "name": "tiny-gpt2 (random weights, seed 0)", "n_layers": 4, "n_heads": 4, "d_head": 16}
 
 
 def metrics_for(layer: int, model: dict, **values) -> dict:
     base = {
-        "layer": layer, "hook_name": f"blocks.{layer}.attn.hook_z", "model": model["name"], "d_sae": 24576, "eval_rows": 32,
-        "l0": 10.0 + layer, "loss_recovered": 0.8, "ce_clean": 3.3, "ce_sae": 3.4, "ce_zero": 3.8,
+        "layer": layer, "hook_name": f"blocks.{layer}.attn.hook_z", "model": model["name"], "d_sae": 24576,
+        "eval_rows": 32, "l0": 10.0 + layer, "loss_recovered": 0.8, "ce_clean": 3.3, "ce_sae": 3.4, "ce_zero": 3.8,
         "ce_increase": 0.1, "ce_increase_zero": 0.5, "kl_sae": 0.1, "kl_zero": 0.5, "kl_score": 0.8, "mse": 1.5,
         "explained_variance": 0.7, "dead_fraction": 0.25, "dead_fraction_tokens": 4096, "dense_fraction": 0.01,
         "dense_threshold": 0.1, "eval_tokens": 4096,
@@ -64,7 +65,8 @@ def metrics_for(layer: int, model: dict, **values) -> dict:
 
 def make_run(root: Path, model: dict, metrics: dict[int, dict]) -> dict[str, Path]:
     """The folders the report stage reads: pinned model info, token metadata, metrics, density."""
-    dirs = {name: root / name for name in ("model", "tokens", "metrics", "density", "sae", "out", "dashboards", "labels")}
+    dirs = {name: root / name
+            for name in ("model", "tokens", "metrics", "density", "sae", "out", "dashboards", "labels")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     info = {**model, "vocab_size": 50257, "bos_token_id": 0, "sha256": {}}
@@ -177,7 +179,8 @@ def test_folder_reference(tmp_path):
 
 
 def test_folder_reference_errors(tmp_path):
-    with pytest.raises(UserError, match=r"report\.compare: '.*nosuch' is not a folder \(allowed: auto, published, none"):
+    with pytest.raises(UserError,
+                       match=r"report\.compare: '.*nosuch' is not a folder \(allowed: auto, published, none"):
         comparison.folder_reference(tmp_path / "nosuch", [3], "m")
     with pytest.raises(UserError, match=r"holds none of L3\.json, L10\.json"):
         comparison.folder_reference(tmp_path, [3, 10], "m")
@@ -192,8 +195,9 @@ def test_folder_reference_errors(tmp_path):
 
 def test_report_against_published(tmp_path):
     layers = [2, 5]
-    dirs = make_run(tmp_path, GPT2_SMALL, {2: metrics_for(2, GPT2_SMALL, l0=16.5, loss_recovered=0.85, dead_fraction=0.25),
-                                           5: metrics_for(5, GPT2_SMALL, explained_variance=None)})
+    dirs = make_run(tmp_path, GPT2_SMALL,
+                    {2: metrics_for(2, GPT2_SMALL, l0=16.5, loss_recovered=0.85, dead_fraction=0.25),
+                     5: metrics_for(5, GPT2_SMALL, explained_variance=None)})
     markdown = build(dirs, layers, "auto")
     rows = table_rows(markdown, "layer | d_sae ours")
     header, body = rows[0], rows[2:]
@@ -243,7 +247,8 @@ def test_report_draws_the_frontier_when_there_is_one(tmp_path):
             for a, s, v, l0 in (("standard", "l1_coeff", 0.8, 22.0), ("topk", "k", 20, 20.0))]
     (dirs["out"] / "frontier.csv").write_text(frontier.frontier_csv(rows))
     markdown = build(dirs, [3], "none")
-    assert "## Frontier" in markdown and "| 3 | topk | k 20 | 20.0 | 0.0200 ± 0.0010 | 0.900 ± 0.010 | 5.0% |" in markdown
+    assert ("## Frontier" in markdown
+            and "| 3 | topk | k 20 | 20.0 | 0.0200 ± 0.0010 | 0.900 ± 0.010 | 5.0% |" in markdown)
     page = (dirs["out"] / "index.html").read_text()
     assert 'alt="frontier: L0 against CE increase and loss recovered per layer"' in page
 
@@ -317,18 +322,21 @@ def test_a_features_json_of_another_layer_or_sae_is_refused(tmp_path, changes, e
     write_dashboard(dirs, 3, [[]], first_alive=[0], listed=[], fields={"sae": "models/sae/L3", **changes})
     with pytest.raises(UserError) as err:
         build(dirs, [3], "none")
-    assert str(err.value) == f"{dirs['dashboards'] / 'L3' / 'features.json'}: {expected}; re-run `attnsae dashboards --layer 3`"
+    assert str(err.value) == (f"{dirs['dashboards'] / 'L3' / 'features.json'}: {expected}; "
+                              "re-run `attnsae dashboards --layer 3`")
     assert not (dirs["out"] / "report.md").exists()
 
 
 @pytest.mark.parametrize("kind", ["metrics", "heldout"])
 def test_metrics_of_another_layer_are_refused(tmp_path, kind):
-    dirs = make_run(tmp_path, SMOLLM2, {3: metrics_for(10, SMOLLM2)} if kind == "metrics" else {3: metrics_for(3, SMOLLM2)})
+    dirs = make_run(tmp_path, SMOLLM2,
+                    {3: metrics_for(10, SMOLLM2)} if kind == "metrics" else {3: metrics_for(3, SMOLLM2)})
     heldout = tmp_path / "heldout"
     heldout.mkdir()
     (heldout / "L3.json").write_text(json.dumps({**metrics_for(10 if kind == "heldout" else 3, SMOLLM2),
                                                  "split": "heldout", "sources": ["npm:brown"]}))
-    with pytest.raises(UserError, match=r"L3\.json: holds the metrics of layer 10, not of layer 3 \(copied from another layer\?\)"):
+    with pytest.raises(UserError, match=r"L3\.json: holds the metrics of layer 10, not of layer 3 "
+                                        r"\(copied from another layer\?\)"):
         report.build_report([3], dirs["out"], "none", metrics_dir=dirs["metrics"], heldout_dir=heldout,
                             density_dir=dirs["density"], model_dir=dirs["model"], tokens_dir=dirs["tokens"],
                             sae_root=dirs["sae"], dashboards_root=dirs["dashboards"], labels_root=dirs["labels"])
@@ -394,7 +402,8 @@ def test_report_from_committed_quickstart_metrics(tmp_path):
     shutil.copytree(REPO / "reports/metrics", dirs["metrics"], dirs_exist_ok=True)
     shutil.copytree(REPO / "reports/density", dirs["density"], dirs_exist_ok=True)
     model = json.loads((dirs["metrics"] / f"L{layers[0]}.json").read_text())["model"]
-    (dirs["model"] / "attnsae_model.json").write_text(json.dumps({**SMOLLM2, "name": model, "vocab_size": 1, "bos_token_id": 0, "sha256": {}}))
+    (dirs["model"] / "attnsae_model.json").write_text(json.dumps({**SMOLLM2, "name": model, "vocab_size": 1,
+                                                                  "bos_token_id": 0, "sha256": {}}))
     markdown = build(dirs, layers, str(dirs["metrics"]))
     body = table_rows(markdown, "layer | d_sae ours")[2:]
     assert [row[0] for row in body] == [str(n) for n in layers]
@@ -494,7 +503,8 @@ def test_card_names_the_architecture_and_its_sparsity_setting(tmp_path):
 
 def test_card_other_sources():
     for dataset in ("hf:Skylion007/openwebtext@abc (streamed)", "Skylion007/openwebtext"):
-        gpt2 = publish.card_metadata({"model_name": "gpt2", "hook_name": "h", "dataset_path": dataset}, metrics_for(3, GPT2_SMALL))
+        gpt2 = publish.card_metadata({"model_name": "gpt2", "hook_name": "h", "dataset_path": dataset},
+                                     metrics_for(3, GPT2_SMALL))
         assert gpt2["base_model"] == "openai-community/gpt2" and gpt2["datasets"] == ["Skylion007/openwebtext"]
         assert gpt2["model-index"][0]["results"][0]["dataset"]["type"] == "Skylion007/openwebtext"
     tiny = publish.card_metadata({"model_name": "tiny-gpt2", "hook_name": "h", "dataset_path": "synthetic"},
@@ -514,7 +524,8 @@ def test_publish_layer(tmp_path):
     card = publish.publish_layer(tmp_path / "sae", tmp_path / "L3.json", tmp_path / "published" / "L3")
     out = tmp_path / "published" / "L3"
     assert card == out / "README.md" and card.is_file()
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
     original, _ = load_sae(tmp_path / "sae")
     copy, cfg = load_sae(out)
     assert torch.equal(original.W_enc, copy.W_enc) and cfg["hook_name"] == "blocks.3.attn.hook_z"

@@ -75,7 +75,8 @@ def fake_gpt2_run(root: Path) -> Path:
         "source": "gpt2", "name": "gpt2 (test)", "n_layers": 12, "n_heads": 12, "d_head": 64,
         "vocab_size": 50257, "bos_token_id": 50256, "sha256": {},
     }))
-    (root / "tokens/meta.json").write_text(json.dumps({"corpus": "hf:Skylion007/openwebtext (streamed)", "context_size": 128,
+    (root / "tokens/meta.json").write_text(json.dumps({"corpus": "hf:Skylion007/openwebtext (streamed)",
+                                                       "context_size": 128,
                                                        "bos_token_id": 50256, "eval_fraction": 0.05, "split_seed": 49,
                                                        "documents": {"train": 5000, "eval": 60},
                                                        "rows": {"train": 7813, "eval": 64},

@@ -34,8 +34,9 @@ def cache(tmp_path):
 
 
 def config(**changes) -> SAEConfig:
-    base = dict(d_sae=128, l1_coeff=10.0, lr=3e-2, batch_size=128, train_tokens=128 * 60, warmup_steps=5, resample_every=20,
-                dead_window=10, max_resamples=2, resample_inputs=512, buffer_rows=1024, log_every=3, device="cpu")
+    base = dict(d_sae=128, l1_coeff=10.0, lr=3e-2, batch_size=128, train_tokens=128 * 60, warmup_steps=5,
+                resample_every=20, dead_window=10, max_resamples=2, resample_inputs=512, buffer_rows=1024,
+                log_every=3, device="cpu")
     return SAEConfig(**{**base, **changes})
 
 

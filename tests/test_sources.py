@@ -158,9 +158,11 @@ def test_layer_outside_the_model_is_rejected(tmp_path, tiny_model_dir):
     model_dir = tiny_model_dir(seed=0)
     info = read_model_info(model_dir)
     docs = list(synthetic_documents(20, 0))
-    tokenize_corpus(TokenizeConfig(context_size=32, eval_fraction=0.2), docs, load_tokenizer(model_dir), info.bos_token_id, tmp_path / "tokens")
+    tokenize_corpus(TokenizeConfig(context_size=32, eval_fraction=0.2), docs, load_tokenizer(model_dir),
+                    info.bos_token_id, tmp_path / "tokens")
     with pytest.raises(UserError, match=r"layer 7 is outside the model .* \(allowed: 0 to 3\)"):
-        cache_activations(ActivationsConfig(tokens=256), ModelConfig(source="tiny-gpt2"), model_dir, tmp_path / "tokens", [1, 7], tmp_path / "acts")
+        cache_activations(ActivationsConfig(tokens=256), ModelConfig(source="tiny-gpt2"), model_dir,
+                          tmp_path / "tokens", [1, 7], tmp_path / "acts")
     assert not (tmp_path / "acts").exists()
 
 
@@ -170,7 +172,8 @@ def test_context_longer_than_the_model_takes_is_one_line_before_anything_is_writ
 
     build_corpus(CorpusConfig(sources=["synthetic"], synthetic_documents=5), tmp_path / "corpus")
     with pytest.raises(UserError) as err:
-        tokenize_stage(TokenizeConfig(context_size=257), tmp_path / "corpus", tiny_model_dir(seed=0), tmp_path / "tokens")
+        tokenize_stage(TokenizeConfig(context_size=257), tmp_path / "corpus", tiny_model_dir(seed=0),
+                       tmp_path / "tokens")
     assert str(err.value) == ("params.yaml: bad value for 'tokenize.context_size': tiny-gpt2 (random weights, seed 0) "
                               "takes at most 256 positions (allowed: 2 to 256, got 257)")
     assert not (tmp_path / "tokens").exists()

@@ -211,7 +211,7 @@ def test_a_training_step_on_the_sparse_kernel_is_the_dense_step(architecture):
         trainer, batches = LayerTrainer(trainer_cfg(architecture, kernel), 32, torch.device("cpu")), FixedBatches(3)
         outputs = []
         original = trainer.loss
-        trainer.loss = lambda *args: outputs.append(original(*args)) or outputs[-1]
+        trainer.loss = lambda *args, outputs=outputs, original=original: outputs.append(original(*args)) or outputs[-1]
         rows = [trainer.step(step, batches) for step in range(steps)]
         assert {type(out.features).__name__ for out in outputs} == (
             {"DenseFeatures"} if kernel == "dense" else {SparseFeatures.__name__})

@@ -40,8 +40,9 @@ def setup(tmp_path_factory, tiny_model_dir):
                       ModelConfig(source="tiny-gpt2"), root / "model", root / "tokens", LAYERS, root / "acts")
     # A streamed corpus: only its manifest is stored; tokenize keeps the eval rows, training reads the rest.
     build_corpus(CorpusConfig(sources=["synthetic"], synthetic_documents=400, seed=3), root / "corpus", stream=True)
-    tokenize_corpus(TokenizeConfig(context_size=32, eval_fraction=0.1, max_eval_rows=4), open_documents(root / "corpus"),
-                    load_tokenizer(root / "model"), info.bos_token_id, root / "stream-tokens", streamed=True)
+    tokenize_corpus(TokenizeConfig(context_size=32, eval_fraction=0.1, max_eval_rows=4),
+                    open_documents(root / "corpus"), load_tokenizer(root / "model"), info.bos_token_id,
+                    root / "stream-tokens", streamed=True)
     return root, info
 
 
@@ -54,7 +55,8 @@ def sae_cfg(l1: float) -> SAEConfig:
 def test_one_pass_for_all_layers_equals_training_each_layer_from_the_cache(setup):
     root, info = setup
     cfgs = {1: sae_cfg(0.01), 2: sae_cfg(0.02)}
-    alone = {n: train_sae(cfgs[n], DiskActivations(layout.activations_dir(n, root / "acts")), progress=False) for n in LAYERS}
+    alone = {n: train_sae(cfgs[n], DiskActivations(layout.activations_dir(n, root / "acts")), progress=False)
+             for n in LAYERS}
 
     harvest = HarvestingForward(load_harvesting_model(root / "model", torch.device("cpu")), LAYERS)
     rows = load_rows(root / "tokens", "train")[: CACHE_TOKENS // 32]

@@ -85,11 +85,13 @@ def test_each_experiment_is_a_parent_run_in_the_main_store(sweep):
 
 def test_plots_draw_each_experiments_layers_l0_against_loss_recovered(sweep, tmp_path):
     root, env, names = sweep
-    rendered = json.loads(run(["dvc", "plots", "diff", *names, "--targets", "layers_l0_loss_recovered", "--json"], root, env))
+    rendered = json.loads(run(["dvc", "plots", "diff", *names, "--targets", "layers_l0_loss_recovered", "--json"],
+                              root, env))
     assert not rendered.get("errors")
     points = rendered["data"]["layers_l0_loss_recovered"][0]["content"]["data"]["values"]
     assert {p["rev"] for p in points} == set(names)
     assert all({"l0", "loss_recovered", "layer"} <= set(p) for p in points)
-    run(["dvc", "plots", "diff", *names, "--targets", "layers_l0_loss_recovered", "-o", str(tmp_path / "plots")], root, env)
+    run(["dvc", "plots", "diff", *names, "--targets", "layers_l0_loss_recovered", "-o", str(tmp_path / "plots")],
+        root, env)
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "loss recovered" in page and all(name in page for name in names)

@@ -149,7 +149,8 @@ def test_tokenize_corpus_is_deterministic_and_caps_rows(tmp_path, tokenizer):
 @pytest.mark.parametrize("fraction", [0.0, 1.0, 2.0])
 def test_tokenize_corpus_bad_eval_fraction(tmp_path, tokenizer, fraction):
     # params.yaml never gets here (config refuses these values); the stage function guards direct callers
-    cfg = TokenizeConfig.model_construct(context_size=16, eval_fraction=fraction, max_train_rows=0, max_eval_rows=0, seed=49)
+    cfg = TokenizeConfig.model_construct(context_size=16, eval_fraction=fraction, max_train_rows=0, max_eval_rows=0,
+                                         seed=49)
     with pytest.raises(UserError, match="eval_fraction"):
         tokenize_corpus(cfg, marked_documents(), tokenizer, 256, tmp_path / "tokens")
     assert not (tmp_path / "tokens").exists()

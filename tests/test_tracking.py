@@ -19,7 +19,8 @@ from attnsae.reporting import repository, tracking
 
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "t",
        "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-DVC_VARS = ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI", "ATTNSAE_PIPELINE_RUN")
+DVC_VARS = ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI",
+            "ATTNSAE_PIPELINE_RUN")
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -61,7 +62,8 @@ def test_pipeline_key_changes_with_params_and_experiment(tmp_path, clean_env):
     (tmp_path / "params.yaml").write_text("sae: {l1_coeff: 1.0}\n")
     base = tracking.pipeline_key(tmp_path, "abc")
     assert tracking.pipeline_key(tmp_path, "abc") == base
-    assert tracking.pipeline_key(tmp_path, "abc", "exp-one") not in (base, tracking.pipeline_key(tmp_path, "abc", "exp-two"))
+    assert tracking.pipeline_key(tmp_path, "abc", "exp-one") not in (
+        base, tracking.pipeline_key(tmp_path, "abc", "exp-two"))
     assert tracking.pipeline_key(tmp_path, "abd") != base
     (tmp_path / "params.yaml").write_text("sae: {l1_coeff: 2.0}\n")
     assert tracking.pipeline_key(tmp_path, "abc") != base
@@ -70,7 +72,8 @@ def test_pipeline_key_changes_with_params_and_experiment(tmp_path, clean_env):
 def test_dirty_ignores_what_dvc_writes(tmp_path, clean_env):
     git(tmp_path, "init", "-q")
     subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, env=ENV, check=True)
-    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo\n    outs:\n      - reports/out.md:\n          cache: false\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo\n    outs:\n"
+                                       "      - reports/out.md:\n          cache: false\n")
     (tmp_path / "reports").mkdir()
     for name in ("params.yaml", "reports/out.md"):
         (tmp_path / name).write_text("a: 1\n")
@@ -84,7 +87,8 @@ def test_dirty_ignores_what_dvc_writes(tmp_path, clean_env):
     assert repository.git_state(tmp_path)["dirty"] == "false"
     (tmp_path / "params.yaml").write_text("a: 2\n")
     state = repository.git_state(tmp_path)
-    assert (state["dirty"], state["dirty_files"], state["commit"]) == ("true", "params.yaml", git(tmp_path, "rev-parse", "HEAD"))
+    assert (state["dirty"], state["dirty_files"], state["commit"]) == (
+        "true", "params.yaml", git(tmp_path, "rev-parse", "HEAD"))
 
 
 def test_flat_params_and_names():
@@ -160,7 +164,8 @@ def test_fresh_sqlite_store_opened_by_several_processes_at_once(tmp_path):
     """Without the lock, processes creating a fresh store together fail in MLflow's migrations (docs/design.md 6)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = f"from attnsae.reporting.tracking import open_store; print(open_store({uri!r})[1])"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
              for _ in range(4)]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
@@ -241,8 +246,9 @@ def test_an_attempt_killed_mid_stage_is_superseded_by_the_rerun(repo):
             "    run.log_curves([{'step': 0, 'loss': 9.0}])\n"
             "    print(run.run_id, flush=True)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
-    killed = subprocess.run([sys.executable, "-c", code], cwd=repo, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, capture_output=True,
-                            text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-c", code], cwd=repo,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, capture_output=True, text=True,
+                            timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     killed_id = killed.stdout.strip()
     (left,) = stage_runs(repo, "train")
@@ -330,8 +336,9 @@ def test_a_copied_repository_logs_artifacts_into_its_own_folder(tmp_path, clean_
             "    run.register_sae('models/sae/L2', 'tiny-gpt2', 2)\n"
             "    run.log_artifact('models/sae/L2/cfg.json', 'sae')\n"
             f"print(run.run_id, tracking.log_report('tiny', {PARAMS!r}, [{{'layer': 2, 'l0': 4.0}}], ['report.md']))\n")
-    logged = subprocess.run([sys.executable, "-c", code], cwd=copy, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                            capture_output=True, text=True, timeout=300)
+    logged = subprocess.run([sys.executable, "-c", code], cwd=copy,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, capture_output=True, text=True,
+                            timeout=300)
     assert logged.returncode == 0, logged.stderr[-2000:]
     run_id, parent_id = logged.stdout.split()  # the parent was made in the original, before the copy
     assert files_of(original) == before

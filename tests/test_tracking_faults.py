@@ -181,7 +181,8 @@ def report_with_store(monkeypatch, tiny_params_file, tmp_path):
     from attnsae.reporting.report import Report
 
     built = []
-    monkeypatch.setattr("attnsae.reporting.report.build_report", lambda *args: built.append(args) or Report("# report", [], []))
+    monkeypatch.setattr("attnsae.reporting.report.build_report",
+                        lambda *args: built.append(args) or Report("# report", [], []))
 
     def run(uri: str, tracking_mode: str):
         runner = CliRunner(env={"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": uri,

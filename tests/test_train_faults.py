@@ -233,8 +233,8 @@ def test_corrupt_checkpoint_is_named_in_one_line(activations, tmp_path, kind, re
     damage(ckpt, kind)
     before = ckpt.read_bytes()
     with pytest.raises(UserError) as info:
-        train_saes({LAYER: config()}, {LAYER: DiskActivations(layout.activations_dir(LAYER, activations))}, progress=False,
-                   checkpoint=ckpt, checkpoint_every=7)
+        train_saes({LAYER: config()}, {LAYER: DiskActivations(layout.activations_dir(LAYER, activations))},
+                   progress=False, checkpoint=ckpt, checkpoint_every=7)
     message = one_line(info.value)
     assert message == f"{ckpt}: corrupt checkpoint ({reason}); delete it to start this training from step 0"
     assert "weights_only" not in message
@@ -283,8 +283,8 @@ def test_signal_without_a_checkpoint_path_says_nothing_is_kept(activations):
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(TrainingInterrupted) as info:
-        train_saes({LAYER: config()}, {LAYER: DiskActivations(layout.activations_dir(LAYER, activations))}, progress=False,
-                   on_step=sigterm_at_5)
+        train_saes({LAYER: config()}, {LAYER: DiskActivations(layout.activations_dir(LAYER, activations))},
+                   progress=False, on_step=sigterm_at_5)
     assert one_line(info.value) == (
         "train: interrupted by SIGTERM at step 6; no checkpoint file was given, so nothing is kept"
     )

@@ -56,7 +56,8 @@ def registry(tiny_pipeline, tmp_path_factory):
     pushed = run(["dvc", "push"], origin, env)
     run(["git", "clone", "-q", str(origin), str(clone)], base, env)
     pulled = run(PULL, clone, env)
-    return SimpleNamespace(base=base, origin=origin, storage=storage, clone=clone, env=env, pushed=pushed, pulled=pulled)
+    return SimpleNamespace(base=base, origin=origin, storage=storage, clone=clone, env=env, pushed=pushed,
+                           pulled=pulled)
 
 
 def attnsae(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -127,7 +128,8 @@ def test_other_repositories_get_one_layer_at_a_tag(registry):
     run(["dvc", "init", "-q"], consumer, env)
     run(["dvc", "import", str(source), "models/published/L2", "--rev", "tiny-sae-L2@v1.0.0", "-o", "sae-L2"],
         consumer, env)
-    assert (consumer / "sae-L2/sae_weights.safetensors").read_bytes() == (published / "L2/sae_weights.safetensors").read_bytes()
+    assert (consumer / "sae-L2/sae_weights.safetensors").read_bytes() \
+        == (published / "L2/sae_weights.safetensors").read_bytes()
     pinned = yaml.safe_load((consumer / "sae-L2.dvc").read_text())["deps"][0]["repo"]
     tagged = run(["git", "rev-list", "-n", "1", "tiny-sae-L2@v1.0.0"], registry.origin, env).strip()
     assert (pinned["rev"], pinned["rev_lock"]) == ("tiny-sae-L2@v1.0.0", tagged)
@@ -152,8 +154,8 @@ def test_verify_fails_with_one_line_per_mismatch(registry):
     weights_line, metrics_line = failures
     sae_files = {f["relpath"]: f["md5"] for f in dir_listing(clone, yaml.safe_load(
         (clone / "dvc.lock").read_text())["stages"]["train@1"]["outs"][0]["md5"])}
-    assert weights_line.startswith("L1 ") and f"{WEIGHTS}: md5 expected {sae_files['sae_weights.safetensors']}, found " \
-        in weights_line
+    assert weights_line.startswith("L1 ") \
+        and f"{WEIGHTS}: md5 expected {sae_files['sae_weights.safetensors']}, found " in weights_line
     assert metrics_line.startswith("L2 ") and "reports/metrics/L2.json: loss_recovered expected " in metrics_line
     assert "skip  reports/metrics/L1.json" in result.stdout  # a changed SAE is not re-evaluated
     assert result.stdout.strip().splitlines()[-1].startswith("verify: FAILED: 2 of 9 checks failed, 1 skipped")
@@ -280,7 +282,8 @@ def test_subtree_picks_one_layer_of_a_whole_output():
 
 def test_published_copy_must_hold_the_sae_files_unchanged():
     sae = {"models/sae/L1/cfg.json": "a", "models/sae/L1/w": "b"}
-    published = {"models/published/L1/cfg.json": "a", "models/published/L1/w": "b", "models/published/L1/README.md": "c"}
+    published = {"models/published/L1/cfg.json": "a", "models/published/L1/w": "b",
+                 "models/published/L1/README.md": "c"}
     assert compare_copies(sae, "models/sae/L1", published, "models/published/L1") == []
     published["models/published/L1/w"] = "x"
     assert compare_copies(sae, "models/sae/L1", published, "models/published/L1") == [

@@ -43,7 +43,9 @@ def one_line_errors(fn):
             if err.errno not in DISK_FULL:
                 raise
             where = f"{err.filename}: " if err.filename else ""
-            raise click.ClickException(f"{where}{DISK_FULL[err.errno]} (free space, then run the command again)") from None
+            raise click.ClickException(
+                f"{where}{DISK_FULL[err.errno]} (free space, then run the command again)"
+            ) from None
 
     return wrapper
 
@@ -68,7 +70,8 @@ def corpus_option(help: str | None = None):
 def sae_on_tokens_options(command):
     """--layer, --model, --tokens, --sae: any hook_z SAE folder, read on the pinned model's evaluation tokens."""
     for option in reversed([
-        click.option("--layer", default=None, help="Layer number, e.g. 3 or L3 [default: the layer in the SAE's cfg.json]."),
+        click.option("--layer", default=None,
+                     help="Layer number, e.g. 3 or L3 [default: the layer in the SAE's cfg.json]."),
         model_option,
         tokens_option,
         click.option("--sae", "sae_dir", default=None,
@@ -208,7 +211,8 @@ def model(params_path: str, out: str) -> None:
 @params_option
 @click.option("--out", default=str(layout.CORPUS_DIR), show_default=True)
 @click.option("--stream", is_flag=True,
-              help="Do not store the documents: pin the sources (hf: revisions to a commit) and read them on the fly later.")
+              help="Do not store the documents: pin the sources (hf: revisions to a commit) "
+                   "and read them on the fly later.")
 @one_line_errors
 def corpus(params_path: str, out: str, stream: bool) -> None:
     """Fetch and write the text documents, or with --stream pin their sources (params: corpus)."""
@@ -252,9 +256,11 @@ def activations(params_path: str, model_dir: str, tokens_dir: str, out: str) -> 
 
     params = config.read_params(params_path)
     summary = cache_activations(
-        config.activations_config(params), config.model_config(params), model_dir, tokens_dir, config.layers(params), out
+        config.activations_config(params), config.model_config(params), model_dir, tokens_dir, config.layers(params),
+        out,
     )
-    click.echo(f"activations: {summary['tokens']:,} tokens x {len(summary['layers'])} layers, d_in {summary['d_in']} -> {out}")
+    click.echo(f"activations: {summary['tokens']:,} tokens x {len(summary['layers'])} layers, "
+               f"d_in {summary['d_in']} -> {out}")
 
 
 @main.command()
@@ -381,7 +387,8 @@ def evaluate(
     if len(layers) > 1 and (out or density or heldout_out):
         raise UserError("--out, --density and --heldout-out name one SAE's files; leave them out for several layers")
     sae_dirs = {n: sae_dir or str(layout.sae_dir(n)) for n in layers}
-    files = {n: evaluation_files(n, sae_dirs[n], is_pipeline_sae(sae_dir, n), out, density, heldout_out) for n in layers}
+    files = {n: evaluation_files(n, sae_dirs[n], is_pipeline_sae(sae_dir, n), out, density, heldout_out)
+             for n in layers}
     # A layer's run holds the pipeline's results: other SAEs, or results written elsewhere, stay out of it.
     logged = [n for n in layers if files[n].metrics is not None
               and Path(files[n].metrics).resolve() == layout.metrics_file(n).resolve()]
@@ -640,7 +647,8 @@ def mlflow_init(uri: str | None) -> None:
 @main.command()
 @layer_option
 @click.option("--sae", "sae_dir", default=None, help=f"SAE folder [default: {layout.SAE_ROOT}/L<layer>]")
-@click.option("--metrics", "metrics_path", default=None, help=f"Metrics JSON [default: {layout.METRICS_DIR}/L<layer>.json]")
+@click.option("--metrics", "metrics_path", default=None,
+              help=f"Metrics JSON [default: {layout.METRICS_DIR}/L<layer>.json]")
 @click.option("--out", default=None, help=f"Folder to write [default: {layout.PUBLISHED_ROOT}/L<layer>]")
 @one_line_errors
 def publish(layer: str, sae_dir: str | None, metrics_path: str | None, out: str | None) -> None:
@@ -658,7 +666,8 @@ PUBLISHED_SETS = ("kissane-gpt2-small", "gemma-scope-2b-att")
 
 @main.command(name="import")
 @click.option("--set", "published_set", type=click.Choice(PUBLISHED_SETS), default=PUBLISHED_SETS[0], show_default=True,
-              help="Which published attention SAEs: the paper's on GPT-2 Small (ckkissane/attn-saes-gpt2-small-all-layers) "
+              help="Which published attention SAEs: the paper's on GPT-2 Small "
+                   "(ckkissane/attn-saes-gpt2-small-all-layers) "
                    "or Gemma Scope's on Gemma 2 2B (google/gemma-scope-2b-pt-att).")
 @click.option("--layer", "layer_args", multiple=True, help="Layer number, e.g. 3 or L3; repeat for several.")
 @click.option("--all-layers", is_flag=True, help="Every published layer (GPT-2 Small: 0 to 11; Gemma 2 2B: 0 to 25).")
@@ -671,9 +680,11 @@ PUBLISHED_SETS = ("kissane-gpt2-small", "gemma-scope-2b-att")
               help="Folder that receives one SAE folder per layer, named L<layer> (apart from models/sae, "
                    "which training owns, and models/published, which `attnsae publish` writes).")
 @click.option("--sha256", "sha256", default=None,
-              help="kissane-gpt2-small: sha256 the layer's .pt must have, instead of the pinned one (one --layer only).")
+              help="kissane-gpt2-small: sha256 the layer's .pt must have, instead of the pinned one "
+                   "(one --layer only).")
 @click.option("--trust-unpinned", is_flag=True,
-              help="kissane-gpt2-small: accept a .pt that has no pinned sha256; the hash it has is recorded in cfg.json.")
+              help="kissane-gpt2-small: accept a .pt that has no pinned sha256; "
+                   "the hash it has is recorded in cfg.json.")
 @click.option("--width", default=None, help="gemma-scope-2b-att: the SAE width, as published (16k, 65k, ...).")
 @click.option("--l0", type=click.IntRange(min=1), default=None,
               help="gemma-scope-2b-att: take the published average L0 nearest this (each layer has several).")

@@ -40,9 +40,9 @@ Precision = Literal["auto", "fp32", "bf16"]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
-# Upper bounds far above any published run (the paper: d_sae 24,576, 2e9 tokens per SAE; the largest published dictionaries
-# have ~2**25 features), so they stop typos and runaway values (a stray exponent) in one line, not a real run. Each
-# stage's memory and disk against the machine are judged apart (preflight.py).
+# Upper bounds far above any published run (the paper: d_sae 24,576, 2e9 tokens per SAE; the largest published
+# dictionaries have ~2**25 features), so they stop typos and runaway values (a stray exponent) in one line, not a real
+# run. Each stage's memory and disk against the machine are judged apart (preflight.py).
 MAX_COUNT = 10**9  # documents, rows, steps
 MAX_TOKENS = 10**13  # tokens of a run
 MAX_WIDTH = 2**25  # features of one SAE
@@ -88,14 +88,15 @@ class CorpusConfig(Section):
     seed: Seed = 49  # of the "synthetic" generator
 
     @model_validator(mode="after")
-    def _synthetic_has_documents(self) -> "CorpusConfig":
+    def _synthetic_has_documents(self) -> CorpusConfig:
         if "synthetic" in self.sources and self.synthetic_documents == 0:
             raise RuleBroken("synthetic_documents", 0, ">= 1 when sources lists synthetic")
         return self
 
 
 class TokenizeConfig(Section):
-    context_size: int = Field(128, ge=2, le=2**20)  # a row predicts at least one next token; at most the model's positions
+    # a row predicts at least one next token; at most the model's positions
+    context_size: int = Field(128, ge=2, le=2**20)
     eval_fraction: float = Field(0.05, gt=0, lt=1)  # of documents, chosen by a seeded hash so training never sees them
     max_train_rows: int = Field(0, ge=0, le=MAX_COUNT)  # 0: all
     max_eval_rows: int = Field(0, ge=0, le=MAX_COUNT)  # 0: all (a streamed corpus needs a number: tokenization.py)
@@ -229,7 +230,7 @@ class SAEConfig(Section):
         return filled
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SAEConfig":
+    def _consistent(self) -> SAEConfig:
         if self.dead_window > self.resample_every:
             raise RuleBroken("dead_window", self.dead_window, f"<= resample_every ({self.resample_every})")
         if self.train_tokens < self.batch_size:  # fewer tokens than one batch: zero training steps
@@ -295,7 +296,8 @@ class TagThresholds(Section):
 class DashboardsConfig(Section):
     """The `dashboards@L` stage: which tokens it reads, which features get cards, what each card holds."""
 
-    max_rows: int = Field(0, ge=0, le=MAX_COUNT)  # evaluation rows read (0: all); must cover evaluate.max_rows (the alive set)
+    # evaluation rows read (0: all); must cover evaluate.max_rows (the alive set)
+    max_rows: int = Field(0, ge=0, le=MAX_COUNT)
     batch_rows: int = Field(8, ge=1, le=MAX_BATCH_ROWS)
     first_n: int = Field(30, ge=0, le=10**4)  # cards for the first N alive features, as the post rated
     features: list[int] = Field(default_factory=list, max_length=10**4)  # and cards for these feature ids (< d_sae)
@@ -305,7 +307,8 @@ class DashboardsConfig(Section):
     intervals: int = Field(10, ge=1, le=MAX_SHOWN)  # equal-width activation bins between 0 and the max
     interval_examples: int = Field(5, ge=0, le=MAX_SHOWN)  # random examples per bin
     histogram_bins: int = Field(40, ge=1, le=MAX_SHOWN)
-    logit_tokens: int = Field(20, ge=1, le=MAX_SHOWN)  # top and bottom tokens of the logit effect; at most the vocabulary
+    # top and bottom tokens of the logit effect; at most the vocabulary
+    logit_tokens: int = Field(20, ge=1, le=MAX_SHOWN)
     probe_prompts: int = Field(32, ge=1, le=10**4)  # per probe family
     null_directions: int = Field(256, ge=1, le=2**16)  # random encoder directions behind each tag's null baseline
     null_percentile: float = Field(99.0, ge=0, le=100)
@@ -332,7 +335,7 @@ class FrontierPoints(Section):
     """One architecture's points on the frontier: its sparsity setting (``SPARSITY_SETTINGS``) takes each of
     ``values`` on every layer, with ``settings`` replacing the sae section's (lr, betas, ...)."""
 
-    values: list[Union[int, float]] = Field(min_length=1)
+    values: list[int | float] = Field(min_length=1)
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -454,7 +457,9 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not a text file (byte {err.start} is not UTF-8); params files are UTF-8 YAML") from None
+        raise UserError(
+            f"{path}: not a text file (byte {err.start} is not UTF-8); params files are UTF-8 YAML"
+        ) from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -535,7 +540,8 @@ def sae_config(params: dict[str, Any], layer: int) -> SAEConfig:
         )
     override = parse_section(LayerOverride, per_layer[key] or {}, f"per_layer.{key}").model_dump(exclude_none=True)
     # a rule broken by an overridden value (k > this layer's d_sae) names the per_layer entry that set it
-    return parse_section(SAEConfig, {**base.model_dump(), **override}, "sae", {name: f"per_layer.{key}" for name in override})
+    return parse_section(SAEConfig, {**base.model_dump(), **override}, "sae",
+                         {name: f"per_layer.{key}" for name in override})
 
 
 def _check_layer_entries(params: dict[str, Any]) -> None:
@@ -654,8 +660,8 @@ def check_dashboards_features(params: dict[str, Any]) -> None:
     widths = {layer: sae_config(params, layer).d_sae for layer in layers(params)}
     layer, narrowest = min(widths.items(), key=lambda item: item[1])
     if (largest := max(listed)) >= narrowest:
-        raise UserError(f"{PARAMS_FILE}: bad value for 'dashboards.features': feature {largest} is not in layer {layer}'s "
-                        f"SAE (allowed: feature ids 0 to {narrowest - 1}, its d_sae - 1)")
+        raise UserError(f"{PARAMS_FILE}: bad value for 'dashboards.features': feature {largest} "
+                        f"is not in layer {layer}'s SAE (allowed: feature ids 0 to {narrowest - 1}, its d_sae - 1)")
 
 
 def check_split_sources(cfg: TokenizeConfig, sources: list[str]) -> None:

@@ -12,8 +12,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
@@ -136,7 +137,9 @@ def write_npy(path: str | Path, array: np.ndarray) -> None:
 
 
 # errno -> what the message says; ``refuse_full_disk`` turns these into a one-line UserError.
-DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
+DISK_FULL = {
+    errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
+}
 # Rust's io::Error (safetensors, tokenizers: what transformers' save_pretrained writes with) ends "(os error N)".
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
@@ -220,7 +223,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     with refuse_full_disk(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path)
-        shutil.rmtree(old, ignore_errors=True)  # left by a writer killed between those replaces: kill -9 runs no cleanup
+        # left by a writer killed between those replaces: kill -9 runs no cleanup
+        shutil.rmtree(old, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes an owner-only folder; outputs get the usual mode
     try:

@@ -8,9 +8,9 @@ checkpoint and MLflow run.
 
 Data parallel (W > layers, a multiple of them): each layer gets W / layers ranks (``Shard``). Every rank of a layer
 fills the same buffer from the same stream (the model forward is repeated, not split), takes its own equal slice
-of each batch (``sae.sharding``; the recipe's batch stays the effective batch), and the gradients are averaged over the slices
-before the decoder projection and Adam, so all ranks keep the same weights; firing counts, AuxK's dead features
-and BatchTopK's threshold are reduced over the slices. What changes numerically: float summation order (the
+of each batch (``sae.sharding``; the recipe's batch stays the effective batch), and the gradients are averaged over
+the slices before the decoder projection and Adam, so all ranks keep the same weights; firing counts, AuxK's dead
+features and BatchTopK's threshold are reduced over the slices. What changes numerically: float summation order (the
 gradient is a mean of slice means); AuxK divides by each slice's residual variance rather than the batch's;
 BatchTopK keeps the top k x slice rows of each slice rather than of the whole batch; the logged curves are means of
 the slices' values. The rank with slice 0 writes the layer's files.

@@ -5,26 +5,45 @@ Paths are relative to the repository root, where DVC runs every stage. Each arti
 ``formats`` that imports no stage, so a reader's DVC code deps stay its own code (module paths below are under
 ``attnsae``):
 
-| artifact | path | written by (stage: function) | read with | read by stages |
-|---|---|---|---|---|
-| params check | `reports/params-check.txt` | `params`: `cli.check_params` (`preflight.check`) | - | every other stage (a dep) |
-| base model | `models/base/` (transformers folder + `attnsae_model.json`) | `model`: `data.models.prepare_model` | `data.models.load_bridge`, `formats.model_info.read_model_info` | all but corpus |
-| corpus | `data/corpus/` (`documents.jsonl` + `manifest.json`; streamed: the manifest only) | `corpus`: `data.corpus.build_corpus` | `data.corpus.open_documents`, `data.corpus.open_sourced_documents`, `data.corpus.read_manifest` | tokenize, train (stream) |
-| token rows | `data/tokens/` (`train.npy`, `eval.npy`, `heldout.npy` when sources are held out, `meta.json`) | `tokenize`: `data.tokenization.tokenize_stage` | `data.tokenization.load_rows`, `formats.tokens_meta.read_tokens_meta` | activations, train (stream), evaluate, report |
-| activation cache | `data/activations/L<n>/` (bf16 shards + `meta.json`) | `activations`: `data.activations.cache_activations` | `data.activations.DiskActivations` | train@L |
-| SAE | `models/sae/L<n>/` (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`) | `train@L` / `train`: `sae.training.run_train_stage` | `sae.autoencoder.load_sae`, `formats.sae_cfg.read_sae_cfg` | evaluate, report, publish |
-| training curves | `reports/curves/L<n>.csv` | `train@L` / `train` | `dvc plots` | - |
-| metrics | `reports/metrics/L<n>.json` | `evaluate`: `evaluation.evaluate.evaluate_layers` | `formats.metrics.read_metrics` | report, publish, verify |
-| held-out metrics | `reports/metrics_heldout/L<n>.json` (says so when no source is held out) | `evaluate` | `formats.metrics.read_heldout_metrics` | report |
-| density histogram | `reports/density/L<n>.csv` | `evaluate` | `formats.metrics.read_density` | report |
-| dashboards | `reports/dashboards/L<n>/` (`features.json` + `index.html`) | `dashboards@L`: `features.dashboards.build_dashboards` | `formats.features.read_features` | report |
-| labels | `labels/L<n>.csv` (git-tracked, people's ratings) | `attnsae labels import`: `features.labels.import_labels` | `features.labels.read_labels` | report |
-| report | `reports/report.md`, `reports/index.html`, `reports/layers.csv` | `report`: `reporting.report.build_report` | people; `dvc plots` (frontier) | - |
-| published SAE | `models/published/L<n>/` (SAE + model card) | `publish@L`: `reporting.publish.publish_layer` | `sae.autoencoder.load_sae` | `attnsae verify`, other repos |
-| imported SAE | `models/imported/L<n>/` | `import_published_saes@L`: `evaluation.paper_saes.import_paper_saes` or `evaluation.gemma_scope.import_gemma_scope` | `sae.autoencoder.load_sae` | evaluate_published_saes, dashboards_published_saes |
-| imported metrics | `reports/imported/{metrics,density}/L<n>.*` | `evaluate_published_saes@L` | `formats.metrics.read_metrics` | report (`report.compare`) |
-| checkpoints | `checkpoints/train-L<n>[-L<m>...].pt` (outside every DVC output) | train | `sae.checkpoints.load_checkpoint` | train (resume) |
-| MLflow store | `mlflow.db`, `mlruns/` | `reporting.tracking` | `mlflow ui` | - |
+- params check: `reports/params-check.txt`. Written by `params`: `cli.check_params` (`preflight.check`); read by
+  every other stage (a dep).
+- base model: `models/base/` (transformers folder + `attnsae_model.json`). Written by `model`:
+  `data.models.prepare_model`; read with `data.models.load_bridge`, `formats.model_info.read_model_info`; read by
+  all but corpus.
+- corpus: `data/corpus/` (`documents.jsonl` + `manifest.json`; streamed: the manifest only). Written by `corpus`:
+  `data.corpus.build_corpus`; read with `data.corpus.open_documents`, `data.corpus.open_sourced_documents`,
+  `data.corpus.read_manifest`; read by tokenize, train (stream).
+- token rows: `data/tokens/` (`train.npy`, `eval.npy`, `heldout.npy` when sources are held out, `meta.json`).
+  Written by `tokenize`: `data.tokenization.tokenize_stage`; read with `data.tokenization.load_rows`,
+  `formats.tokens_meta.read_tokens_meta`; read by activations, train (stream), evaluate, report.
+- activation cache: `data/activations/L<n>/` (bf16 shards + `meta.json`). Written by `activations`:
+  `data.activations.cache_activations`; read with `data.activations.DiskActivations`; read by train@L.
+- SAE: `models/sae/L<n>/` (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`). Written by `train@L` /
+  `train`: `sae.training.run_train_stage`; read with `sae.autoencoder.load_sae`, `formats.sae_cfg.read_sae_cfg`;
+  read by evaluate, report, publish.
+- training curves: `reports/curves/L<n>.csv`. Written by `train@L` / `train`; read with `dvc plots`.
+- metrics: `reports/metrics/L<n>.json`. Written by `evaluate`: `evaluation.evaluate.evaluate_layers`; read with
+  `formats.metrics.read_metrics`; read by report, publish, verify.
+- held-out metrics: `reports/metrics_heldout/L<n>.json` (says so when no source is held out). Written by `evaluate`;
+  read with `formats.metrics.read_heldout_metrics`; read by report.
+- density histogram: `reports/density/L<n>.csv`. Written by `evaluate`; read with `formats.metrics.read_density`;
+  read by report.
+- dashboards: `reports/dashboards/L<n>/` (`features.json` + `index.html`). Written by `dashboards@L`:
+  `features.dashboards.build_dashboards`; read with `formats.features.read_features`; read by report.
+- labels: `labels/L<n>.csv` (git-tracked, people's ratings). Written by `attnsae labels import`:
+  `features.labels.import_labels`; read with `features.labels.read_labels`; read by report.
+- report: `reports/report.md`, `reports/index.html`, `reports/layers.csv`. Written by `report`:
+  `reporting.report.build_report`; read by people, and by `dvc plots` (frontier).
+- published SAE: `models/published/L<n>/` (SAE + model card). Written by `publish@L`:
+  `reporting.publish.publish_layer`; read with `sae.autoencoder.load_sae`; read by `attnsae verify`, other repos.
+- imported SAE: `models/imported/L<n>/`. Written by `import_published_saes@L`:
+  `evaluation.paper_saes.import_paper_saes` or `evaluation.gemma_scope.import_gemma_scope`; read with
+  `sae.autoencoder.load_sae`; read by evaluate_published_saes, dashboards_published_saes.
+- imported metrics: `reports/imported/{metrics,density}/L<n>.*`. Written by `evaluate_published_saes@L`; read with
+  `formats.metrics.read_metrics`; read by report (`report.compare`).
+- checkpoints: `checkpoints/train-L<n>[-L<m>...].pt` (outside every DVC output). Written by train; read with
+  `sae.checkpoints.load_checkpoint`; read by train (resume).
+- MLflow store: `mlflow.db`, `mlruns/`. Written by `reporting.tracking`; read with `mlflow ui`.
 
 DVC deletes a stage's outputs before it runs the stage, which is why checkpoints live outside them.
 """

@@ -6,11 +6,11 @@ and a reduction is split over as many threads as there are cores. So the quickst
 rerun on an AMD EPYC (both AVX-512, both 2 cores) gave other activations and, downstream, other SAEs (loss
 recovered 0.787 against 0.778 at layer 10; docs/design.md 8). attnsae pins both choices on a CPU: the AVX2
 kernels, which every x86-64 CPU made since 2013 runs (torch's own, and MKL's in its strict reproducible mode: fp32
-matmuls and attention go through MKL), and ``CPU_THREADS`` threads. The kernels are chosen once per process, at torch's first operation, so the CLI pins
-them before it imports anything else (``pin_kernels``); the thread count is set where a stage picks its device
-(``data.models.resolve_device``). Not covered: GPUs (their results differ by card and driver), and bf16 on a CPU
-(never the default): oneDNN runs it, on AVX512-BF16 or AMX where the CPU has them, and pinning oneDNN to AVX2 made
-it 150x slower (0.6 against 92 GFLOP/s, measured here).
+matmuls and attention go through MKL), and ``CPU_THREADS`` threads. The kernels are chosen once per process, at
+torch's first operation, so the CLI pins them before it imports anything else (``pin_kernels``); the thread count
+is set where a stage picks its device (``data.models.resolve_device``). Not covered: GPUs (their results differ by
+card and driver), and bf16 on a CPU (never the default): oneDNN runs it, on AVX512-BF16 or AMX where the CPU has
+them, and pinning oneDNN to AVX2 made it 150x slower (0.6 against 92 GFLOP/s, measured here).
 """
 
 from __future__ import annotations

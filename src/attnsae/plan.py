@@ -6,12 +6,12 @@ layers when they share one pass (the activation cache's tokens for a disk cache)
 divides FLOPs by matmul throughput measured on this device at the SAE's shape: real steps reach a
 fraction of that (82% for the CPU SAE step in BENCHMARKS.md), so read it as optimistic.
 
-The evaluate stage (evaluation/evaluate.py) over T evaluation and held-out tokens: one clean pass for all layers, then for
-each layer L the rest of the model twice (SAE, zeroed), 2 * n_params * T * (1 + (n_layers - deepest)/n_layers
+The evaluate stage (evaluation/evaluate.py) over T evaluation and held-out tokens: one clean pass for all layers, then
+for each layer L the rest of the model twice (SAE, zeroed), 2 * n_params * T * (1 + (n_layers - deepest)/n_layers
 + sum_L 2 (n_layers - L)/n_layers): the clean logits run on again from the deepest layer's block.
 
-The dashboards (features/dashboards.py) of layer L over T tokens: the model up to layer L once (its layer tensors kept for
-the shown examples' DFA), 2 * n_params * (L+1)/n_layers * T; the SAE's and the null's encoders,
+The dashboards (features/dashboards.py) of layer L over T tokens: the model up to layer L once (its layer tensors kept
+for the shown examples' DFA), 2 * n_params * (L+1)/n_layers * T; the SAE's and the null's encoders,
 2 * d_in * (d_sae + null) * T, and the family statistics' reads of every firing feature, at most as much again.
 Memory: 16 bytes per nonzero activation (16 * L0 * T) plus one batch's activations (batch tokens x d_sae x 4 B).
 """
@@ -114,7 +114,8 @@ def processes_time(layer_plans: list[LayerPlan], step_rate: float, widest: int, 
     SAE steps (``step_rate`` tokens/s at width ``widest``, scaled by width) plus its own model forward over the
     tokens (``forward_rate`` tokens/s)."""
     ranks = [layer_plans[r::processes] for r in range(min(processes, len(layer_plans)))]
-    return max(sum(lp.tokens * lp.d_sae / widest / step_rate for lp in rank) + max(lp.tokens for lp in rank) / forward_rate
+    return max(sum(lp.tokens * lp.d_sae / widest / step_rate for lp in rank)
+               + max(lp.tokens for lp in rank) / forward_rate
                for rank in ranks)
 
 
@@ -143,8 +144,9 @@ def describe_plan(params: dict[str, Any], device: torch.device, processes: int |
 
     lines = [
         f"profile {params.get('profile', 'custom')}: model {source}, device {device}",
-        f"model: {shape.architecture}, {shape.n_params / 1e6:,.1f}M parameters, {shape.n_layers} layers, {shape.n_heads} "
-        f"heads x {shape.d_head} ({shape.n_kv_heads} key/value heads), hook_z width {d_in} (from its config.json)",
+        f"model: {shape.architecture}, {shape.n_params / 1e6:,.1f}M parameters, {shape.n_layers} layers, "
+        f"{shape.n_heads} heads x {shape.d_head} ({shape.n_kv_heads} key/value heads), hook_z width {d_in} "
+        "(from its config.json)",
         f"{'layer':>5} {'d_sae':>7} {'tokens':>15} {'steps':>10} {'SAE PFLOP':>10} {'SAE+Adam':>11} {'buffer':>11}",
     ]
     for lp in layer_plans:
@@ -161,20 +163,21 @@ def describe_plan(params: dict[str, Any], device: torch.device, processes: int |
     separate = lm_forward_flop(shape.n_params, tokens, len(layer_plans))
     memory = sum(lp.sae_bytes + lp.buffer_bytes for lp in layer_plans)
     lines.append(
-        f"total: SAE training {sae_flop / 1e15:.2f} PFLOP; LM forward over {tokens:,} tokens {shared / 1e15:.2f} PFLOP with one pass for "
-        f"all layers ({separate / 1e15:.2f} PFLOP with a pass per layer)"
+        f"total: SAE training {sae_flop / 1e15:.2f} PFLOP; LM forward over {tokens:,} tokens "
+        f"{shared / 1e15:.2f} PFLOP with one pass for all layers ({separate / 1e15:.2f} PFLOP with a pass per layer)"
     )
     lines.append(f"memory for all SAEs with Adam state and all buffers at once: {human_bytes(memory)}")
     largest = max(preflight.stage_needs(params, shape), key=lambda stage: stage.bytes)
-    lines.append(f"largest stage in memory (a lower bound, what check-params sets against the machine): {largest.stage} "
-                 f"{human_bytes(largest.bytes)}")
+    lines.append(f"largest stage in memory (a lower bound, what check-params sets against the machine): "
+                 f"{largest.stage} {human_bytes(largest.bytes)}")
     # a checkpoint holds weights and both Adam moments (not gradients: 12 of the 16 bytes per parameter) and the buffers
     checkpoint = sum(lp.sae_bytes * 3 // 4 + lp.buffer_bytes for lp in layer_plans)
     lines.append(f"size of one training checkpoint (SAEs, Adam state, shuffled buffers): {human_bytes(checkpoint)}")
     measured = ", ".join(f"{name} {rate / 1e12:.2f} TFLOP/s" for name, rate in rates.items())
     lines.append(f"measured matmul [{batch},{d_in}]x[{d_in},{widest}] on {device}: {measured}")
     for name, rate in rates.items():
-        lines.append(f"time at the {name} matmul roofline (optimistic; see BENCHMARKS.md for achieved fractions): {human_duration((sae_flop + shared) / rate)}")
+        lines.append(f"time at the {name} matmul roofline (optimistic; see BENCHMARKS.md for achieved fractions): "
+                     f"{human_duration((sae_flop + shared) / rate)}")
     if cache.source == "disk":
         lines.append(f"disk for the activation cache (bf16): {human_bytes(tokens * d_in * 2 * len(layer_plans))}")
     lines += step_lines(params, layer_plans, shape, device, rates, processes)
@@ -204,7 +207,8 @@ def step_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, devi
     lines.append(f"measured harvesting forward (hook_z at layers {', '.join(map(str, config.layers(params)))}, "
                  f"{rows} rows of {length}) on {device}: {forward_rate:,.0f} tokens/s")
     counts = sorted({1, processes or config.distributed_config(params).nproc_per_node})
-    times = ", ".join(f"{n} process{'es' if n > 1 else ''} {human_duration(processes_time(layer_plans, rate, widest.d_sae, forward_rate, n))}"
+    times = ", ".join(f"{n} process{'es' if n > 1 else ''} "
+                      f"{human_duration(processes_time(layer_plans, rate, widest.d_sae, forward_rate, n))}"
                       for n in counts if n <= len(layer_plans))
     lines.append(f"training time at the measured step and forward, each process with its own model forward: {times}")
     return lines

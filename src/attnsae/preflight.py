@@ -143,12 +143,14 @@ def stage_needs(params: dict[str, Any], shape: ModelShape) -> list[StageNeeds]:
         stages.append(StageNeeds("activations", "model.device", (
             model, Need("activations.shard_tokens", shards, "a bf16 shard of hook_z per layer"),
             _logits(shape, cache.batch_rows, tokenize.context_size, "activations.batch_rows"))))
-        stages += [StageNeeds(f"train@{layer}", "sae.device", (*_sae_kept(saes[layer], shape.d_in, _width_key(params, layer)),
-                                                                *_sae_step(saes[layer], shape.d_in)))
+        stages += [StageNeeds(f"train@{layer}", "sae.device",
+                              (*_sae_kept(saes[layer], shape.d_in, _width_key(params, layer)),
+                               *_sae_step(saes[layer], shape.d_in)))
                    for layer in layers]
     else:  # one process keeps every layer's SAE and buffer beside the model, and steps one layer at a time
         kept = tuple(need for layer in layers for need in _sae_kept(saes[layer], shape.d_in, _width_key(params, layer)))
-        step = max((_sae_step(saes[layer], shape.d_in) for layer in layers), key=lambda needs: sum(n.bytes for n in needs))
+        step = max((_sae_step(saes[layer], shape.d_in) for layer in layers),
+                   key=lambda needs: sum(n.bytes for n in needs))
         stages.append(StageNeeds("train", "sae.device", (model, *kept, *step)))
     evaluate = config.evaluate_config(params)
     stages.append(StageNeeds("evaluate", "evaluate.device", (
@@ -161,7 +163,8 @@ def stage_needs(params: dict[str, Any], shape: ModelShape) -> list[StageNeeds]:
         stages.append(StageNeeds(f"dashboards@{layer}", "dashboards.device", (
             model,
             Need("sae.d_sae", (2 * shape.d_in * cfg.d_sae + cfg.d_sae) * FP32, f"layer {layer}'s SAE"),
-            Need("dashboards.null_directions", 2 * shape.d_in * dashboards.null_directions * FP32, "the null's encoder"),
+            Need("dashboards.null_directions", 2 * shape.d_in * dashboards.null_directions * FP32,
+                 "the null's encoder"),
             Need("dashboards.max_rows", FIRING_BYTES * l0 * rows * tokenize.context_size,
                  f"the firings of {rows:,} rows at L0 {l0}"),
             Need("dashboards.batch_rows", dashboards.batch_rows * tokenize.context_size
@@ -192,7 +195,8 @@ def _sae_step(cfg: config.SAEConfig, d_in: int) -> tuple[Need, ...]:
     """What one step holds on top (the larger of a batch's activations and a resampling's inputs counts)."""
     batch = Need("sae.batch_size", 3 * cfg.batch_size * cfg.d_sae * FP32,
                  "one batch's pre-activations, activations and their gradient")
-    resample = Need("sae.resample_inputs", cfg.resample_inputs * d_in * FP32, "the inputs drawn to resample dead features")
+    resample = Need("sae.resample_inputs", cfg.resample_inputs * d_in * FP32,
+                    "the inputs drawn to resample dead features")
     return (max(batch, resample, key=lambda need: need.bytes),)
 
 
@@ -211,8 +215,9 @@ def check_fits(params: dict[str, Any], shape: ModelShape, machine: Machine) -> N
         disk = len(config.layers(params)) * cache.tokens * shape.d_in * BF16
         if disk > machine.cache_disk_bytes:
             raise UserError(f"{PARAMS}: bad value for 'activations.tokens': the activation cache needs "
-                            f"{human_bytes(disk)} of disk and {layout.ACTIVATIONS_DIR} has {human_bytes(machine.cache_disk_bytes)} "
-                            f"(free, and what the cache holds now); lower activations.tokens or use activations.source: stream")
+                            f"{human_bytes(disk)} of disk and {layout.ACTIVATIONS_DIR} has "
+                            f"{human_bytes(machine.cache_disk_bytes)} (free, and what the cache holds now); "
+                            "lower activations.tokens or use activations.source: stream")
 
 
 def human_bytes(n: float) -> str:

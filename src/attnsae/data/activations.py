@@ -61,7 +61,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.inference_mode()
-def capture_z(bridge, tokens: torch.Tensor, layers: list[int], amp: torch.dtype | None = None) -> dict[int, torch.Tensor]:
+def capture_z(bridge, tokens: torch.Tensor, layers: list[int],
+              amp: torch.dtype | None = None) -> dict[int, torch.Tensor]:
     """hook_z of ``layers`` from one forward pass that stops after the last of them."""
     names = {hook_z_name(layer): layer for layer in layers}
     device = tokens.device
@@ -290,7 +291,7 @@ class ModelStream:
         self.taken[layer] += n
         return rows[:n]
 
-    def view(self, layer: int) -> "LayerView":
+    def view(self, layer: int) -> LayerView:
         return LayerView(self, layer)
 
     def state_dict(self) -> dict:
@@ -329,7 +330,8 @@ class ShuffledBuffer:
     Rows stay in the source's dtype (bf16) in the buffer and become fp32 on the way out.
     """
 
-    def __init__(self, source: RowSource, capacity: int, batch_size: int, generator: torch.Generator, device: torch.device):
+    def __init__(self, source: RowSource, capacity: int, batch_size: int, generator: torch.Generator,
+                 device: torch.device):
         if capacity // 2 < batch_size:
             raise UserError(f"sae.buffer_rows ({capacity}) must be at least twice sae.batch_size ({batch_size})")
         self.source, self.batch_size, self.generator, self.device = source, batch_size, generator, device

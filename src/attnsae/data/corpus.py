@@ -27,9 +27,9 @@ import re
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, model_validator
 
@@ -97,7 +97,8 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path, stream: bool = False) -
         for source in cfg.sources:
             _check_source_name(source)
         pinned_cfg = cfg.model_copy(update={"sources": [_pin_source(s) for s in cfg.sources]})
-        manifest = {"streamed": True, "config": pinned_cfg.model_dump(), "sources": {s: None for s in pinned_cfg.sources}}
+        manifest = {"streamed": True, "config": pinned_cfg.model_dump(),
+                    "sources": {s: None for s in pinned_cfg.sources}}
         with atomic_dir(out_dir) as tmp:
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         return manifest
@@ -129,7 +130,7 @@ class CorpusManifest(BaseModel):
     config: CorpusConfig | None = None
 
     @model_validator(mode="after")
-    def _streamed_has_config(self) -> "CorpusManifest":
+    def _streamed_has_config(self) -> CorpusManifest:
         if self.streamed and self.config is None:
             raise ValueError("a streamed corpus's manifest needs the key 'config' (its pinned corpus section)")
         return self
@@ -386,7 +387,8 @@ def _pin_source(source: str) -> str:
     try:
         commit = HfApi().dataset_info(name, revision=revision or None).sha
     except Exception as err:  # the hub's errors are many; the user needs the source and the reason
-        raise UserError(f"corpus source {source}: cannot resolve its revision on the hub ({type(err).__name__}: {err})") from None
+        raise UserError(f"corpus source {source}: cannot resolve its revision on the hub "
+                        f"({type(err).__name__}: {err})") from None
     return f"hf:{name}@{commit}"
 
 

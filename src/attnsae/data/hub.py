@@ -77,10 +77,11 @@ def unreachable_reason(endpoint: str, timeout: float = REACH_TIMEOUT_S) -> str |
     return None
 
 
-def require(endpoint: str, what: str) -> None:
+def require(endpoint: str, what: str, mirror: str = "HF_ENDPOINT") -> None:
+    """A one-line error when the hub cannot be used now; ``mirror``: how the user names another endpoint."""
     reason = unreachable_reason(endpoint)
     if reason:
-        raise UserError(f"{what} needs the Hugging Face hub (or a mirror: HF_ENDPOINT), which cannot be used ({reason})")
+        raise UserError(f"{what} needs the Hugging Face hub (or a mirror: {mirror}), which cannot be used ({reason})")
 
 
 class _QuietHub:

@@ -32,8 +32,8 @@ import hashlib
 import heapq
 import itertools
 import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from attnsae.formats.tokens_meta import META_FILE, read_tokens_meta
 SPLITS = ("train", "eval", "heldout")
 TOKENIZE_CHUNK = 64  # documents per tokenizer call: fast tokenizers batch internally
 # A document as (source, text); a bare text is a document of the corpus's one unnamed source.
-Document = Union[tuple[str, str], str]
+Document = tuple[str, str] | str
 
 
 def document_hash(text: str, seed: int) -> float:
@@ -160,7 +160,8 @@ class TokenRowStream:
         self.documents_read = int(state["documents_read"])
         skipped = sum(1 for _ in itertools.islice(self.documents, self.documents_read))
         if skipped != self.documents_read:
-            raise UserError(f"cannot resume: the corpus now has {skipped} documents, the checkpoint read {self.documents_read}")
+            raise UserError(f"cannot resume: the corpus now has {skipped} documents, "
+                            f"the checkpoint read {self.documents_read}")
         self.packer.load_state_dict(state["packer"])
         self.ready = state["ready"].numpy().astype(np.int32).reshape(-1, self.context_size)
         self.exhausted = bool(state["exhausted"])
@@ -203,7 +204,8 @@ def tokenize_corpus(
         rows, counts, mixture = _stored_splits(cfg, map(sourced, open_documents()), tokenizer, bos)
     for split, split_rows in rows.items():
         if len(split_rows) == 0:
-            raise UserError(f"tokenize: the {split} split is empty (corpus too small for context_size {cfg.context_size})")
+            raise UserError(f"tokenize: the {split} split is empty "
+                            f"(corpus too small for context_size {cfg.context_size})")
     meta = {
         "corpus": corpus,
         "streamed": streamed,
@@ -416,14 +418,16 @@ def load_rows(tokens_dir: str | Path, split: str, vocab_size: int | None = None)
     path = Path(tokens_dir) / f"{split}.npy"
     if not path.is_file():
         if split == "train" and read_tokens_meta(tokens_dir).get("streamed"):
-            raise UserError(f"{tokens_dir}: the corpus is streamed, so train rows are made during training (use --stream)")
+            raise UserError(f"{tokens_dir}: the corpus is streamed, so train rows are made during training "
+                            "(use --stream)")
         if split == "heldout" and not read_tokens_meta(tokens_dir)["heldout_sources"]:
             raise UserError(f"{tokens_dir}: no held-out split (tokenize.heldout_sources was empty)")
         raise missing_file(path, written_by="tokenize")
     try:
         rows = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError):  # truncated, garbled, or an object array (never loaded: pickle)
-        raise UserError(f"{path}: not a readable .npy array (truncated or garbled); run `attnsae tokenize` again") from None
+        raise UserError(f"{path}: not a readable .npy array (truncated or garbled); "
+                        "run `attnsae tokenize` again") from None
     check_rows(rows, path, vocab_size)
     return rows
 

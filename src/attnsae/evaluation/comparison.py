@@ -112,11 +112,13 @@ def resolve_reference(
         return None, "No comparison (report.compare: none)."
     if compare == "auto":
         if is_gpt2_small(model_source, n_layers, d_in):
-            return published_reference(model_source, model_name, n_layers, d_in), "Compared with the published table (report.compare: auto, the model is GPT-2 Small)."
+            return (published_reference(model_source, model_name, n_layers, d_in),
+                    "Compared with the published table (report.compare: auto, the model is GPT-2 Small).")
         return None, (
             f"No comparison: the published table is for GPT-2 Small and this run's model is {model_name} "
             "(report.compare: auto); name an earlier run's metrics folder in report.compare to compare with it."
         )
     if compare == "published":
-        return published_reference(model_source, model_name, n_layers, d_in), "Compared with the published table (report.compare: published)."
+        return (published_reference(model_source, model_name, n_layers, d_in),
+                "Compared with the published table (report.compare: published).")
     return folder_reference(compare, layers, model_name), f"Compared with the metrics in {compare} (report.compare)."

@@ -1,4 +1,4 @@
-"""The `evaluate` stage: every metric of docs/design.md 4 for each layer's SAE, on the evaluation and the held-out split.
+"""The `evaluate` stage: every metric of docs/design.md 4 for each layer's SAE, on the evaluation and held-out splits.
 
 Reads ``models/base``, ``data/tokens`` and the SAE folders; writes, per layer, ``reports/metrics/L<n>.json``,
 ``reports/metrics_heldout/L<n>.json`` and ``reports/density/L<n>.csv``, which report, publish and verify read back
@@ -127,7 +127,8 @@ def bootstrap_se(row_sums: dict[str, np.ndarray], resamples: int, seed: int) -> 
     return {name: float(v.std(ddof=1)) if np.all(np.isfinite(v)) else None for name, v in values.items()}
 
 
-def explained_variance_from_sums(squared_error: float, x_sum: torch.Tensor, x_sq_sum: torch.Tensor, n: int) -> float | None:
+def explained_variance_from_sums(squared_error: float, x_sum: torch.Tensor, x_sq_sum: torch.Tensor,
+                                 n: int) -> float | None:
     total = (x_sq_sum - x_sum.pow(2) / n).sum().item()
     return None if total <= 0 else 1.0 - squared_error / total
 

@@ -107,10 +107,7 @@ def import_layer(layer: int, out_dir: str | Path, *, width: str, l0: int, revisi
     if not WIDTH.fullmatch(width):
         raise UserError(f"--width must be a published width like 16k or 1m, got {width!r}")
     out_dir, endpoint = Path(out_dir), hub.check_endpoint(endpoint)
-    reason = hub.unreachable_reason(endpoint)
-    if reason:
-        raise UserError(f"could not download Gemma Scope's SAEs from {endpoint} ({reason}); they come from the "
-                        "Hugging Face hub or a mirror (--endpoint, or HF_ENDPOINT)")
+    hub.require(endpoint, "importing Gemma Scope's SAEs", mirror="--endpoint or HF_ENDPOINT")
     commit, files = hub.repo_files(REPO, revision, endpoint)
     available = published_l0s(list(files), layer, width)
     chosen = nearest_l0(available, l0, layer, width)

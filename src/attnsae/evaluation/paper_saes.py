@@ -217,7 +217,8 @@ def load_weights(path: Path, name: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for foreign objects; RuntimeError and others for garbled files
         raise UserError(
-            f"{name}: refused by torch.load(weights_only=True), not a plain tensor state dict ({load_error_reason(err)})"
+            f"{name}: refused by torch.load(weights_only=True), not a plain tensor state dict "
+            f"({load_error_reason(err)})"
         ) from None
 
 
@@ -237,13 +238,11 @@ def import_layer(
     revision = check_revision(revision)
     endpoint = hub.check_endpoint(endpoint)
     want, pin_source = expected_sha256(entry, sha256, trust_unpinned)
-    reason = hub.unreachable_reason(endpoint)
-    if reason:
-        raise UserError(f"could not download the published SAEs from {endpoint} ({reason}); they come from the "
-                        "Hugging Face hub or a mirror (--endpoint, or HF_ENDPOINT)")
+    hub.require(endpoint, "importing the published SAEs", mirror="--endpoint or HF_ENDPOINT")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.download-") as tmp:
-        cfg_path = hub.download(REPO, revision, entry.cfg_file, Path(tmp), endpoint)  # the small file first: fail before 150 MB
+        # the small file first: fail before 150 MB
+        cfg_path = hub.download(REPO, revision, entry.cfg_file, Path(tmp), endpoint)
         try:
             published_cfg = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

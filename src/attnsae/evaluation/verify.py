@@ -94,7 +94,8 @@ def compare_metrics(recorded: Mapping[str, Any], found: Mapping[str, Any]) -> li
             continue
         diff = abs(got - want)
         if not diff <= tol:  # NaN on one side fails too
-            problems.append(f"{key} expected {want:.10g}, found {got:.10g} (difference {diff:.2g} > tolerance {tol:.2g})")
+            problems.append(f"{key} expected {want:.10g}, found {got:.10g} "
+                            f"(difference {diff:.2g} > tolerance {tol:.2g})")
     return problems
 
 

@@ -92,7 +92,7 @@ class Firings:
     offsets: np.ndarray  # [d_sae + 1]: feature f's firings are [offsets[f], offsets[f+1])
 
     @classmethod
-    def from_parts(cls, parts: list[tuple[np.ndarray, ...]], d_sae: int) -> "Firings":
+    def from_parts(cls, parts: list[tuple[np.ndarray, ...]], d_sae: int) -> Firings:
         rows, positions, features, values = (np.concatenate([p[i] for p in parts]) for i in range(4))
         order = np.lexsort((-values, features))
         counts = np.bincount(features, minlength=d_sae)

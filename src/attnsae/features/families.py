@@ -1,7 +1,7 @@
 """Family tags, measured: one score per feature and tag, its probe prompts, and a null baseline.
 
-Every tag is a single number per feature (``TAG_DEFINITIONS`` gives each formula, quoted by docs/features-json.md and the
-dashboard pages). Most read the feature's direct feature attribution (DFA, attribution.py) through one quantity:
+Every tag is a single number per feature (``TAG_DEFINITIONS`` gives each formula, quoted by docs/features-json.md and
+the dashboard pages). Most read the feature's direct feature attribution (DFA, attribution.py) through one quantity:
 
     p(s) = max(sum_h DFA_f[b,d,s,h], 0) / sum_s' max(sum_h DFA_f[b,d,s',h], 0)
 
@@ -91,7 +91,8 @@ TAG_DEFINITIONS: dict[str, dict[str, str]] = {
                  + ", ".join(map(str, INDUCTION_PREFIX_LENGTHS)),
     },
     "previous_token": {
-        "formula": f"activation-weighted mean of p(d - 1) over all firing tokens d >= 1 of the dashboard tokens; {_SHARE}",
+        "formula": "activation-weighted mean of p(d - 1) over all firing tokens d >= 1 of the dashboard tokens; "
+                   f"{_SHARE}",
         "source": "corpus",
         "probe": "",
     },

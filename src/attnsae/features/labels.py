@@ -208,7 +208,8 @@ def checked_ratings(path: Path, dashboards_root: Path) -> tuple[int, list[Rating
             raise UserError(f"{path}: ratings[{index}]: feature {rating['feature']} is rated twice (once per file)")
         seen.add(rating["feature"])
     rater = data["rater"].strip()
-    return data["layer"], [Rating(r["feature"], r["answer"], r["family"], r["note"], rater, r["date"], page.content_hash)
+    return data["layer"], [Rating(r["feature"], r["answer"], r["family"], r["note"], rater, r["date"],
+                                  page.content_hash)
                            for r in data["ratings"]]
 
 
@@ -226,7 +227,8 @@ def labels_csv(ratings: list[Rating]) -> str:
 
 def _parse_row(path: Path, line: int, row: list[str]) -> Rating:
     if len(row) != len(CSV_COLUMNS):
-        raise UserError(f"{path}: line {line} has {len(row)} fields, expected {len(CSV_COLUMNS)} ({','.join(CSV_COLUMNS)})")
+        raise UserError(f"{path}: line {line} has {len(row)} fields, "
+                        f"expected {len(CSV_COLUMNS)} ({','.join(CSV_COLUMNS)})")
     feature, answer, family, note, rater, date, page_hash = row
     if not (feature.isascii() and feature.isdigit()) or len(feature) > MAX_ID_DIGITS:
         raise UserError(f"{path}: line {line}: feature {_shown(feature)} is not a feature id "
@@ -252,7 +254,8 @@ def read_labels(layer: int, labels_root: str | Path = layout.LABELS_DIR) -> list
     try:
         header = next(reader, None)
         if header != CSV_COLUMNS:
-            raise UserError(f"{path}: line 1 is {','.join(header or [])!r}, expected the header {','.join(CSV_COLUMNS)}")
+            raise UserError(f"{path}: line 1 is {','.join(header or [])!r}, "
+                            f"expected the header {','.join(CSV_COLUMNS)}")
         ratings, seen = [], set()
         for row in reader:
             rating = _parse_row(path, reader.line_num, row)
@@ -305,7 +308,8 @@ def _locked(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def interpretable(ratings: Iterable[Rating], features: Iterable[int], content_hash: str | None = None) -> tuple[int, int]:
+def interpretable(ratings: Iterable[Rating], features: Iterable[int],
+                  content_hash: str | None = None) -> tuple[int, int]:
     """(yes, rated) over ``features``: the report's "% alive interpretable" is yes / rated.
 
     ``features`` are the ids the column is about (the report passes the first 30 alive features). Each

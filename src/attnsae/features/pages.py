@@ -103,7 +103,8 @@ def head_bars(values: list[float], what: str) -> str:
 def histogram_block(histogram: dict) -> str:
     edges, counts = histogram["bin_edges"], histogram["counts"]
     titles = [f"{num(lo)} to {num(hi)}: {count:,}" for lo, hi, count in zip(edges, edges[1:], counts)]
-    caption = f"{num(edges[0])} … {num(edges[-1])}, {len(counts)} bins, tallest {max(counts, default=0):,}" if edges else ""
+    caption = (f"{num(edges[0])} … {num(edges[-1])}, {len(counts)} bins, tallest {max(counts, default=0):,}"
+               if edges else "")
     return (f'<div class="panel"><h4>Activation histogram</h4>{bars_svg([float(c) for c in counts], titles)}'
             f'<p class="muted">{esc(caption)}</p></div>')
 
@@ -120,7 +121,8 @@ def activation_span(token: str, activation: float, max_activation: float, own: b
 
 def source_span(token: str, value: float, scale: float, position: int, own: bool, early: bool) -> str:
     """A DFA source token, kept short (a page holds ~10^5): class p<step> or n<step>, "e" while folded away."""
-    classes = ("p" if value >= 0 else "n") + str(intensity(value, scale)) + (" hit" if own else "") + (" e" if early else "")
+    classes = (("p" if value >= 0 else "n") + str(intensity(value, scale)) + (" hit" if own else "")
+               + (" e" if early else ""))
     return f'<span class="{classes}" title="{position}: {value:.4g}">{token_text(token)}</span>'
 
 
@@ -150,7 +152,8 @@ def example_block(example: dict, max_activation: float) -> str:
     own = example["position"] - example["start"]
     tokens = "".join(activation_span(token, act, max_activation, i == own)
                      for i, (token, act) in enumerate(zip(example["tokens"], example["activations"])))
-    where = f'{num(example["activation"])} · row {example["row"]} · pos {example["position"]} · doc {example["document"]}'
+    where = (f'{num(example["activation"])} · row {example["row"]} · pos {example["position"]} · '
+             f'doc {example["document"]}')
     return (f'<div class="example"><div class="ex-line"><span class="where">{esc(where)}</span>'
             f'<span class="toks">{tokens}</span></div>{dfa_row(example)}</div>')
 
@@ -158,7 +161,8 @@ def example_block(example: dict, max_activation: float) -> str:
 def interval_block(interval: dict, max_activation: float) -> str:
     title = (f'{num(interval["low"])} to {num(interval["high"])}: {interval["share"] * 100:.1f}% of firing tokens '
              f'({interval["firing_tokens"]:,})')
-    examples = "".join(example_block(e, max_activation) for e in interval["examples"]) or '<p class="muted">no examples</p>'
+    examples = ("".join(example_block(e, max_activation) for e in interval["examples"])
+                or '<p class="muted">no examples</p>')
     return f'<div class="interval"><h5>{esc(title)}</h5>{examples}</div>'
 
 
@@ -169,7 +173,8 @@ def interval_block(interval: dict, max_activation: float) -> str:
 def tags_block(card: dict, summary: dict) -> str:
     """The card's tags as chips and every tag's score and null percentile (hidden in blind mode)."""
     feature = card["feature"]
-    chips = "".join(f'<span class="chip">{esc(tag)}</span>' for tag in card["tags"]) or '<span class="muted">no tags</span>'
+    chips = ("".join(f'<span class="chip">{esc(tag)}</span>' for tag in card["tags"])
+             or '<span class="muted">no tags</span>')
     scores = "".join(
         f'<tr class="{"tagged" if tag in card["tags"] else ""}"><td>{esc(tag)}</td><td>{num(values[feature])}</td>'
         f'<td>{num(summary["percentiles"][tag][feature])}</td></tr>'
@@ -186,7 +191,8 @@ def logits_block(logits: dict) -> str:
             return "<td></td><td></td>"
         return f'<td class="tokname">{token_text(entry["token"])}</td><td>{num(entry["value"])}</td>'
 
-    rows = "".join(f"<tr>{cells(top)}{cells(bottom)}</tr>" for top, bottom in zip_longest(logits["top"], logits["bottom"]))
+    rows = "".join(f"<tr>{cells(top)}{cells(bottom)}</tr>"
+                   for top, bottom in zip_longest(logits["top"], logits["bottom"]))
     return (f'<div class="panel"><h4>Logit effects</h4><table class="logits"><thead><tr><th colspan="2">top</th>'
             f'<th colspan="2">bottom</th></tr></thead><tbody>{rows}</tbody></table></div>')
 
@@ -198,7 +204,8 @@ def heads_block(heads: dict) -> str:
 
 
 def rating_block(feature: int, families: list[str]) -> str:
-    answers = "".join(f'<label><input type="radio" name="answer-{feature}" value="{a}"> {a}</label>' for a in labels.ANSWERS)
+    answers = "".join(f'<label><input type="radio" name="answer-{feature}" value="{a}"> {a}</label>'
+                      for a in labels.ANSWERS)
     options = "".join(f'<option value="{esc(f)}">{esc(f or "family: none")}</option>' for f in families)
     return (f'<div class="rate">{answers}<select class="family" name="family-{feature}">{options}</select>'
             f'<input type="text" class="note" name="note-{feature}" placeholder="note (optional)"></div>')
@@ -302,7 +309,8 @@ def summary_table(doc: dict, carded: set[int]) -> str:
     table = ('<table id="summary"><thead><tr><th>feature</th><th>alive</th><th>density</th><th>max activation</th>'
              f'<th class="tags">tags</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
     opened = " open" if len(rows) <= SUMMARY_OPEN_MAX else ""
-    return f"<details{opened}><summary>all {len(rows):,} features: density, max activation, tags</summary>{table}</details>"
+    return (f"<details{opened}><summary>all {len(rows):,} features: density, max activation, tags</summary>"
+            f"{table}</details>")
 
 
 RATING_BAR = """<div id="rating-bar">
@@ -351,7 +359,8 @@ def render_layer_page(doc: dict) -> str:
 <link rel="icon" href="data:,">
 <style>
 {style()}</style></head>
-<body data-layer="{layer}" data-content-hash="{esc(doc['content_hash'])}" data-labels-format="{labels.FORMAT}" data-labels-version="{labels.VERSION}">
+<body data-layer="{layer}" data-content-hash="{esc(doc['content_hash'])}" \
+data-labels-format="{labels.FORMAT}" data-labels-version="{labels.VERSION}">
 {RATING_BAR.format(file_name=f"labels-L{layer}.json")}
 <h1>Feature dashboards: layer {layer}</h1>
 {facts_table(doc)}

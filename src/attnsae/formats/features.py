@@ -65,13 +65,15 @@ def read_features(path: str | Path, layer: int, sae: str | Path | None = None) -
     doc = read_json_object(path, "of dashboard features", written_by="dashboards")
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise UserError(f"{path}: not an {FORMAT} file of version {VERSION} "
-                        f"(got format {doc.get('format')!r}, version {doc.get('version')!r}); re-run `attnsae dashboards`")
+                        f"(got format {doc.get('format')!r}, version {doc.get('version')!r}); "
+                        "re-run `attnsae dashboards`")
     if doc.get("content_hash") != content_hash(doc):
-        raise UserError(f"{path}: its content does not match its content_hash (edited by hand?); re-run `attnsae dashboards`")
+        raise UserError(f"{path}: its content does not match its content_hash (edited by hand?); "
+                        "re-run `attnsae dashboards`")
     again = f"re-run `attnsae dashboards --layer {layer}`"
     if doc.get("layer") != layer:
-        raise UserError(f"{path}: holds the dashboards of layer {doc.get('layer')!r}, not of layer {layer} (copied from "
-                        f"another layer?); {again}")
+        raise UserError(f"{path}: holds the dashboards of layer {doc.get('layer')!r}, not of layer {layer} "
+                        f"(copied from another layer?); {again}")
     if sae is not None and not (isinstance(doc.get("sae"), str) and Path(doc["sae"]).resolve() == Path(sae).resolve()):
         raise UserError(f"{path}: holds the dashboards of the SAE {doc.get('sae')!r}, not of {sae}; {again}")
     return doc

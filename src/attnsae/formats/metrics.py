@@ -101,7 +101,8 @@ def read_heldout_metrics(path: str | Path, layer: int | None = None) -> dict | N
 def numeric_metrics(metrics: dict) -> dict[str, float]:
     """The numeric entries of a metrics JSON but the layer: the same names for every layer and run."""
     return {
-        k: float(v) for k, v in metrics.items() if k != "layer" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        k: float(v) for k, v in metrics.items()
+        if k != "layer" and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
 
 

