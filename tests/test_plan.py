@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -91,7 +92,7 @@ def test_plan_measures_the_step_and_gives_the_time_for_n_processes():
     assert "measured training step (standard, bf16, dense kernel, d_sae 49152, batch 64) on cpu: " in result.output
     (forward,) = [line for line in result.output.splitlines() if line.startswith("measured harvesting forward")]
     assert forward.startswith("measured harvesting forward (hook_z at layers 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, "
-                              "1 rows of 128) on cpu: ")
+                              "1 rows of 128, 2 of 12 blocks timed) on cpu: ")
     assert float(forward.split(": ")[1].split(" tokens/s")[0].replace(",", "")) > 0
     (line,) = [line for line in result.output.splitlines() if line.startswith("training time at the measured step")]
     assert "1 process " in line and "4 processes " in line
@@ -99,9 +100,9 @@ def test_plan_measures_the_step_and_gives_the_time_for_n_processes():
 
 def test_the_measured_forward_is_the_harvesting_forward_of_the_profiles_shape(monkeypatch):
     """Built from config.json alone, up to the last needed layer, weights zeroed: the forward the stream trainer
-    runs."""
+    runs; on a CPU through its first two blocks, scaled to all."""
     from attnsae.data import harvest
-    from attnsae.plan import measure_forward_tokens_per_s
+    from attnsae.plan import measure_forward
 
     seen = []
     original = harvest.HarvestingForward.__call__
@@ -110,12 +111,30 @@ def test_the_measured_forward_is_the_harvesting_forward_of_the_profiles_shape(mo
     params = config.read_params(PROFILES / "pythia-70m.yaml")
     params["layers"] = [0, 2]
     params["tokenize"]["context_size"] = 512
-    rate, shape = measure_forward_tokens_per_s(params, torch.device("cpu"))
-    assert rate > 0 and shape == (1, 128)  # on a CPU one row, of at most 128 tokens
+    timing = measure_forward(params, torch.device("cpu"))
+    assert timing.tokens_per_s > 0 and (timing.rows, timing.length) == (1, 128)  # one row, of at most 128 tokens
+    assert (timing.blocks_timed, timing.blocks) == (2, 3)
     forward, measured = seen[-1]
-    assert measured == (1, 128) and forward.layers == [0, 2]
-    assert len(harvest.decoder_layers(forward.model)) == 3  # blocks after the last needed layer are not built
-    assert all(float(p.abs().max()) == 0 for p in forward.model.parameters())
+    assert measured == (1, 128) and forward.layers == [0, 1]  # layer 0's hook, and the last block built
+    assert len(harvest.decoder_layers(forward.model)) == 2
+    assert all(float(p.detach().abs().max()) == 0 for p in forward.model.parameters())
+
+    params["layers"] = [1]
+    assert (measure_forward(params, torch.device("cpu")).blocks_timed, seen[-1][0].layers) == (2, [1])
+    params["layers"] = [0]
+    assert (measure_forward(params, torch.device("cpu")).blocks_timed, seen[-1][0].layers) == (1, [0])
+
+
+def test_a_cpu_forward_timed_over_some_blocks_is_scaled_to_all(monkeypatch):
+    """Blocks of one model cost alike: the rate through 2 of 6 blocks is a third of the rate measured over 2."""
+    from attnsae import plan
+
+    clock = iter([10.0, 10.5])  # two forwards (after the warm-up) through the two blocks built take 0.5 s
+    monkeypatch.setattr(plan, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    params = config.read_params(PROFILES / "pythia-70m.yaml")
+    timing = plan.measure_forward(params, torch.device("cpu"))
+    assert (timing.blocks_timed, timing.blocks) == (2, 6)
+    assert timing.tokens_per_s == pytest.approx(2 * 128 / 0.5 * 2 / 6)
 
 
 @pytest.mark.parametrize("profile, model_line, rows, largest", [

@@ -203,9 +203,12 @@ def step_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, devi
              f"measured matmul rate"]
     if config.activations_config(params).source != "stream":
         return lines
-    forward_rate, (rows, length) = measure_forward_tokens_per_s(params, device)
+    forward = measure_forward(params, device)
+    forward_rate = forward.tokens_per_s
+    scaled = f", {forward.blocks_timed} of {forward.blocks} blocks timed" if forward.blocks_timed < forward.blocks \
+        else ""
     lines.append(f"measured harvesting forward (hook_z at layers {', '.join(map(str, config.layers(params)))}, "
-                 f"{rows} rows of {length}) on {device}: {forward_rate:,.0f} tokens/s")
+                 f"{forward.rows} rows of {forward.length}{scaled}) on {device}: {forward_rate:,.0f} tokens/s")
     counts = sorted({1, processes or config.distributed_config(params).nproc_per_node})
     times = ", ".join(f"{n} process{'es' if n > 1 else ''} "
                       f"{human_duration(processes_time(layer_plans, rate, widest.d_sae, forward_rate, n))}"
@@ -214,21 +217,34 @@ def step_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, devi
     return lines
 
 
-# On a CPU the measured forward is one row of at most CPU_FORWARD_TOKENS tokens, a rough figure there: one row uses
-# the cores less well than a batch, and a short row spends less on attention per token than the profile's context
-# (little beside the weights' matmuls at these widths). Gemma 2 2B's forward over its 1,024 tokens took a minute.
+# On a CPU the measured forward is one row of at most CPU_FORWARD_TOKENS tokens through at most CPU_FORWARD_BLOCKS
+# blocks, scaled to the blocks the stage runs (a model's blocks have one shape, so each costs alike), a rough figure
+# there: one row uses the cores less well than a batch, and a short row spends less on attention per token than the
+# profile's context (little beside the weights' matmuls at these widths). Gemma 2 2B's forward over its 1,024 tokens
+# took a minute, and with all 26 blocks (fp32 weights) `attnsae plan` peaked at 13 GB of memory; with 2 (Gemma 2's two
+# kinds of attention, sliding and global) at 6 GB. Here 2 blocks scaled gave 72-117 ms per block and forward against
+# 135 for all 26 (after a warm-up): the same order, and the CPU figure is for a sense of scale, not for planning.
 CPU_FORWARD_ROWS = 1
 CPU_FORWARD_TOKENS = 128
+CPU_FORWARD_BLOCKS = 2
 
 
-def measure_forward_tokens_per_s(params: dict[str, Any], device: torch.device, repeats: int | None = None
-                                 ) -> tuple[float, tuple[int, int]]:
-    """(tokens/s, (rows, tokens per row)) of the harvesting forward the stream trainer runs (data/harvest.py: hook_z
-    at the profile's layers, stopping after the last), on the profile's model built from its config.json alone: its
-    blocks up to the last of those layers, weights zeroed (a forward's time does not depend on their values), at
-    ``model.precision``, ``activations.batch_rows`` rows of the profile's context per forward on a GPU (on a CPU
-    ``CPU_FORWARD_ROWS`` of at most ``CPU_FORWARD_TOKENS``), timed over ``repeats`` forwards (default: two after a
-    warm-up on a GPU; one on a CPU, where the first costs what the others do)."""
+@dataclass(frozen=True)
+class ForwardTiming:
+    tokens_per_s: float  # through all the blocks the stage runs (``blocks``)
+    rows: int
+    length: int  # tokens per row
+    blocks_timed: int
+    blocks: int
+
+
+def measure_forward(params: dict[str, Any], device: torch.device, repeats: int | None = None) -> ForwardTiming:
+    """The harvesting forward the stream trainer runs (data/harvest.py: hook_z at the profile's layers, stopping after
+    the last), timed on the profile's model built from its config.json alone: its blocks up to the last of those
+    layers, weights zeroed (a forward's time does not depend on their values), at ``model.precision``,
+    ``activations.batch_rows`` rows of the profile's context per forward (on a CPU ``CPU_FORWARD_ROWS`` of at most
+    ``CPU_FORWARD_TOKENS``, through at most ``CPU_FORWARD_BLOCKS`` blocks and scaled to all), over ``repeats``
+    forwards (default: two) after a warm-up (the first call pays CUDA's start-up, or on a CPU a slower first pass)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -236,8 +252,11 @@ def measure_forward_tokens_per_s(params: dict[str, Any], device: torch.device, r
     from attnsae.data.model_sources import source_config
 
     layers = config.layers(params)
+    blocks = max(layers) + 1  # the forward stops there: later blocks never run
+    timed = blocks if device.type == "cuda" else min(blocks, CPU_FORWARD_BLOCKS)
+    layers = sorted({layer for layer in layers if layer < timed} | {timed - 1})
     model_config = source_config(config.model_config(params).source)
-    model_config.num_hidden_layers = max(layers) + 1  # the forward stops there: later blocks never run
+    model_config.num_hidden_layers = timed
     with torch.device(device), no_init_weights():  # weights allocated, not drawn: buffers (rotary tables) as built
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32,
                                                  attn_implementation=attention_implementation(model_config))
@@ -247,19 +266,19 @@ def measure_forward_tokens_per_s(params: dict[str, Any], device: torch.device, r
             param.zero_()
     context = config.tokenize_config(params).context_size
     if device.type == "cuda":
-        rows, repeats = config.activations_config(params).batch_rows, repeats or 2
+        rows = config.activations_config(params).batch_rows
     else:
-        rows, context, repeats = CPU_FORWARD_ROWS, min(context, CPU_FORWARD_TOKENS), repeats or 1
+        rows, context = CPU_FORWARD_ROWS, min(context, CPU_FORWARD_TOKENS)
+    repeats = repeats or 2
     harvest = HarvestingForward(model, layers, config.model_config(params).precision)
     tokens = torch.zeros(rows, context, dtype=torch.long, device=device)
-    if device.type == "cuda":  # the first call pays CUDA's start-up; on a CPU the first costs what the others do
-        harvest(tokens)
-        torch.cuda.synchronize(device)
+    next(iter(harvest(tokens).values())).sum().item()  # the warm-up, waited for
     start = time.perf_counter()
     for _ in range(repeats):
         found = harvest(tokens)
     next(iter(found.values())).sum().item()  # waits for the device
-    return rows * context * repeats / (time.perf_counter() - start), (rows, context)
+    seconds = (time.perf_counter() - start) * blocks / timed
+    return ForwardTiming(rows * context * repeats / seconds, rows, context, timed, blocks)
 
 
 def capped(*caps: int) -> int:
