@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -144,6 +145,30 @@ def test_a_full_disk_while_logging_ends_the_stage_in_one_line(tmp_path):
     assert message.startswith(f"MLflow store {db} failed (") and "Traceback" not in done.stderr
 
 
+def test_under_optional_tracking_a_store_that_fills_up_mid_stage_ends_the_logging_not_the_stage(tmp_path):
+    """The store passes the check, then the disk fills while the stage logs: one warning line, later logging calls
+    do nothing, the stage's own work goes on to its end and exits 0."""
+    db = tmp_path / "mlflow.db"
+    tracking.init_store(f"sqlite:///{db}")
+    code = ("import resource\nfrom attnsae.reporting import tracking\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({db.stat().st_size + 65536},) * 2)\n"
+            "with tracking.layer_run(2, 'train', 'tiny') as run:\n"
+            "    run.log_curves([{'step': i, 'loss': 1 / (i + 1)} for i in range(20000)])\n"
+            "    assert run.stopped\n"
+            "    run.log_metrics({'l0': 3.0})\n"
+            "    print('the stage finished its work')\n"
+            "print(tracking.log_report('tiny', {}, [{'layer': 2, 'l0': 3.0}], []))\n")
+    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "ATTNSAE_TRACKING": "optional"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "the stage finished its work"
+    warnings = [s for s in done.stderr.splitlines() if s.startswith("warning: ")]
+    assert warnings and all(s.startswith("warning: MLflow logging stopped, the stage goes on unlogged: "
+                                         f"MLflow store {db} failed (") for s in warnings)
+    assert "Traceback" not in done.stderr
+
+
 def test_mlflow_http_retries_are_bounded_unless_the_user_set_them(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
@@ -245,3 +270,24 @@ def test_a_sqlite_file_that_cannot_be_opened_fails_at_once_even_past_the_check(m
     assert time.monotonic() - start < QUICK_S
     assert str(err.value).startswith("MLflow store /proc/attnsae-test.db failed (unable to open database file); ")
     assert str(err.value).endswith(", or set ATTNSAE_TRACKING=off never to log")
+
+
+@on_linux
+@pytest.mark.parametrize("tracking_mode", ["required", "optional"])
+def test_a_store_that_will_not_open_past_the_check_stops_the_stage_unless_tracking_is_optional(
+        monkeypatch, mode, capsys, tracking_mode):
+    from mlflow.store.db import utils as db_utils
+
+    mode(tracking_mode)
+    monkeypatch.setattr(db_utils, "MAX_RETRY_COUNT", db_utils.MAX_RETRY_COUNT)  # restored after the test
+    monkeypatch.setattr(tracking, "_probe", lambda uri: None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////proc/attnsae-test.db")
+    failed = "MLflow store /proc/attnsae-test.db failed (unable to open database file); "
+    if tracking_mode == "required":
+        with pytest.raises(UserError, match=re.escape(failed)), tracking.layer_run(2, "train", "tiny"):
+            pass
+        return
+    with tracking.layer_run(2, "train", "tiny") as run:
+        assert run is None
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: MLflow logging stopped, the stage goes on unlogged: {failed}")

@@ -7,9 +7,10 @@ folder; the weights themselves stay in DVC).
 The store is the SQLite file ``mlflow.db`` in the main repository (see attnsae.reporting.repository: never an
 experiment's temporary copy), with artifacts in ``mlruns`` next to it; ``MLFLOW_TRACKING_URI`` (e.g. a
 team ``mlflow server``) replaces it. ``ATTNSAE_TRACKING`` says what to do when the store is unusable:
-``required`` (default: fail in one line before any work), ``optional`` (warn, run without logging) or
-``off`` (never log). It is an environment variable, not a params.yaml key, because tracking changes no
-output: a params key would either be read behind DVC's back or retrain every stage when toggled.
+``required`` (default: fail in one line before any work), ``optional`` (warn, run without logging; a store
+that fails once the stage has begun ends its logging, not the stage) or ``off`` (never log). It is an
+environment variable, not a params.yaml key, because tracking changes no output: a params key would either be
+read behind DVC's back or retrain every stage when toggled.
 
 A pipeline run is identified by the git commit, the content of params.yaml and dvc.yaml, and the DVC
 experiment's name when there is one: every stage of one ``dvc repro`` or one experiment finds the same
@@ -192,7 +193,19 @@ def _creation_problem(folder: Path) -> str | None:
     return None
 
 
-def _store_error(uri: str, state: str, reason: str) -> UserError:
+class StoreFailed(UserError):
+    """The MLflow store is unusable, or failed while in use."""
+
+
+def _tolerated(err: StoreFailed) -> None:
+    """Under ATTNSAE_TRACKING=optional a store that fails after the check ends the stage's logging, not the stage:
+    one line on stderr. Otherwise the error stands."""
+    if tracking_mode() != "optional":
+        raise err
+    print(f"warning: MLflow logging stopped, the stage goes on unlogged: {err}", file=sys.stderr)
+
+
+def _store_error(uri: str, state: str, reason: str) -> StoreFailed:
     db = _sqlite_file(uri)
     name = f"MLflow store {db}" if db else f"MLflow tracking server {uri}" if _is_server(uri) else f"MLflow store {uri}"
     if _is_server(uri):
@@ -203,7 +216,7 @@ def _store_error(uri: str, state: str, reason: str) -> UserError:
         fix = "create that folder or point MLFLOW_TRACKING_URI at a file in an existing folder"
     else:
         fix = "free disk space, fix its permissions or move it away, or point MLFLOW_TRACKING_URI elsewhere"
-    return UserError(f"{name} {state} ({reason}); {fix}, or {_mode_advice()}")
+    return StoreFailed(f"{name} {state} ({reason}); {fix}, or {_mode_advice()}")
 
 
 def _mode_advice() -> str:
@@ -433,19 +446,27 @@ def _unless_deleted(client, run_id: str, action, *args, **kwargs) -> None:
 
 
 def _logs(method):
-    """A LayerRun method: a failing store ends the stage in one line naming it. Writes to a run that a newer
-    attempt of the same stage superseded while this one ran are dropped: that attempt's run is the record."""
+    """A LayerRun method: a failing store ends the stage in one line naming it (under ATTNSAE_TRACKING=optional, the
+    run's logging only). Writes to a run that a newer attempt of the same stage superseded while this one ran are
+    dropped: that attempt's run is the record."""
     from mlflow.exceptions import MlflowException
 
     @functools.wraps(method)
     def logged(self: LayerRun, *args, **kwargs):
-        with _store_errors(self.store):
-            try:
-                return method(self, *args, **kwargs)
-            except MlflowException:
-                if _deleted(self.client, self.run_id):
-                    return None
-                raise
+        if self.stopped:
+            return None
+        try:
+            with _store_errors(self.store):
+                try:
+                    return method(self, *args, **kwargs)
+                except MlflowException:
+                    if _deleted(self.client, self.run_id):
+                        return None
+                    raise
+        except StoreFailed as err:
+            _tolerated(err)
+            self.stopped = True
+            return None
 
     return logged
 
@@ -455,6 +476,7 @@ class LayerRun:
 
     def __init__(self, client, run_id: str, store: str, tags: dict[str, str] | None = None):
         self.client, self.run_id, self.store, self.tags = client, run_id, store, tags or {}
+        self.stopped = False  # the store failed under ATTNSAE_TRACKING=optional: nothing more is logged
 
     @_logs
     def log_params(self, params: dict[str, Any]) -> None:
@@ -695,9 +717,16 @@ def layer_run(layer: int, stage: str, profile: str, params: dict[str, Any] | Non
     earlier attempts of its (pipeline, layer, stage) are deleted (MLflow's soft delete: restorable).
     Concurrent executions of one stage never share a run.
     """
-    pipe = Pipeline(profile, params)
-    with _store_errors(pipe.store):
-        run = pipe.start_stage(layer, stage)
+    try:
+        pipe = Pipeline(profile, params)
+        with _store_errors(pipe.store):
+            run = pipe.start_stage(layer, stage)
+    except StoreFailed as err:
+        _tolerated(err)
+        run = None
+    if run is None:  # the stage runs unlogged
+        yield None
+        return
     try:
         yield run
     except BaseException:
@@ -705,28 +734,40 @@ def layer_run(layer: int, stage: str, profile: str, params: dict[str, Any] | Non
             with _store_errors(pipe.store):
                 pipe.finish_stage(run, layer, stage, "FAILED")
         raise
-    with _store_errors(pipe.store):
-        pipe.finish_stage(run, layer, stage, "FINISHED")
+    if run.stopped:
+        return
+    try:
+        with _store_errors(pipe.store):
+            pipe.finish_stage(run, layer, stage, "FINISHED")
+    except StoreFailed as err:
+        _tolerated(err)
 
 
-def log_report(profile: str, params: dict[str, Any], per_layer: list[dict[str, Any]], files: list[Path]) -> str:
+def log_report(profile: str, params: dict[str, Any], per_layer: list[dict[str, Any]],
+               files: list[Path]) -> str | None:
     """Log the report stage's outcome to the pipeline's parent run: each layer's metrics as ``L<n>/<name>``,
-    the per-layer table and the report files as artifacts. Returns the parent's run id."""
+    the per-layer table and the report files as artifacts. Returns the parent's run id (None when a store that
+    failed under ATTNSAE_TRACKING=optional left the report unlogged)."""
     from mlflow.entities import Metric, RunTag
 
     from attnsae.formats.metrics import numeric_metrics
 
-    pipe = Pipeline(profile, params)
-    with _store_errors(pipe.store):
-        logged = pipe.client.get_run(pipe.parent_id).data.metrics
-        now = int(time.time() * 1000)
-        values = {f"L{m['layer']}/{k}": v for m in per_layer for k, v in numeric_metrics(m).items()}
-        # A rerun of the report adds no second point for a value the parent already holds.
-        metrics = [Metric(name, v, now, 0) for name, v in values.items() if logged.get(name) != v]
-        for i in range(0, len(metrics), 1000):
-            pipe.client.log_batch(pipe.parent_id, metrics=metrics[i : i + 1000])
-        for path in files:
-            pipe.client.log_artifact(pipe.parent_id, str(path))
-        pipe.client.log_batch(pipe.parent_id, tags=[RunTag(k, v) for k, v in pipe.stage_tags("report").items()])
-        pipe.set_parent_status("FINISHED")
+    try:
+        pipe = Pipeline(profile, params)
+        with _store_errors(pipe.store):
+            logged = pipe.client.get_run(pipe.parent_id).data.metrics
+            now = int(time.time() * 1000)
+            values = {f"L{m['layer']}/{k}": v for m in per_layer for k, v in numeric_metrics(m).items()}
+            # A rerun of the report adds no second point for a value the parent already holds.
+            metrics = [Metric(name, v, now, 0) for name, v in values.items() if logged.get(name) != v]
+            for i in range(0, len(metrics), 1000):
+                pipe.client.log_batch(pipe.parent_id, metrics=metrics[i : i + 1000])
+            for path in files:
+                pipe.client.log_artifact(pipe.parent_id, str(path))
+            pipe.client.log_batch(pipe.parent_id,
+                                  tags=[RunTag(k, v) for k, v in pipe.stage_tags("report").items()])
+            pipe.set_parent_status("FINISHED")
+    except StoreFailed as err:
+        _tolerated(err)
+        return None
     return pipe.parent_id
