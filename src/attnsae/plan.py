@@ -205,8 +205,8 @@ def step_lines(params: dict[str, Any], layer_plans: list[LayerPlan], shape, devi
         return lines
     forward = measure_forward(params, device)
     forward_rate = forward.tokens_per_s
-    scaled = f", {forward.blocks_timed} of {forward.blocks} blocks timed" if forward.blocks_timed < forward.blocks \
-        else ""
+    scaled = (f", {forward.blocks_timed} of {forward.blocks} blocks timed"
+              if forward.blocks_timed < forward.blocks else "")
     lines.append(f"measured harvesting forward (hook_z at layers {', '.join(map(str, config.layers(params)))}, "
                  f"{forward.rows} rows of {forward.length}{scaled}) on {device}: {forward_rate:,.0f} tokens/s")
     counts = sorted({1, processes or config.distributed_config(params).nproc_per_node})
@@ -253,7 +253,11 @@ def measure_forward(params: dict[str, Any], device: torch.device, repeats: int |
 
     layers = config.layers(params)
     blocks = max(layers) + 1  # the forward stops there: later blocks never run
-    timed = blocks if device.type == "cuda" else min(blocks, CPU_FORWARD_BLOCKS)
+    context = config.tokenize_config(params).context_size
+    if device.type == "cuda":
+        rows, timed = config.activations_config(params).batch_rows, blocks
+    else:
+        rows, context, timed = CPU_FORWARD_ROWS, min(context, CPU_FORWARD_TOKENS), min(blocks, CPU_FORWARD_BLOCKS)
     layers = sorted({layer for layer in layers if layer < timed} | {timed - 1})
     model_config = source_config(config.model_config(params).source)
     model_config.num_hidden_layers = timed
@@ -264,11 +268,6 @@ def measure_forward(params: dict[str, Any], device: torch.device, repeats: int |
     with torch.no_grad():
         for param in model.parameters():
             param.zero_()
-    context = config.tokenize_config(params).context_size
-    if device.type == "cuda":
-        rows = config.activations_config(params).batch_rows
-    else:
-        rows, context = CPU_FORWARD_ROWS, min(context, CPU_FORWARD_TOKENS)
     repeats = repeats or 2
     harvest = HarvestingForward(model, layers, config.model_config(params).precision)
     tokens = torch.zeros(rows, context, dtype=torch.long, device=device)
