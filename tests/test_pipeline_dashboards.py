@@ -176,3 +176,22 @@ def test_killing_dvc_alone_stops_the_stage_it_was_running(copy_of_pipeline):
     run(["dvc", "repro"], root, env)  # restores the folder (from DVC's cache, or by running the stage)
     assert (root / layout.features_file(1)).is_file()
     assert (root / "dvc.lock").read_bytes() == lock and json.loads(run(["dvc", "status", "--json"], root, env)) == {}
+
+
+def test_inspect_reads_the_layers_dashboards_for_densities_tags_and_card_links(tiny_pipeline):
+    root, env, _ = tiny_pipeline
+    doc = read_features(root / layout.features_file(2), 2)
+    lines = run(["attnsae", "inspect", "--layer", "2", "--summary", "--most-active", "1000", "the cat sat on the mat"],
+                root, env).splitlines()
+    assert lines[0].startswith("L2 of ") and "SAE models/sae/L2 " in lines[0]
+    listed = lines[3:]
+    assert listed and len(listed) == len({int(line.split()[0]) for line in listed})
+    carded = {card["feature"] for card in doc["cards"]}
+    for line in listed:
+        feature = int(line.split()[0])
+        tags = doc["summary"]["tags"][feature]
+        assert f"density {doc['summary']['density'][feature]:.3%}" in line
+        assert (f"; card reports/dashboards/L2/index.html#f{feature}" in line) == (feature in carded)
+        assert (f"[{', '.join(tags)}]" in line) == bool(tags)
+    assert any(int(line.split()[0]) in carded for line in listed)  # the card links are checked, not only absent
+    assert json.loads(run(["dvc", "status", "--json"], root, env)) == {}  # inspect writes nothing of the pipeline's

@@ -118,6 +118,19 @@ def is_pipeline_sae(sae_dir: str | None, layer: int) -> bool:
     return sae_dir is None or Path(sae_dir).resolve() == layout.sae_dir(layer).resolve()
 
 
+def chosen_sae(layer: str | None, sae_dir: str | None) -> tuple[int, str, bool]:
+    """(layer, SAE folder, whether it is the pipeline's own) from --layer and --sae: the layer from the folder's
+    cfg.json when only --sae is given (a --layer given too is checked against it as the SAE loads), the pipeline's
+    models/sae/L<layer> when only --layer is."""
+    from attnsae.evaluation.evaluate import sae_layer
+    from attnsae.formats.sae_cfg import read_sae_cfg
+
+    if layer is None and sae_dir is None:
+        raise UserError("name the SAE: --layer (our models/sae/L<layer>) or --sae FOLDER")
+    n = sae_layer(read_sae_cfg(sae_dir), sae_dir) if layer is None else config.parse_layer(layer)
+    return n, sae_dir or str(layout.sae_dir(n)), is_pipeline_sae(sae_dir, n)
+
+
 def profile_label(params: dict) -> str:
     """The profile's name, a label for MLflow runs only (no stage's output depends on it)."""
     return str(params.get("profile", "custom"))
@@ -448,16 +461,10 @@ def dashboards(params_path: str, layer: str | None, model_dir: str, tokens_dir: 
     family's best feature get a card: top examples, activation intervals, histogram, logit effects, head attribution
     and DFA by source position for every shown example. Only the pipeline's own SAE logs to the layer's MLflow run.
     """
-    from attnsae.evaluation.evaluate import sae_layer
     from attnsae.features.dashboards import build_dashboards
-    from attnsae.formats.sae_cfg import read_sae_cfg
 
     params = config.read_params(params_path)
-    if layer is None and sae_dir is None:
-        raise UserError("name the SAE: --layer (our models/sae/L<layer>) or --sae FOLDER")
-    n = sae_layer(read_sae_cfg(sae_dir), sae_dir) if layer is None else config.parse_layer(layer)
-    own = is_pipeline_sae(sae_dir, n)
-    sae_dir = sae_dir or str(layout.sae_dir(n))
+    n, sae_dir, own = chosen_sae(layer, sae_dir)
     out = out or str(layout.dashboards_dir(n))
     check_result_path(out, sae_dir)
     cfg = config.dashboards_config(params)
@@ -493,6 +500,74 @@ def head_scores(params_path: str, layer: str, min_score: float, min_share: float
                             cfg.seed, min_score, min_share)
     for line in check.lines(n, min_score, min_share):
         click.echo(line)
+
+
+@main.command(name="inspect")
+@click.argument("text", required=False)
+@click.option("--file", "text_file", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Read the text from this UTF-8 file ('-': standard input) instead of the argument.")
+@click.option("--layer", default=None, help="Layer number, e.g. 3 or L3 [default: the layer in the SAE's cfg.json].")
+@click.option("--sae", "sae_dir", default=None,
+              help=f"Any hook_z SAE folder in the SAELens format [default: {layout.SAE_ROOT}/L<layer>]")
+@model_option
+@click.option("--features", "features_path", default=None, type=click.Path(dir_okay=False),
+              help="The layer's features.json, for tags, densities and card links [default: "
+                   f"{layout.DASHBOARDS_DIR}/L<layer>/features.json for the pipeline's own SAE, when it exists].")
+@click.option("--top", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Features shown per token, largest first.")
+@click.option("--most-active", type=click.IntRange(0, 1000), default=10, show_default=True,
+              help="Features shown for the whole text, by their largest activation.")
+@click.option("--context-size", type=click.IntRange(min=2), default=None,
+              help="Tokens per row, the separator included [default: the SAE's, from its cfg.json].")
+@click.option("--summary", is_flag=True, help="Print the text's metrics and most active features, not each token.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+              help="Also write every reading to this JSON file.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@one_line_errors
+def inspect_command(
+    text: str | None, text_file: str | None, layer: str | None, sae_dir: str | None, model_dir: str,
+    features_path: str | None, top: int, most_active: int, context_size: int | None, summary: bool,
+    json_out: str | None, device: str,
+) -> None:
+    """Run an SAE on text of your own: per token, the features that fire, the head and earlier token that drove
+    each (DFA), the reconstruction's error and what splicing the SAE in costs the next token's prediction; over the
+    text, evaluate's metrics (L0, explained variance, CE increase, loss recovered). Writes nothing but --json."""
+    from attnsae.data.models import resolve_device
+    from attnsae.features.inspection import FeatureNotes, inspect_text, report_lines
+    from attnsae.files import write_json_atomic
+    from attnsae.formats.features import read_features
+
+    given = read_text_argument(text, text_file)
+    n, sae_dir, own = chosen_sae(layer, sae_dir)
+    if features_path is None and own and layout.features_file(n).is_file():
+        features_path = str(layout.features_file(n))
+    if json_out is not None:
+        check_result_path(json_out, sae_dir)
+    doc = read_features(features_path, n, sae_dir) if features_path is not None else None
+    inspection, about = inspect_text(model_dir, sae_dir, n, given, top, context_size, resolve_device(device),
+                                     most_active)
+    notes = FeatureNotes.of(doc, Path(features_path).parent / "index.html") if doc is not None else None
+    for line in report_lines(inspection, about, notes, per_token=not summary):
+        click.echo(line)
+    if json_out is not None:
+        write_json_atomic(json_out, {**about, **inspection.as_dict()})
+
+
+def read_text_argument(text: str | None, path: str | None) -> str:
+    """The text to inspect, given as the argument or in a file ('-': standard input): exactly one, not empty."""
+    if (text is None) == (path is None):
+        raise UserError("give the text to inspect either as the argument or with --file PATH ('-': standard input)")
+    if path is not None:
+        try:
+            with click.open_file(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except UnicodeDecodeError as err:
+            raise UserError(f"--file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise UserError(f"--file {path}: {err.strerror}") from None
+    if not text or not text.strip():
+        raise UserError("the text to inspect is empty")
+    return text
 
 
 @main.group()
