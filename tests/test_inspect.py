@@ -191,6 +191,11 @@ def test_the_texts_metrics_are_the_evaluate_stages_on_the_same_rows(tiny_eval_ca
                 "explained_variance", "mse"):
         assert ours[key] == pytest.approx(stage[key], rel=1e-6, abs=1e-9), key
     assert ours["tokens"] == stage["eval_tokens"] == rows.size
+    for key in ("l0", "loss_recovered", "ce_increase", "kl_score"):  # the same resamples of the same row sums
+        assert ours[f"{key}_se"] == pytest.approx(stage[f"{key}_se"], rel=1e-5), key
+    assert ours["loss_recovered_se"] > 0
+    one_row = inspect_rows(bridge, sae, TINY_EVAL_LAYER, [rows[0]], str, top=2, context_size=16).metrics
+    assert "loss_recovered_se" not in one_row  # no spread to measure with one row
 
 
 def test_the_most_active_features_are_ranked_by_their_peak_over_every_row(tiny_eval_case):
@@ -224,6 +229,12 @@ def test_the_report_names_tags_and_cards_from_the_layers_features_json(tiny_eval
     assert f"[induction] density 1.000%; card reports/dashboards/L1/index.html#f{first}" in lines[3]
     assert len(lines) == 3 + 3 + 1 + 16  # header, metrics, 3 most active, the per-token header, 16 tokens
     assert len(report_lines(inspection, about, None, per_token=False)) == 6
+    assert lines[1].endswith("(one row: no standard errors)")
+    two = inspect_rows(bridge, sae, TINY_EVAL_LAYER, list(rows[:2]), str, top=0, context_size=16)
+    line = report_lines(two, about, None, per_token=False)[1]
+    assert f"loss recovered {two.metrics['loss_recovered']:.3f} ± {two.metrics['loss_recovered_se']:.3f}" in line
+    assert line.endswith("(± bootstrap standard errors over the 2 rows)")
+    assert not any(reading.features for row in two.rows for reading in row)  # top 0: nothing attributed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,7 +266,8 @@ def test_the_command_prints_each_token_and_writes_the_same_numbers_to_json(sae_f
     assert (written["layer"], written["context_size"], written["sae"], written["d_sae"]) == (
         2, 16, str(sae), 2 * read_model_info(model).d_in)
     assert [len(r) for r in written["rows"]] == [16, 16, 16, 3]
-    assert f"L0 {written['metrics']['l0']:.1f}," in lines[1]
+    metrics = written["metrics"]
+    assert f"L0 {metrics['l0']:.1f} ± {metrics['l0_se']:.1f}," in lines[1]
     first = written["rows"][0][1]
     expected = f"     1 {token_label(first['text']):<16} {first['relative_error']:8.3f} " \
                f"{first['ce_increase_next']:+8.4f}"

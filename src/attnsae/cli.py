@@ -544,8 +544,9 @@ def inspect_command(
     if json_out is not None:
         check_result_path(json_out, sae_dir)
     doc = read_features(features_path, n, sae_dir) if features_path is not None else None
-    inspection, about = inspect_text(model_dir, sae_dir, n, given, top, context_size, resolve_device(device),
-                                     most_active)
+    # --summary shows no token's features: none are attributed (a long text's DFA is most of the work)
+    inspection, about = inspect_text(model_dir, sae_dir, n, given, 0 if summary else top, context_size,
+                                     resolve_device(device), most_active)
     notes = FeatureNotes.of(doc, Path(features_path).parent / "index.html") if doc is not None else None
     for line in report_lines(inspection, about, notes, per_token=not summary):
         click.echo(line)

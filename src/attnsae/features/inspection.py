@@ -5,7 +5,8 @@ token of a text this reads, at the SAE's layer: the features that fire (the SAE'
 JumpReLU), for each the head and the earlier token that drove it most (DFA, features/attribution.py), how much of
 hook_z the SAE misses there, and what splicing the SAE into the model costs the prediction of the next token. Over
 the whole text: the evaluate stage's metrics, defined and computed as it computes them (evaluation/evaluate.py:
-every position counts for L0 and the reconstruction, CE is over next-token predictions), without standard errors.
+every position counts for L0 and the reconstruction, CE is over next-token predictions), with bootstrap standard
+errors over rows when the text fills more than one.
 
 The text becomes rows as the tokenize stage makes them (the document separator, then up to context_size - 1
 tokens), except that the last, shorter row is kept: nothing given is dropped.
@@ -20,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attnsae.config import EvaluateConfig
 from attnsae.data.activations import flatten_heads, unflatten_heads
 from attnsae.data.models import hook_z_name
 from attnsae.errors import UserError
 from attnsae.evaluation.evaluate import (
     block_inputs,
+    bootstrap_se,
     explained_variance_from_sums,
     kl_div,
     log_probs,
@@ -33,6 +36,7 @@ from attnsae.evaluation.evaluate import (
     token_ce,
 )
 from attnsae.features import attribution
+from attnsae.formats.metrics import SE_METRICS
 from attnsae.sae.autoencoder import SAE
 
 DFA_CHUNK = 256  # (position, feature) pairs attributed at once: DFA gathers [pairs, positions, heads, d_head] values
@@ -100,13 +104,16 @@ class Inspection:
 
 @dataclass
 class RowMeasurement:
-    """What one row gives: its readings, its activations and the sums the text's metrics are made of."""
+    """What one row gives: its readings, the sums the text's metrics are made of, and per feature [d_sae] its
+    largest activation in the row, where, and on how many tokens it fired (a long text keeps no [tokens, d_sae])."""
 
     readings: list[TokenReading]
-    activations: torch.Tensor  # [positions, d_sae]
     sums: dict[str, float]
     x_sum: torch.Tensor
     x_sq_sum: torch.Tensor
+    peak: torch.Tensor
+    peak_position: torch.Tensor
+    fired: torch.Tensor
 
 
 def spliced_log_probs(bridge, sae: SAE, layer: int, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -193,31 +200,38 @@ def measure_row(bridge, sae: SAE, layer: int, row: np.ndarray, token_text, top: 
         "squared_error": float(squared_error.double().sum()),
     }
     x64 = x.double().cpu()
-    return RowMeasurement(readings, activations.cpu(), sums, x64.sum(0), x64.pow(2).sum(0))
+    peak = activations.max(0)
+    return RowMeasurement(readings, sums, x64.sum(0), x64.pow(2).sum(0), peak.values.cpu(), peak.indices.cpu(),
+                          (activations > 0).sum(0).cpu())
 
 
 def text_metrics(measured: list[RowMeasurement]) -> dict[str, float | None]:
-    """The evaluate stage's metrics over every row of the text (summed_metrics' definitions), and explained variance."""
-    totals = {key: np.float64(sum(m.sums[key] for m in measured)) for key in measured[0].sums}
+    """The evaluate stage's metrics over every row of the text (summed_metrics' definitions), and explained variance;
+    with two rows or more, each with its bootstrap standard error over rows, as evaluate resamples (its default
+    resample count and seed)."""
+    row_sums = {key: np.array([m.sums[key] for m in measured]) for key in measured[0].sums}
     with np.errstate(divide="ignore", invalid="ignore"):
-        point = summed_metrics(totals)
+        point = summed_metrics({key: values.sum() for key, values in row_sums.items()})
     metrics: dict[str, float | None] = {name: float(v) if np.isfinite(v) else None for name, v in point.items()}
-    n = int(totals["tokens"])
+    if len(measured) > 1:
+        defaults = EvaluateConfig()
+        se = bootstrap_se(row_sums, defaults.bootstrap_resamples, defaults.bootstrap_seed)
+        metrics.update({f"{name}_se": None if metrics[name] is None else se[name] for name in SE_METRICS})
+    n = int(row_sums["tokens"].sum())
+    squared_error = float(row_sums["squared_error"].sum())
     metrics["explained_variance"] = explained_variance_from_sums(
-        float(totals["squared_error"]), sum(m.x_sum for m in measured), sum(m.x_sq_sum for m in measured), n)
-    metrics["mse"] = float(totals["squared_error"]) / n
+        squared_error, sum(m.x_sum for m in measured), sum(m.x_sq_sum for m in measured), n)
+    metrics["mse"] = squared_error / n
     metrics["tokens"] = n
     return metrics
 
 
 def most_active(measured: list[RowMeasurement], n: int) -> list[TextFeature]:
     """The ``n`` features with the largest activation anywhere in the text (ties: lower feature first)."""
-    peaks = [m.activations.max(0) for m in measured]  # per row: (values, positions) [d_sae]
-    best = torch.stack([p.values for p in peaks])  # [rows, d_sae]
-    peak, row = best.max(0)
-    fired = sum((m.activations > 0).sum(0) for m in measured)
+    peak, row = torch.stack([m.peak for m in measured]).max(0)  # over rows, [d_sae]
+    fired = sum(m.fired for m in measured)
     order = sorted(torch.nonzero(peak > 0).flatten().tolist(), key=lambda f: (-float(peak[f]), f))[:n]
-    return [TextFeature(f, float(peak[f]), int(row[f]), int(peaks[int(row[f])].indices[f]), int(fired[f]))
+    return [TextFeature(f, float(peak[f]), int(row[f]), int(measured[int(row[f])].peak_position[f]), int(fired[f]))
             for f in order]
 
 
@@ -277,15 +291,18 @@ def plural(n: int, noun: str) -> str:
     return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
-def summary_line(metrics: dict[str, float | None]) -> str:
+def summary_line(metrics: dict[str, float | None], rows: int) -> str:
     def num(key: str, pattern: str) -> str:
-        value = metrics[key]
-        return "n/a" if value is None else format(value, pattern)
+        value, se = metrics[key], metrics.get(f"{key}_se")
+        if value is None:
+            return "n/a"
+        return format(value, pattern) + ("" if se is None else f" ± {se:{pattern.lstrip('+')}}")
 
+    errors = "one row: no standard errors" if rows == 1 else f"± bootstrap standard errors over the {rows} rows"
     return (f"this text: L0 {num('l0', '.1f')}, explained variance {num('explained_variance', '.3f')}, CE "
             f"{num('ce_clean', '.3f')} nats clean, {num('ce_increase', '+.4f')} with the SAE spliced in, "
             f"{num('ce_increase_zero', '+.4f')} with hook_z zeroed, loss recovered {num('loss_recovered', '.3f')} "
-            "(one text: no standard errors)")
+            f"({errors})")
 
 
 def hit_text(hit: FeatureHit, row: list[TokenReading], notes: FeatureNotes | None) -> str:
@@ -302,7 +319,7 @@ def report_lines(inspection: Inspection, about: dict, notes: FeatureNotes | None
         f"L{inspection.layer} of {about['model']}, SAE {about['sae']} ({kind}, {about['d_sae']:,} features): "
         f"{n_tokens:,} tokens in {plural(len(inspection.rows), 'row')} of up to {inspection.context_size}, each "
         "starting with the document separator",
-        summary_line(inspection.metrics),
+        summary_line(inspection.metrics, len(inspection.rows)),
         "most active features: largest activation, at (row, position) token",
     ]
     for f in inspection.top_features:
