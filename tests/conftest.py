@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +103,31 @@ def smollm2_model_dir(tmp_path_factory):
         if "could not download" not in str(err):
             raise
         pytest.skip(str(err))
+
+
+SAELENS_PINS = Path(__file__).parent / "saelens" / "requirements.txt"
+NO_NETWORK = ("NewConnectionError", "Max retries exceeded", "Temporary failure in name resolution",
+              "Network is unreachable", "Connection refused")
+
+
+@pytest.fixture(scope="session")
+def saelens_site(tmp_path_factory) -> Path:
+    """SAELens and its transformer-lens, installed once per test run from the pinned, hashed requirements."""
+
+    def install(folder: Path) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--require-hashes", "--no-compile",
+             "--disable-pip-version-check", "--target", str(folder / "site"), "-r", str(SAELENS_PINS)],
+            capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"could not install SAELens: {result.stderr[-2000:]}")
+
+    try:
+        return built_once(tmp_path_factory, "saelens", install) / "site"
+    except RuntimeError as err:
+        if not any(reason in str(err) for reason in NO_NETWORK):
+            raise
+        pytest.skip(f"PyPI is unreachable: {str(err)[:300]}")
 
 
 @pytest.fixture(scope="session")
