@@ -113,6 +113,22 @@ def test_every_weights_file_and_the_revision_are_pinned():
     assert len(set(shas)) == 12
 
 
+def test_each_published_set_is_found_from_the_model_it_was_trained_on():
+    from attnsae import config
+    from attnsae.evaluation import published_sets
+    from attnsae.profiles import published_set
+
+    kissane, gemma_scope = published_sets.KISSANE, published_sets.GEMMA_SCOPE
+    assert published_sets.for_model("gpt2") is published_sets.for_model("hf:openai-community/gpt2@main") is kissane
+    assert published_sets.for_model("hf:google/gemma-2-2b@0123abc") is gemma_scope
+    assert published_sets.for_model("smollm2-135m") is published_sets.for_model("hf:google/gemma-2-2b-it") is None
+    expected = {"gpt2-small": kissane.name, "gpt2-small-topk": kissane.name, "gemma-2-2b": gemma_scope.name,
+                "pythia-70m": None, "quickstart": None, "tiny": None}
+    found = {name: published_set(config.read_params(REPO / "profiles" / f"{name}.yaml")) for name in expected}
+    assert found == expected
+    assert all((REPO / "pipelines" / "published" / f"{s.name}.yaml").is_file() for s in published_sets.SETS)
+
+
 def test_table_agrees_with_the_gpt2_small_profile():
     profile = yaml.safe_load((REPO / "profiles" / "gpt2-small.yaml").read_text())
     for n, entry in PAPER_SAES.items():

@@ -21,6 +21,7 @@ numerics.pin_kernels()  # before anything runs a torch operation: every stage's 
 
 from attnsae import config, layout  # noqa: E402
 from attnsae.errors import UserError  # noqa: E402
+from attnsae.evaluation import published_sets  # noqa: E402  light (no torch): the --set choices
 from attnsae.files import DISK_FULL  # noqa: E402
 from attnsae.reporting import neuronpedia  # noqa: E402  light (no torch): its defaults are the command's
 
@@ -737,11 +738,11 @@ def publish(layer: str, sae_dir: str | None, metrics_path: str | None, out: str 
     click.echo(f"publish L{n}: {out} (SAE files + {card.name})")
 
 
-PUBLISHED_SETS = ("kissane-gpt2-small", "gemma-scope-2b-att")
 
 
 @main.command(name="import")
-@click.option("--set", "published_set", type=click.Choice(PUBLISHED_SETS), default=PUBLISHED_SETS[0], show_default=True,
+@click.option("--set", "published_set", type=click.Choice(published_sets.NAMES), default=published_sets.NAMES[0],
+              show_default=True,
               help="Which published attention SAEs: the paper's on GPT-2 Small "
                    "(ckkissane/attn-saes-gpt2-small-all-layers) "
                    "or Gemma Scope's on Gemma 2 2B (google/gemma-scope-2b-pt-att).")
@@ -779,7 +780,7 @@ def import_saes(
     OUT/L<layer> (cfg.json with the provenance, sae_weights.safetensors; no sparsity file: none was published), each
     folder complete or not at all. Evaluate one with `attnsae evaluate --sae OUT/L<layer> --out ...`.
     """
-    if published_set == "gemma-scope-2b-att":
+    if published_set == published_sets.GEMMA_SCOPE.name:
         from attnsae.evaluation.gemma_scope import N_LAYERS, import_gemma_scope
 
         if sha256 is not None or trust_unpinned:

@@ -90,10 +90,6 @@ def published_dir(layer: int) -> Path:
     return PUBLISHED_ROOT / layer_name(layer)
 
 
-def imported_dir(layer: int) -> Path:
-    return IMPORTED_ROOT / layer_name(layer)
-
-
 def activations_dir(layer: int, root: Path = ACTIVATIONS_DIR) -> Path:
     return Path(root) / layer_name(layer)
 

@@ -17,6 +17,7 @@ import yaml
 
 from attnsae import config, layout
 from attnsae.errors import UserError
+from attnsae.evaluation import published_sets
 from attnsae.files import write_text_atomic
 
 ARTIFACTS_COMMENT = (
@@ -70,12 +71,8 @@ def artifacts_section(profile: str, params: dict[str, Any]) -> dict[str, dict[st
 
 def published_set(params: dict[str, Any]) -> str | None:
     """The published attention SAEs of the profile's model (``pipelines/published/<set>.yaml``), if it has any."""
-    from attnsae.evaluation import gemma_scope, paper
-
-    source = config.model_config(params).source
-    sets = {paper.MODEL_SOURCE: "kissane-gpt2-small", f"hf:{paper.MODEL_REPO}": "kissane-gpt2-small",
-            gemma_scope.MODEL_SOURCE: "gemma-scope-2b-att"}
-    return sets.get(source.split("@")[0])
+    published = published_sets.for_model(config.model_config(params).source)
+    return None if published is None else published.name
 
 
 def with_stages(pipeline_text: str, published_text: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from attnsae import layout
 from attnsae.errors import UserError
-from attnsae.evaluation import paper
+from attnsae.evaluation import paper, published_sets
 from attnsae.formats.metrics import read_metrics
 
 # The metrics shown side by side (keys of the metrics JSON).
@@ -63,8 +63,7 @@ def difference(ours, reference) -> float | None:
 
 def is_gpt2_small(source: str, n_layers: int, d_in: int) -> bool:
     # tiny-gpt2 is GPT-2-shaped but random: only the real GPT-2 Small matches the published numbers.
-    gpt2 = source == paper.MODEL_SOURCE or source.split("@")[0] == f"hf:{paper.MODEL_REPO}"
-    return gpt2 and n_layers == paper.N_LAYERS and d_in == paper.D_IN
+    return published_sets.KISSANE.trained_on(source) and n_layers == paper.N_LAYERS and d_in == paper.D_IN
 
 
 def published_reference(model_source: str, model_name: str, n_layers: int, d_in: int) -> Reference:

@@ -28,15 +28,15 @@ from attnsae import layout
 from attnsae.data import hub
 from attnsae.data.models import hook_z_name
 from attnsae.errors import UserError
+from attnsae.evaluation import published_sets
 from attnsae.formats.sae_cfg import sae_cfg
 from attnsae.sae.autoencoder import SAE, save_sae
 
-REPO = "google/gemma-scope-2b-pt-att"
-MODEL_SOURCE = "hf:google/gemma-2-2b"
+REPO = published_sets.GEMMA_SCOPE.repo
+MODEL_SOURCE = published_sets.GEMMA_SCOPE.model_sources[0]
 N_LAYERS = 26
 CONTEXT_SIZE = 1024
 DATASET = "Gemma Scope's training mixture (not published as a dataset)"
-FILE_NAME = "params.npz"
 TENSORS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",),
            "threshold": ("d_sae",)}
 WIDTH = re.compile(r"\d+[km]?")
