@@ -299,3 +299,31 @@ def test_a_file_that_is_not_utf8_is_one_line(sae_folder, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     assert_one_line_error(invoke("inspect", "--file", tmp_path / "latin1.txt", "--sae", sae, "--model", model),
                           "latin1.txt: not UTF-8 text")
+
+
+def features_doc(path, sae_dir, d_sae: int, tagged: int) -> None:
+    """A features.json of layer 2 for ``sae_dir`` with ``d_sae`` features, one of them tagged and carded."""
+    from attnsae.formats.features import FORMAT, VERSION, content_hash, features_json_text
+
+    doc = {"format": FORMAT, "version": VERSION, "layer": 2, "sae": str(sae_dir), "d_sae": d_sae,
+           "summary": {"tags": [["induction"] if f == tagged else [] for f in range(d_sae)],
+                       "density": [0.5] * d_sae},
+           "cards": [{"feature": tagged}]}
+    path.write_text(features_json_text({**doc, "content_hash": content_hash(doc)}))
+
+
+def test_the_given_features_json_names_tags_and_must_be_of_this_saes_width(sae_folder, tmp_path):
+    sae, model = sae_folder
+    d_sae = 2 * read_model_info(model).d_in
+    result = invoke("inspect", "the cat", "--sae", sae, "--model", model, "--summary", "--most-active", d_sae)
+    assert result.exit_code == 0, result.output
+    tagged = int(result.stdout.splitlines()[3].split()[0])  # the most active feature
+    features_doc(tmp_path / "features.json", sae, d_sae, tagged)
+    tagged_run = invoke("inspect", "the cat", "--sae", sae, "--model", model, "--summary", "--features",
+                        tmp_path / "features.json")
+    assert tagged_run.exit_code == 0, tagged_run.output
+    assert f"[induction] density 50.000%; card {tmp_path / 'index.html'}#f{tagged}" in tagged_run.stdout.splitlines()[3]
+    features_doc(tmp_path / "narrow.json", sae, 7, 0)
+    assert_one_line_error(invoke("inspect", "the cat", "--sae", sae, "--model", model, "--features",
+                                 tmp_path / "narrow.json"),
+                          "narrow.json: holds the dashboards of an SAE of 7 features, not of this one's")

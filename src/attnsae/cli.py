@@ -537,6 +537,7 @@ def inspect_command(
     from attnsae.features.inspection import FeatureNotes, inspect_text, report_lines
     from attnsae.files import write_json_atomic
     from attnsae.formats.features import read_features
+    from attnsae.formats.sae_cfg import read_sae_cfg
 
     given = read_text_argument(text, text_file)
     n, sae_dir, own = chosen_sae(layer, sae_dir)
@@ -544,11 +545,12 @@ def inspect_command(
         features_path = str(layout.features_file(n))
     if json_out is not None:
         check_result_path(json_out, sae_dir)
-    doc = read_features(features_path, n, sae_dir) if features_path is not None else None
+    notes = None
+    if features_path is not None:
+        notes = FeatureNotes.of(read_features(features_path, n, sae_dir), features_path, read_sae_cfg(sae_dir)["d_sae"])
     # --summary shows no token's features: none are attributed (a long text's DFA is most of the work)
     inspection, about = inspect_text(model_dir, sae_dir, n, given, 0 if summary else top, context_size,
                                      resolve_device(device), most_active)
-    notes = FeatureNotes.of(doc, Path(features_path).parent / "index.html") if doc is not None else None
     for line in report_lines(inspection, about, notes, per_token=not summary):
         click.echo(line)
     if json_out is not None:

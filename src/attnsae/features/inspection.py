@@ -270,8 +270,13 @@ class FeatureNotes:
     page: str
 
     @classmethod
-    def of(cls, doc: dict, page: str | Path) -> FeatureNotes:
-        return cls(doc["summary"]["tags"], doc["summary"]["density"], {c["feature"] for c in doc["cards"]}, str(page))
+    def of(cls, doc: dict, path: str | Path, d_sae: int) -> FeatureNotes:
+        """The notes of features.json ``doc`` (read from ``path``) for an SAE of ``d_sae`` features."""
+        if doc["d_sae"] != d_sae:
+            raise UserError(f"{path}: holds the dashboards of an SAE of {doc['d_sae']:,} features, not of this one's "
+                            f"{d_sae:,}; re-run `attnsae dashboards` or give --features")
+        return cls(doc["summary"]["tags"], doc["summary"]["density"], {c["feature"] for c in doc["cards"]},
+                   str(Path(path).parent / "index.html"))
 
     def tag_text(self, feature: int) -> str:
         return f" [{', '.join(self.tags[feature])}]" if self.tags[feature] else ""
