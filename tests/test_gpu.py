@@ -98,3 +98,31 @@ def test_the_harvesting_forward_on_the_gpu_is_the_bridges(tmp_path):
         got = HarvestingForward(load_harvesting_model(tmp_path / name, cuda), list(range(LAYERS)))(tokens)
         for layer in range(LAYERS):
             torch.testing.assert_close(got[layer], expected[layer], atol=1e-4, rtol=0, msg=f"{name} {layer}")
+
+
+def test_inspect_on_the_gpu_reads_what_it_reads_on_the_cpu(tmp_path):
+    """`attnsae inspect --device cuda`: the same features, errors, CE increases and metrics as on the CPU."""
+    import numpy as np
+
+    from attnsae.data.models import load_bridge
+    from attnsae.features.inspection import inspect_rows
+    from test_family_features import random_sae
+    from test_model_families import VOCAB, random_family_model
+
+    random_family_model("llama", tmp_path / "llama")
+    row = np.random.default_rng(1).integers(0, VOCAB - 1, size=14)
+    readings = {}
+    for device in ("cpu", "cuda"):
+        bridge, info = load_bridge(tmp_path / "llama", torch.device(device))
+        readings[device] = inspect_rows(bridge, random_sae(info.d_in).to(device), 1, [row, row[:5]], str, top=3,
+                                        context_size=16)
+    cpu, gpu = readings["cpu"], readings["cuda"]
+    for key, value in cpu.metrics.items():
+        assert gpu.metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    for cpu_row, gpu_row in zip(cpu.rows, gpu.rows, strict=True):
+        for a, b in zip(cpu_row, gpu_row, strict=True):
+            assert [h.feature for h in a.features] == [h.feature for h in b.features]
+            assert b.relative_error == pytest.approx(a.relative_error, abs=1e-4)
+            assert (a.ce_increase_next is None) == (b.ce_increase_next is None)
+            if a.ce_increase_next is not None:
+                assert b.ce_increase_next == pytest.approx(a.ce_increase_next, abs=1e-4)
