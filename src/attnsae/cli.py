@@ -740,8 +740,6 @@ def publish(layer: str, sae_dir: str | None, metrics_path: str | None, out: str 
     click.echo(f"publish L{n}: {out} (SAE files + {card.name})")
 
 
-
-
 @main.command(name="import")
 @click.option("--set", "published_set", type=click.Choice(published_sets.NAMES), default=published_sets.NAMES[0],
               show_default=True,
