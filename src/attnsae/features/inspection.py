@@ -353,6 +353,7 @@ def inspect_text(model_dir: str | Path, sae_dir: str | Path, layer: int | None, 
     (model name, SAE folder, its kind, k and width)."""
     from attnsae.data.models import load_bridge, load_tokenizer
     from attnsae.evaluation.evaluate import load_sae_for_model
+    from attnsae.features.dashboards import _token_decoder  # a token's text, each decoded once
     from attnsae.formats.sae_cfg import cfg_value, read_sae_cfg
 
     sae, layer, info = load_sae_for_model(sae_dir, model_dir, layer)
@@ -361,7 +362,7 @@ def inspect_text(model_dir: str | Path, sae_dir: str | Path, layer: int | None, 
     tokenizer = load_tokenizer(model_dir)
     rows = text_rows(tokenizer(text, add_special_tokens=False)["input_ids"], info.bos_token_id, size)
     bridge, _ = load_bridge(model_dir, device)
-    inspection = inspect_rows(bridge, sae.to(device), layer, rows, lambda i: tokenizer.decode([i]), top, size,
+    inspection = inspect_rows(bridge, sae.to(device), layer, rows, _token_decoder(tokenizer), top, size,
                               top_features)
     about = {"model": info.name, "sae": str(sae_dir), "kind": sae.kind, "k": sae.k, "d_sae": sae.d_sae}
     return inspection, about
